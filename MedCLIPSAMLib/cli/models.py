@@ -1,0 +1,72 @@
+"""`medclipsam models list | download NAME | verify [NAME] [--adopt]`."""
+
+
+def register(sub):
+    p = sub.add_parser("models", help="list, download and verify the models")
+    msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    msub.add_parser("list", help="the registry: names, sources, licences, sizes, and what is in the cache").set_defaults(func=list_models)
+    d = msub.add_parser("download", help="download a model into the cache (progress, resume, checksums)")
+    d.add_argument("name")
+    d.add_argument("--force", action="store_true", help="download again even if the cache verifies")
+    d.set_defaults(func=download)
+    v = msub.add_parser("verify", help="check cached models against their recorded checksums")
+    v.add_argument("name", nargs="?", help="one model (default: every cached model)")
+    v.add_argument("--adopt", action="store_true",
+                   help="record checksums for files placed in the cache by hand (offline installs)")
+    v.set_defaults(func=verify)
+
+
+def list_models(args):
+    from ..models import cache
+    from ..models.download import required_files
+    from ..models.registry import RANDOM_MODELS, REGISTRY
+
+    print(f"cache: {cache.home() / 'models'}")
+    print(f"{'name':26} {'kind':5} {'size':>7}  {'licence':11} {'cached':7} source")
+    for entry in REGISTRY.values():
+        folder = cache.model_dir(entry.name)
+        present = all((folder / f).is_file() for f in required_files(entry))
+        source = ", ".join(s.repo for s in entry.sources)
+        print(f"{entry.name:26} {entry.kind:5} {entry.approx_size_mb:>5}MB  {entry.licence:11} {'yes' if present else 'no':7} {source}")
+    for name, what in RANDOM_MODELS.items():
+        print(f"{name:26} {'-':5} {'-':>7}  {'-':11} {'-':7} built locally: {what}")
+    return 0
+
+
+def download(args):
+    from ..models.download import download as fetch
+
+    folder = fetch(args.name, force=args.force)
+    print(f"{args.name}: downloaded and verified in {folder}")
+    return 0
+
+
+def verify(args):
+    from ..errors import MedCLIPSAMError
+    from ..models import cache
+    from ..models.download import how_to_get, required_files
+    from ..models.registry import REGISTRY, get_entry
+
+    names = [args.name] if args.name else [n for n in REGISTRY if cache.model_dir(n).is_dir()]
+    if not names:
+        print("no models in the cache yet")
+        return 0
+    failed = 0
+    for name in names:
+        entry = get_entry(name)
+        folder = cache.model_dir(name)
+        files = required_files(entry)
+        try:
+            if args.adopt:
+                missing = [f for f in files if not (folder / f).is_file()]
+                if missing:
+                    raise MedCLIPSAMError(cache.missing_files_message(name, folder, missing, how_to_get(entry)))
+                known = (cache.read_manifest(folder) or {"files": {}})["files"]
+                cache.record_files(folder, {f: None for f in files if f not in known}, source="placed by hand",
+                                   extra={"name": name, "licence": entry.licence})
+            cache.verify(folder, files, name, how_to_get(entry))
+            print(f"{name}: ok ({len(files)} files)")
+        except MedCLIPSAMError as exc:
+            failed += 1
+            print(f"{name}: FAILED: {exc}")
+    return 1 if failed else 0

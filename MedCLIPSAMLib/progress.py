@@ -1,0 +1,98 @@
+"""Progress reporting for long work: a terminal bar, JSON lines for the Slicer panel, or nothing.
+
+JSON mode prints one object per line on stdout: {"stage", "done", "total", "message"}; the last line of
+a run has stage "finished" (or "cancelled" / "error"). Cancellation is cooperative: loops call
+`reporter.check_cancelled()`, which raises Cancelled once SIGTERM/SIGINT arrived or `cancel()` was called.
+"""
+
+import json
+import signal
+import sys
+import threading
+
+from .errors import Cancelled
+
+PROGRESS_MODES = ("bar", "json", "none")
+
+
+class ProgressReporter:
+    def __init__(self, mode="bar", stream=None):
+        if mode not in PROGRESS_MODES:
+            raise ValueError(f"progress mode must be one of {PROGRESS_MODES}")
+        self.mode = mode
+        self.stream = stream
+        self._cancel = threading.Event()
+        self._bar = None
+        self.stage_name = None
+        self.total = 0
+        self.done = 0
+
+    # cancellation -------------------------------------------------------------------------------
+    def cancel(self):
+        self._cancel.set()
+
+    @property
+    def cancelled(self):
+        return self._cancel.is_set()
+
+    def check_cancelled(self):
+        if self._cancel.is_set():
+            raise Cancelled("cancelled")
+
+    def install_signal_handlers(self):
+        """Turn SIGTERM and SIGINT into a cooperative cancel (the main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            if self._cancel.is_set():  # second signal: stop now
+                raise KeyboardInterrupt
+            self._cancel.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    # reporting ----------------------------------------------------------------------------------
+    def _emit(self, stage, done, total, message):
+        out = self.stream or sys.stdout
+        out.write(json.dumps({"stage": stage, "done": done, "total": total, "message": message}) + "\n")
+        out.flush()
+
+    def stage(self, name, total, message=""):
+        """Start a stage of `total` steps."""
+        self.check_cancelled()
+        self._close_bar()
+        self.stage_name, self.total, self.done = name, int(total), 0
+        if self.mode == "json":
+            self._emit(name, 0, self.total, message or name)
+        elif self.mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, desc=message or name, file=self.stream or sys.stderr,
+                             leave=False, dynamic_ncols=True)
+
+    def advance(self, n=1, message=""):
+        self.done += n
+        if self.mode == "json":
+            self._emit(self.stage_name, self.done, self.total, message or self.stage_name)
+        elif self._bar is not None:
+            self._bar.update(n)
+            if message:
+                self._bar.set_postfix_str(message, refresh=False)
+        self.check_cancelled()
+
+    def finish(self, stage="finished", message="done"):
+        self._close_bar()
+        if self.mode == "json":
+            self._emit(stage, 1, 1, message)
+
+    def _close_bar(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+
+def null_progress():
+    """A silent reporter for library calls that were given none."""
+    return ProgressReporter("none")

@@ -1,0 +1,88 @@
+"""Device choice, seeds, logging and atomic file writes shared by every stage."""
+
+import contextlib
+import logging
+import os
+import random
+import tempfile
+
+from .errors import MedCLIPSAMError
+
+log = logging.getLogger("medclipsam")
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def select_device(name="auto"):
+    """Return a torch.device: auto prefers cuda, then mps, then cpu; an unavailable choice is an error."""
+    import torch
+
+    if name not in DEVICE_CHOICES and not str(name).startswith("cuda:"):
+        raise MedCLIPSAMError(f"unknown device '{name}'; choose one of {', '.join(DEVICE_CHOICES)}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MedCLIPSAMError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise MedCLIPSAMError("device 'mps' was asked for but Apple MPS is not available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def autocast(device, enabled=True, dtype=None):
+    """bf16 autocast on CPU/CUDA (fp16 on MPS) when enabled, else a no-op context."""
+    import torch
+
+    device = torch.device(device)
+    if not enabled:
+        return contextlib.nullcontext()
+    if dtype is None:
+        dtype = torch.float16 if device.type == "mps" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed):
+    """Seed python, numpy and torch so runs are reproducible."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def setup_logging(verbose=False):
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(message)s" if verbose else "%(message)s",
+    )
+
+
+@contextlib.contextmanager
+def atomic_output(path, suffix=None):
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on any error removed.
+
+    A failed or cancelled run therefore never leaves a half-written file, and an existing file is only
+    replaced once the new one is complete.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise MedCLIPSAMError(f"cannot write '{path}': folder '{directory}' does not exist")
+    if not os.access(directory, os.W_OK):
+        raise MedCLIPSAMError(f"cannot write '{path}': folder '{directory}' is not writable")
+    base = os.path.basename(path)
+    # keep the full multi-part extension (.seg.nrrd, .nii.gz) so writers pick the right format
+    ext = suffix if suffix is not None else base[base.find("."):] if "." in base else ""
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".part{ext}", dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
