@@ -11,8 +11,11 @@ from ..errors import Cancelled, MedCLIPSAMError
 # command-group modules, in the order they appear in --help
 COMMAND_MODULES = [
     "demo",
+    "segment",
+    "segment_image",
     "models",
     "phantoms",
+    "training",
 ]
 
 

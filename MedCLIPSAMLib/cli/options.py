@@ -1,0 +1,47 @@
+"""Options shared by the segmentation commands (models, device, preset, settings)."""
+
+MODELS_HELP = ("'default' (BiomedCLIP + SAM 2.1 tiny), 'tiny-random' (random test models: meaningless output), "
+               "a registry name, or 'CLIP,SAM2' (names or folders)")
+
+
+def add_model_options(p):
+    p.add_argument("--models", default="default", help=MODELS_HELP)
+    p.add_argument("--clip-model", help="CLIP model name or folder (e.g. a fine-tuned checkpoint); overrides --models")
+    p.add_argument("--clip-checkpoint", dest="clip_model", help="alias of --clip-model")
+    p.add_argument("--sam-model", help="SAM2 model name or folder; overrides --models")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
+
+
+def add_pipeline_options(p):
+    p.add_argument("--preset", default="v1", help="v1 (gScoreCAM+CRF+box+SAM), v2 (M2IB+KMeans+boxes+SAM), fast (GradCAM)")
+    p.add_argument("--sam", choices=("sam", "none"), help="'none' returns the post-processed saliency mask (no SAM)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset setting, e.g. --set top_n=2 --set saliency_settings.topk=100")
+    p.add_argument("--no-ensemble", action="store_true", help="embed the prompt as written (no sentence ensemble)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def pipeline_settings(args):
+    from ..pipeline.presets import get_preset
+
+    overrides = list(args.overrides)
+    if args.sam:
+        overrides.append(f"sam={args.sam}")
+    if args.no_ensemble:
+        overrides.append("ensemble=false")
+    overrides.append(f"seed={args.seed}")
+    return get_preset(args.preset, overrides)
+
+
+def model_names(args):
+    from ..models import resolve_model_set
+
+    clip, sam = resolve_model_set(args.models)
+    return args.clip_model or clip, args.sam_model or sam
+
+
+def runtime_device(args):
+    from ..runtime import seed_everything, select_device
+
+    seed_everything(getattr(args, "seed", 0))
+    return select_device(args.device)

@@ -1,0 +1,214 @@
+"""`medclipsam segment VOLUME --prompt TEXT --output OUT.seg.nrrd` (the main job) and `segment-batch`."""
+
+from .options import add_model_options, add_pipeline_options
+
+
+def add_volume_options(p):
+    p.add_argument("--prompt", action="append", required=True, help="what to segment; repeat for several segments")
+    p.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"), help="slicing axis (patient space)")
+    p.add_argument("--mode", default="auto", choices=("auto", "per-slice", "propagate", "carry"),
+                   help="per-slice: the papers' method on every kept slice; propagate: SAM2 video propagation "
+                        "from key slices; carry: box carried slice to slice; auto: propagate on GPU, carry on CPU")
+    p.add_argument("--window", help="CT window: soft_tissue, lung, brain, bone, or LEVEL,WIDTH (default: automatic)")
+    p.add_argument("--no-gate", action="store_true", help="run on every slice instead of only those that match the prompt")
+    p.add_argument("--key-slices", type=int, default=3, help="slices that get the full 2D pipeline (propagate / carry)")
+    p.add_argument("--min-size-mm3", type=float, default=10.0, help="drop 3D specks smaller than this")
+    p.add_argument("--frame", type=int, help="frame of a 4D (time series) image to segment")
+    p.add_argument("--progress", default="bar", choices=("bar", "json", "none"),
+                   help="bar: terminal progress bar; json: one JSON object per line on stdout")
+    add_pipeline_options(p)
+    add_model_options(p)
+
+
+def register(sub):
+    p = sub.add_parser("segment", help="segment a 3D volume (file or DICOM folder) from text prompts into a .seg.nrrd")
+    p.add_argument("volume", help="NRRD, NIfTI, MHA/MHD, a DICOM series folder, or a 2D image file")
+    p.add_argument("--output", required=True, help="OUT.seg.nrrd (segments named by prompt), or a .nrrd/.nii.gz labelmap")
+    p.add_argument("--uncertainty-output", help="write a per-voxel uncertainty volume (entropy of the mask probability)")
+    add_volume_options(p)
+    p.set_defaults(func=run)
+
+    b = sub.add_parser("segment-batch", help="segment many volumes (a folder or a list file); resumable, shards under torchrun")
+    b.add_argument("inputs", help="a folder of volumes, or a text file with one path per line")
+    b.add_argument("--output-dir", required=True)
+    add_volume_options(b)
+    b.set_defaults(func=run_batch)
+
+
+def _check_output(path, suffixes):
+    import os
+
+    from ..errors import MedCLIPSAMError
+
+    if not any(path.endswith(s) for s in suffixes):
+        raise MedCLIPSAMError(f"output '{path}' must end with one of {', '.join(suffixes)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise MedCLIPSAMError(f"cannot write '{path}': folder '{folder}' does not exist or is not writable")
+
+
+def _window(text):
+    if not text:
+        return None
+    if "," in text:
+        level, width = (float(v) for v in text.split(","))
+        return (level, width)
+    return text
+
+
+def _pick_axis(image, axis):
+    """A single-slice volume (an X-ray or ultrasound frame) is sliced across its one-voxel axis."""
+    from ..io import slicing_axis
+
+    size = list(reversed(image.GetSize()))
+    if 1 not in size:
+        return axis
+    flat = size.index(1)
+    return next(view for view in ("axial", "coronal", "sagittal") if slicing_axis(image, view) == flat)
+
+
+class Session:
+    """Models and settings loaded once, for one volume or a batch."""
+
+    def __init__(self, args, progress):
+        from ..models import load_clip, load_sam2
+        from ..pipeline.text import make_prompt
+        from ..pipeline.volume import VolumeOptions, resolve_mode
+        from .options import model_names, pipeline_settings, runtime_device
+
+        self.settings = pipeline_settings(args)
+        self.prompts = [make_prompt(p, self.settings.ensemble) for p in args.prompt]
+        device = runtime_device(args)
+        clip_name, sam_name = model_names(args)
+        progress.stage("load", 2, "loading models")
+        self.clip = load_clip(clip_name, device)
+        progress.advance(1)
+        self.options = VolumeOptions(axis=args.axis, mode=args.mode, window=_window(args.window), gate=not args.no_gate,
+                                     key_slices=args.key_slices, min_size_mm3=args.min_size_mm3,
+                                     uncertainty=bool(getattr(args, "uncertainty_output", None)))
+        video = resolve_mode(args.mode, device) == "propagate"
+        self.sam = load_sam2(sam_name, device, video=video) if self.settings.sam == "sam" else None
+        progress.advance(1)
+        self.progress = progress
+        self.random = self.clip.is_random or bool(getattr(self.sam, "medclipsam_is_random", False))
+
+    def segment(self, image):
+        from dataclasses import replace
+
+        from ..pipeline.volume import VolumeSegmenter
+
+        options = replace(self.options, axis=_pick_axis(image, self.options.axis))
+        return VolumeSegmenter(self.clip, self.sam, self.settings, options, self.progress)(image, self.prompts)
+
+
+def write_result(result, image, output, uncertainty_output=None):
+    import numpy as np
+
+    from ..io import write_labelmap, write_segmentation, write_volume
+    from ..io.geometry import image_from_array
+
+    if output.endswith(".seg.nrrd"):
+        write_segmentation(output, result.segments, image)
+    else:
+        labels = np.zeros(result.segments[0]["mask"].shape, np.uint8)
+        for value, seg in enumerate(result.segments, start=1):
+            labels[seg["mask"] > 0] = value
+        write_labelmap(output, labels, image)
+    if uncertainty_output and result.uncertainty is not None:
+        write_volume(uncertainty_output, image_from_array(result.uncertainty, image))
+
+
+def run(args):
+    from ..errors import MedCLIPSAMError
+    from ..io import read_volume
+    from ..pipeline.text import make_prompt
+    from ..progress import ProgressReporter
+
+    progress = ProgressReporter(args.progress)
+    progress.install_signal_handlers()
+    for p in args.prompt:  # cheap checks first: no model loading for a bad command line
+        make_prompt(p)
+    _check_output(args.output, (".seg.nrrd", ".nrrd", ".nii.gz", ".nii"))
+    if args.uncertainty_output:
+        _check_output(args.uncertainty_output, (".nrrd", ".nii.gz", ".nii", ".mha"))
+    try:
+        image = read_volume(args.volume, frame=args.frame)
+        session = Session(args, progress)
+        result = session.segment(image)
+        progress.stage("write", 1, "writing the segmentation")
+        write_result(result, image, args.output, args.uncertainty_output)
+        progress.advance(1)
+    except MedCLIPSAMError as exc:
+        progress.finish("error", str(exc))
+        raise
+    except BaseException:
+        progress.finish("cancelled", "cancelled; nothing was written")
+        raise
+    summary = "; ".join(f"{r['prompt']}: {r.get('voxels', 0)} voxels from {r['kept']}/{r['slices']} slices" for r in result.report)
+    if session.random:
+        summary = "RANDOM-WEIGHT MODELS (meaningless output): " + summary
+    progress.finish("finished", f"wrote {args.output}: {summary}")
+    if args.progress != "json":
+        print(f"wrote {args.output}: {summary}")
+    return 0
+
+
+def _batch_inputs(path):
+    import os
+    from pathlib import Path
+
+    from ..errors import MedCLIPSAMError
+
+    p = Path(path)
+    if p.is_dir():
+        entries = sorted(q for q in p.iterdir() if not q.name.startswith("."))
+    elif p.is_file():
+        entries = [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+    else:
+        raise MedCLIPSAMError(f"'{path}' is neither a folder nor a list file")
+    if not entries:
+        raise MedCLIPSAMError(f"no inputs found in '{path}'")
+    return [str(e) for e in entries if e.is_dir() or os.path.isfile(e)]
+
+
+def _case_name(path):
+    from pathlib import Path
+
+    name = Path(path).name
+    for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd", ".png", ".dcm"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def run_batch(args):
+    """Each rank (torchrun's RANK / WORLD_SIZE) takes every WORLD_SIZE-th case; finished outputs are skipped."""
+    import os
+
+    from ..errors import MedCLIPSAMError
+    from ..io import read_volume
+    from ..progress import ProgressReporter
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    os.makedirs(args.output_dir, exist_ok=True)
+    cases = _batch_inputs(args.inputs)[rank::world]
+    todo = [(c, os.path.join(args.output_dir, _case_name(c) + ".seg.nrrd")) for c in cases]
+    skipped = [c for c, out in todo if os.path.exists(out)]
+    todo = [(c, out) for c, out in todo if not os.path.exists(out)]
+    progress = ProgressReporter(args.progress)
+    progress.install_signal_handlers()
+    print(f"rank {rank}/{world}: {len(todo)} to segment, {len(skipped)} already done")
+    if not todo:
+        return 0
+    session = Session(args, progress)
+    failures = 0
+    for case, out in todo:
+        try:
+            image = read_volume(case, frame=args.frame)
+            write_result(session.segment(image), image, out)
+            print(f"{case} -> {out}")
+        except MedCLIPSAMError as exc:
+            failures += 1
+            print(f"{case}: skipped: {exc}")
+    progress.finish("finished", f"{len(todo) - failures} segmented, {failures} failed")
+    return 1 if failures else 0

@@ -1,0 +1,85 @@
+"""`medclipsam segment-image IMAGE --prompt TEXT --output MASK.png`: one 2D image (PNG, JPEG, DICOM, ...)."""
+
+from .options import add_model_options, add_pipeline_options
+
+
+def register(sub):
+    p = sub.add_parser("segment-image", help="segment one 2D image (PNG/JPEG/DICOM/...) from a text prompt")
+    p.add_argument("image", help="2D image: PNG, JPEG, TIFF, BMP (8 or 16 bit), or anything SimpleITK reads")
+    p.add_argument("--prompt", required=True, help="what to segment, e.g. 'breast tumor' (sentences: 'a | b | c')")
+    p.add_argument("--output", required=True, help="mask PNG (0 background, 255 foreground)")
+    p.add_argument("--saliency-output", help="saliency map PNG (0..255)")
+    p.add_argument("--overlay-output", help="PNG of the image with the saliency and the mask drawn on it")
+    add_pipeline_options(p)
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def read_image_2d(path):
+    """A 2D image file as a numpy array (grayscale or RGB), any bit depth."""
+    import os
+
+    import numpy as np
+
+    from ..errors import MedCLIPSAMError
+
+    if not os.path.isfile(path):
+        raise MedCLIPSAMError(f"image file '{path}' does not exist")
+    try:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            img.load()
+            array = np.asarray(img.convert("RGB") if img.mode in ("P", "RGBA", "LA", "CMYK") else img)
+    except Exception:
+        from ..io import read_volume
+
+        volume = read_volume(path)
+        import SimpleITK as sitk
+
+        array = sitk.GetArrayFromImage(volume)
+        if array.shape[0] != 1:
+            raise MedCLIPSAMError(f"'{path}' is a 3D volume with {array.shape[0]} slices; use 'medclipsam segment'")
+        array = array[0]
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    return array
+
+
+def run(args):
+    import numpy as np
+
+    from ..models import load_clip, load_sam2
+    from ..overlay import heatmap, overlay, save_png
+    from ..pipeline.image import ImageSegmenter
+    from ..pipeline.preprocess import normalize_to_uint8
+    from .options import model_names, pipeline_settings, runtime_device
+
+    settings = pipeline_settings(args)
+    image = read_image_2d(args.image)
+    device = runtime_device(args)
+    clip_name, sam_name = model_names(args)
+    clip = load_clip(clip_name, device)
+    sam = load_sam2(sam_name, device) if settings.sam == "sam" else None
+    result = ImageSegmenter(clip, sam, settings)(image, args.prompt)
+    save_png(args.output, result.mask.astype(np.uint8) * 255)
+    if args.saliency_output:
+        save_png(args.saliency_output, (result.saliency * 255).round().astype(np.uint8))
+    if args.overlay_output:
+        from ..pipeline.image import to_gray
+
+        gray = to_gray(image)
+        gray8 = gray if gray.dtype == np.uint8 else normalize_to_uint8(gray)
+        save_png(args.overlay_output, overlay(gray8, [result.mask], result.saliency))
+    if clip.is_random:
+        print("NOTE: random-weight models were used: this mask is MEANINGLESS (a test of the flow only)")
+    print(f"{args.output}: {int(result.mask.sum())} foreground pixels; prompts {_describe(result.prompts)}")
+    return 0
+
+
+def _describe(prompts):
+    if prompts["boxes"] is not None:
+        return "boxes " + "; ".join(",".join(str(int(v)) for v in b) for b in prompts["boxes"])
+    if prompts["points"] is not None:
+        return f"{len(prompts['points'])} points"
+    return "none (empty coarse mask)"

@@ -1,0 +1,114 @@
+"""One 2D image (or one slice of a volume) from a text prompt: the zero-shot MedCLIP-SAM pipeline.
+
+gray image -> uint8 -> pad to square -> CLIP input -> saliency (224x224) -> back onto the image's pixels
+-> post-process (CRF / KMeans, components) -> coarse mask -> SAM2 prompts -> SAM2 on the padded square
+-> back onto the image's pixels.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import MedCLIPSAMError
+from ..postprocess import postprocess
+from .preprocess import normalize_to_uint8, pad_to_square, to_rgb, unpad
+from .presets import PipelineSettings
+from .sam_refine import make_prompts, predict_mask, shift_prompts
+from .text import TextEmbeddings, make_prompt
+
+
+@dataclass
+class ImageResult:
+    mask: np.ndarray            # final bool mask, HxW
+    saliency: np.ndarray        # float map in [0, 1], HxW
+    coarse_mask: np.ndarray     # post-processed saliency mask, HxW
+    prompts: dict               # SAM prompts in the image's pixel coordinates (boxes / points / labels)
+    sentences: tuple = field(default_factory=tuple)
+    probability: np.ndarray = None  # SAM's mask probability, HxW (None when SAM did not run)
+
+
+def to_gray(image):
+    """HxW or HxWx3/4 array -> HxW (luminance for colour images)."""
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[2] in (3, 4):
+        a = a[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    if a.ndim != 2:
+        raise MedCLIPSAMError(f"expected a 2D image (grayscale or RGB), got an array of shape {np.asarray(image).shape}")
+    return a
+
+
+class ImageSegmenter:
+    """Holds the models and the text-embedding cache; call it on images (or slices) with a prompt."""
+
+    def __init__(self, clip, sam_model=None, settings=None):
+        self.clip = clip
+        self.settings = settings or PipelineSettings()
+        self.text = TextEmbeddings(clip)
+        self._predictor = None
+        self.sam_model = sam_model
+        if self.settings.sam == "sam" and sam_model is None:
+            raise MedCLIPSAMError("the SAM stage needs a SAM2 model; pass one or use sam='none'")
+
+    @property
+    def predictor(self):
+        if self._predictor is None:
+            from ..models.sam import image_predictor
+
+            self._predictor = image_predictor(self.sam_model)
+        return self._predictor
+
+    def saliency_map(self, gray_uint8, text_embedding):
+        """Saliency of the text on the image, on the image's own pixels (HxW, [0, 1])."""
+        from ..saliency import compute_saliency
+
+        s = self.settings
+        square, pad = pad_to_square(gray_uint8)
+        x = self.clip.preprocess_array(to_rgb(square))
+        sal224 = compute_saliency(s.saliency, self.clip, x, text_embedding, autocast=s.autocast, **s.saliency_settings)
+        return np.clip(unpad(np.asarray(sal224, np.float32), pad), 0.0, 1.0)
+
+    def __call__(self, image, prompt, value_range=None):
+        """Segment `prompt` (text or a Prompt) in a 2D image. value_range fixes the intensity window
+        (one window for all slices of a volume); otherwise it is chosen from the image."""
+        s = self.settings
+        prompt = make_prompt(prompt, s.ensemble) if isinstance(prompt, str) or prompt is None else prompt
+        gray = to_gray(image)
+        if not np.isfinite(gray).all():
+            raise MedCLIPSAMError("the image contains NaN or infinite values")
+        gray8 = gray if gray.dtype == np.uint8 and value_range is None else normalize_to_uint8(gray, value_range=value_range)
+        saliency = self.saliency_map(gray8, self.text(prompt))
+        coarse = postprocess(saliency, gray8, method=s.postprocess, top_n=s.top_n, fill_holes=s.fill_holes,
+                             **s.postprocess_settings)
+        prompts = make_prompts(coarse, s, saliency)
+        if s.sam == "none":
+            return ImageResult(coarse, saliency, coarse, prompts, prompt.sentences)
+        mask, probability = self.refine(gray8, prompts)
+        if mask is None:
+            mask = np.zeros_like(coarse)
+        return ImageResult(mask, saliency, coarse, prompts, prompt.sentences, probability)
+
+    def refine(self, gray8, prompts):
+        """SAM2 on the padded square of the image, prompts shifted into it; (mask, probability) cropped back."""
+        import torch
+
+        if prompts["boxes"] is None and prompts["points"] is None:
+            return None, None
+        square, pad = pad_to_square(gray8)
+        with torch.inference_mode():
+            self.predictor.set_image(to_rgb(square))
+        mask, probability = predict_mask(self.predictor, shift_prompts(prompts, pad.left, pad.top),
+                                         self.settings.mask_threshold, self.settings.keep_largest)
+        return unpad(mask, pad), unpad(probability, pad)
+
+
+def segment_image(image, prompt, clip="biomedclip", sam="sam2.1-hiera-tiny", preset="v1", overrides=(), device="cpu"):
+    """Convenience: load models by name, segment one 2D image, return an ImageResult (mask, saliency, prompts)."""
+    from ..models import load_clip, load_sam2
+    from .presets import get_preset
+
+    settings = get_preset(preset, overrides)
+    clip_bundle = load_clip(clip, device) if isinstance(clip, str) else clip
+    sam_model = None
+    if settings.sam == "sam":
+        sam_model = load_sam2(sam, device) if isinstance(sam, str) else sam
+    return ImageSegmenter(clip_bundle, sam_model, settings)(image, prompt)

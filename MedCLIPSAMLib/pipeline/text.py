@@ -1,0 +1,96 @@
+"""Text prompts: prompt ensembles and cached text embeddings.
+
+A prompt that names a known target ("brain tumor", "liver", ...) expands to that target's ensemble of
+descriptive sentences (MedCLIPSAMLib/resources/prompt_ensembles.json); the sentences' embeddings are
+averaged and re-normalised. Any other prompt is used as written, plus a few neutral templates. A user
+can also give their own sentences separated by ' | '.
+"""
+
+import functools
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+from ..errors import MedCLIPSAMError
+
+TEMPLATES = ("{}", "a medical image showing {}", "the {} in a medical scan", "a radiology image of the {}")
+TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+CATEGORIES = {
+    "anatomy": ("123037004", "Anatomical Structure"),
+    "morphology": ("49755003", "Morphologically Altered Structure"),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def load_ensembles():
+    """{target name: {"aliases", "sentences", "terminology", "color"}} of the shipped ensembles."""
+    text = resources.files("MedCLIPSAMLib").joinpath("resources/prompt_ensembles.json").read_text()
+    return json.loads(text)["targets"]
+
+
+def known_targets():
+    return sorted(load_ensembles())
+
+
+def find_target(prompt):
+    """The ensemble key a prompt names (case-insensitive, aliases included), or None."""
+    key = " ".join(prompt.lower().split())
+    for name, target in load_ensembles().items():
+        if key == name or key in target["aliases"]:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str            # what the user typed: the segment name
+    sentences: tuple     # what is embedded and averaged
+    target: str = None   # the shipped ensemble used, if any
+
+    @property
+    def color(self):
+        target = load_ensembles().get(self.target) if self.target else None
+        return tuple(target["color"]) if target else None
+
+    @property
+    def terminology(self):
+        """Slicer terminology entry string for a known structure (None otherwise)."""
+        target = load_ensembles().get(self.target) if self.target else None
+        if not target:
+            return None
+        term = target["terminology"]
+        cat_code, cat_meaning = CATEGORIES[term["category"]]
+        return (f"{TERMINOLOGY_CONTEXT}~SCT^{cat_code}^{cat_meaning}~SCT^{term['type_code']}^{term['type_meaning']}"
+                "~^^~Anatomic codes - DICOM master list~^^~^^")
+
+
+def make_prompt(text, ensemble=True):
+    """Validate a prompt and choose the sentences it stands for."""
+    if text is None or not str(text).strip():
+        raise MedCLIPSAMError("the text prompt is empty; say what to segment, e.g. --prompt 'brain tumor'")
+    text = " ".join(str(text).split())
+    if "|" in text:  # the user's own sentences
+        sentences = tuple(s.strip() for s in text.split("|") if s.strip())
+        return Prompt(text=sentences[0], sentences=sentences)
+    target = find_target(text) if ensemble else None
+    if target:
+        return Prompt(text=text, sentences=tuple(load_ensembles()[target]["sentences"]), target=target)
+    if ensemble:
+        return Prompt(text=text, sentences=tuple(t.format(text) for t in TEMPLATES))
+    return Prompt(text=text, sentences=(text,))
+
+
+class TextEmbeddings:
+    """Averaged, L2-normalised ensemble embeddings, computed once per (model, sentences)."""
+
+    def __init__(self, clip):
+        self.clip = clip
+        self._cache = {}
+
+    def __call__(self, prompt):
+        import torch
+
+        if prompt.sentences not in self._cache:
+            emb = self.clip.encode_text(list(prompt.sentences)).mean(dim=0)
+            self._cache[prompt.sentences] = torch.nn.functional.normalize(emb, dim=0)
+        return self._cache[prompt.sentences]

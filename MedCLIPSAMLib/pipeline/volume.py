@@ -1,0 +1,283 @@
+"""The 3D driver: a volume and text prompts in, one mask per prompt out, on the input's exact grid.
+
+For each prompt:
+ 1. slices are taken along the patient axis asked for (slices.py), one intensity window for the volume;
+ 2. presence gate: every slice is embedded once (batched CLIP image encoder, shared by all prompts) and
+    scored against the prompt; only slices that can hold the target go on;
+ 3. depending on the mode:
+    - "per-slice" (the papers): every kept slice gets saliency + post-processing + SAM2;
+    - "propagate": a few key slices get the full 2D pipeline, then SAM2's video predictor carries their
+      masks up and down the kept range from in-memory frames;
+    - "carry": the same key slices, then each next slice gets SAM2's image predictor with the box of its
+      neighbour's mask (cheaper than the video predictor on a CPU);
+ 4. 3D clean-up: holes filled per slice, specks below a size in mm^3 removed, and only the connected
+    components that meet a key slice's mask kept.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import MedCLIPSAMError
+from ..postprocess import bounding_box
+from ..postprocess.components import fill_holes, keep_top_components, remove_small_components
+from ..progress import null_progress
+from ..runtime import autocast, log
+from .image import ImageSegmenter
+from .preprocess import intensity_range, normalize_to_uint8, pad_to_square, to_rgb, unpad
+from .sam_refine import predict_mask
+from .slices import SliceView
+from .text import make_prompt
+
+MODES = ("auto", "per-slice", "propagate", "carry")
+
+
+@dataclass
+class VolumeOptions:
+    axis: str = "axial"
+    mode: str = "auto"                 # auto: propagate on a GPU, carry on a CPU (see benchmarks/)
+    window: object = None              # CT window name or (level, width); None: chosen from the data
+    gate: bool = True                  # run the expensive stages only on slices that can hold the target
+    gate_threshold: float = 0.5        # on the slice scores rescaled to [0, 1] within the volume
+    gate_margin: int = 1               # slices added on each side of the kept range
+    key_slices: int = 3                # slices that get the full 2D pipeline in propagate / carry modes
+    min_size_mm3: float = 10.0         # 3D specks smaller than this are dropped
+    box_margin: int = 3                # pixels added around a carried box
+    batch_size: int = 16               # slices per CLIP image-encoder batch
+    uncertainty: bool = False
+
+
+@dataclass
+class VolumeResult:
+    segments: list                                  # [{"name", "mask" (z,y,x uint8), "color", "terminology"}]
+    uncertainty: np.ndarray = None                  # float32 (z,y,x) or None
+    report: list = field(default_factory=list)      # per prompt: what was kept and why (also logged)
+
+
+def resolve_mode(mode, device):
+    if mode not in MODES:
+        raise MedCLIPSAMError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    if mode != "auto":
+        return mode
+    return "propagate" if str(device).startswith("cuda") else "carry"
+
+
+class VolumeSegmenter:
+    def __init__(self, clip, sam_model, settings, options=None, progress=None):
+        self.clip = clip
+        self.sam_model = sam_model
+        self.settings = settings
+        self.options = options or VolumeOptions()
+        self.progress = progress or null_progress()
+        self.segmenter = ImageSegmenter(clip, sam_model, settings)
+        self.mode = resolve_mode(self.options.mode, clip.device)
+        if settings.sam == "none":
+            self.mode = "per-slice"  # without SAM there is nothing to propagate with
+        if self.mode == "propagate" and not hasattr(sam_model, "propagate_in_video"):
+            raise MedCLIPSAMError("propagate mode needs SAM2 loaded as a video predictor (load_sam2(..., video=True))")
+
+    # -- shared per-volume work -----------------------------------------------------------------------
+    def _prepare(self, image):
+        import SimpleITK as sitk
+
+        if image.GetDimension() != 3:
+            raise MedCLIPSAMError(f"expected a 3D volume, got a {image.GetDimension()}D image")
+        self.image = image
+        self.volume = sitk.GetArrayViewFromImage(image)   # a view: no copy of the voxels
+        self.view = SliceView(image, self.options.axis)
+        sample = self.volume[tuple(slice(None, None, max(1, n // 64)) for n in self.volume.shape)]
+        if not np.isfinite(sample).all() or not np.isfinite(self.volume).all():
+            raise MedCLIPSAMError("the volume contains NaN or infinite voxels")
+        self.value_range = intensity_range(sample, window=self.options.window)
+        if self.value_range is None:  # uint8 volume: keep its values
+            self.value_range = (0.0, 255.0)
+        self._slice_embeddings = None
+
+    def gray8(self, k):
+        return normalize_to_uint8(self.view.get(self.volume, k), value_range=self.value_range)
+
+    def slice_embeddings(self):
+        """(indices of non-empty slices, their L2-normalised CLIP image embeddings): one batched pass."""
+        import torch
+
+        if self._slice_embeddings is not None:
+            return self._slice_embeddings
+        n, bs = self.view.count, self.options.batch_size
+        self.progress.stage("gate", n, "scoring slices against the prompts")
+        indices, features = [], []
+        for start in range(0, n, bs):
+            batch, ids = [], []
+            for k in range(start, min(n, start + bs)):
+                g = self.gray8(k)
+                if g.max() == g.min():  # blank slice (air, padding): cannot hold anything
+                    continue
+                batch.append(self.clip.preprocess_array(to_rgb(pad_to_square(g)[0])))
+                ids.append(k)
+            if batch:
+                with torch.no_grad(), autocast(self.clip.device, self.settings.autocast):
+                    features.append(self.clip.encode_image(torch.stack(batch)).cpu())
+                indices += ids
+            self.progress.advance(min(bs, n - start))
+        feats = torch.cat(features) if features else torch.zeros((0, 1))
+        self._slice_embeddings = (np.array(indices, dtype=int), feats)
+        return self._slice_embeddings
+
+    # -- one prompt -------------------------------------------------------------------------------
+    def gate(self, text_embedding):
+        """(kept slice indices, scores of all candidate slices, candidate indices, reason)."""
+        indices, feats = self.slice_embeddings()
+        if len(indices) == 0:
+            return indices, np.zeros(0), indices, "the volume has no non-blank slice"
+        scores = (feats.float() @ text_embedding.float().cpu()).numpy()
+        if not self.options.gate or len(indices) == 1:
+            return indices, scores, indices, "gating off" if not self.options.gate else "single slice"
+        lo, hi = float(scores.min()), float(scores.max())
+        if hi - lo < 1e-6:
+            return indices, scores, indices, "all slices score the same"
+        keep = (scores - lo) / (hi - lo) >= self.options.gate_threshold
+        kept = set(indices[keep].tolist())
+        for k in list(kept):  # a margin of neighbours: the target's edges score lower than its middle
+            kept.update(range(k - self.options.gate_margin, k + self.options.gate_margin + 1))
+        kept = np.array(sorted(kept & set(indices.tolist())), dtype=int)
+        reason = (f"slice-prompt similarity at least {self.options.gate_threshold:.2f} of the volume's range "
+                  f"(+{self.options.gate_margin} neighbours)")
+        return kept, scores, indices, reason
+
+    def segment_prompt(self, prompt, labels, uncertainty):
+        """Fill `labels` (z,y,x uint8) for one prompt; returns a report dict."""
+        emb = self.segmenter.text(prompt)
+        kept, scores, candidates, reason = self.gate(emb)
+        report = {"prompt": prompt.text, "slices": self.view.count, "kept": int(len(kept)), "reason": reason,
+                  "mode": self.mode}
+        log.info("'%s': %d of %d slices kept (%s); mode %s", prompt.text, len(kept), self.view.count, reason, self.mode)
+        if len(kept) == 0:
+            return report
+        order = np.argsort(-scores)
+        ranked = [int(candidates[i]) for i in order if candidates[i] in set(kept.tolist())]
+        if self.mode == "per-slice":
+            keys = self._per_slice(prompt, kept, labels, uncertainty)
+        else:
+            keys = self._key_slices(prompt, ranked, labels, uncertainty)
+            if keys:
+                lo, hi = int(kept.min()), int(kept.max())
+                if self.mode == "propagate":
+                    self._propagate(keys, lo, hi, labels, uncertainty)
+                else:
+                    self._carry(keys, lo, hi, labels, uncertainty)
+        report["key_slices"] = sorted(keys)
+        self._cleanup(labels, keys)
+        report["voxels"] = int(labels.sum())
+        return report
+
+    def _store(self, k, result_mask, probability, labels, uncertainty):
+        self.view.put(labels, k, result_mask.astype(np.uint8))
+        if uncertainty is not None and probability is not None:
+            p = np.clip(probability, 1e-6, 1 - 1e-6)
+            self.view.put(uncertainty, k, (-(p * np.log2(p) + (1 - p) * np.log2(1 - p))).astype(np.float32))
+
+    def _per_slice(self, prompt, kept, labels, uncertainty):
+        self.progress.stage("segment", len(kept), f"segmenting '{prompt.text}' slice by slice")
+        keys = []
+        for k in kept:
+            result = self.segmenter(self.gray8(int(k)), prompt)
+            prob = result.probability if result.probability is not None else result.saliency
+            self._store(int(k), result.mask, prob, labels, uncertainty)
+            if result.mask.any():
+                keys.append(int(k))
+            self.progress.advance(1, f"slice {int(k)}")
+        return keys
+
+    def _key_slices(self, prompt, ranked, labels, uncertainty):
+        """The full 2D pipeline on the best-scoring slices; returns {slice: mask} of those with a mask."""
+        wanted = ranked[: max(1, self.options.key_slices)]
+        self.progress.stage("key-slices", len(wanted), f"saliency + SAM on key slices for '{prompt.text}'")
+        keys = {}
+        for k in wanted:
+            result = self.segmenter(self.gray8(k), prompt)
+            if result.mask.any():
+                keys[k] = result.mask
+                self._store(k, result.mask, result.probability, labels, uncertainty)
+            self.progress.advance(1, f"slice {k}")
+        return keys
+
+    def _carry(self, keys, lo, hi, labels, uncertainty):
+        """From each key slice outwards: SAM2 image predictor on the next slice, prompted with the box of
+        the previous slice's mask; stops where the mask vanishes or at the end of the kept range."""
+        predictor = self.segmenter.predictor
+        s = self.settings
+        todo = {k for k in range(lo, hi + 1)} - set(keys)
+        self.progress.stage("propagate", len(todo), "carrying masks through the stack")
+        for start in sorted(keys, key=lambda k: -keys[k].sum()):
+            for step in (1, -1):
+                prev, k = keys[start], start + step
+                while lo <= k <= hi and k in todo:
+                    box = bounding_box(prev)
+                    g = self.gray8(k)
+                    square, pad = pad_to_square(g)
+                    m = self.options.box_margin
+                    box = np.array([box[0] - m + pad.left, box[1] - m + pad.top, box[2] + m + pad.left,
+                                    box[3] + m + pad.top], np.float32)
+                    import torch
+
+                    with torch.inference_mode():
+                        predictor.set_image(to_rgb(square))
+                    mask, prob = predict_mask(predictor, {"boxes": box[None], "points": None, "labels": None},
+                                              s.mask_threshold, s.keep_largest)
+                    mask, prob = unpad(mask, pad), unpad(prob, pad)
+                    todo.discard(k)
+                    self.progress.advance(1, f"slice {k}")
+                    if not mask.any():
+                        break
+                    self._store(k, mask, prob, labels, uncertainty)
+                    prev, k = mask, k + step
+
+    def _propagate(self, keys, lo, hi, labels, uncertainty):
+        """SAM2 video predictor over slices lo..hi, conditioned on the key slices' masks."""
+        from .video import propagate_masks
+
+        frames = [k for k in range(lo, hi + 1)]
+        self.progress.stage("propagate", len(frames), "SAM2 video propagation through the stack")
+        for k, mask, prob in propagate_masks(self.sam_model, self, frames, keys, self.settings.mask_threshold):
+            if k not in keys:
+                self._store(k, mask, prob, labels, uncertainty)
+            self.progress.advance(1, f"slice {k}")
+
+    def _cleanup(self, labels, keys):
+        if not labels.any():
+            return
+        filled = fill_holes(labels.astype(bool), axis=self.view.axis)
+        spacing = tuple(reversed(self.image.GetSpacing()))
+        cleaned = remove_small_components(filled, self.options.min_size_mm3, spacing)
+        if keys:  # keep the components that meet a key slice's mask (the prompt's own evidence)
+            from scipy import ndimage
+
+            components, n = ndimage.label(cleaned)
+            support = np.zeros(n + 1, bool)
+            for k in keys:
+                support[np.unique(self.view.get(components, k))] = True
+            support[0] = False
+            if support.any():
+                cleaned = support[components]
+        elif self.settings.keep_largest:
+            cleaned = keep_top_components(cleaned, self.settings.keep_largest)
+        labels[...] = cleaned
+
+    # -- all prompts ------------------------------------------------------------------------------
+    def __call__(self, image, prompts):
+        self._prepare(image)
+        prompts = [make_prompt(p, self.settings.ensemble) if isinstance(p, str) else p for p in prompts]
+        names = [p.text for p in prompts]
+        if len(set(names)) != len(names):
+            raise MedCLIPSAMError("the same prompt was given twice")
+        shape = self.volume.shape
+        uncertainty = np.zeros(shape, np.float32) if self.options.uncertainty else None
+        segments, reports = [], []
+        for prompt in prompts:
+            labels = np.zeros(shape, np.uint8)
+            per_prompt_unc = np.zeros(shape, np.float32) if uncertainty is not None else None
+            reports.append(self.segment_prompt(prompt, labels, per_prompt_unc))
+            if uncertainty is not None:
+                np.maximum(uncertainty, per_prompt_unc, out=uncertainty)
+            segments.append({"name": prompt.text, "mask": labels, "color": prompt.color,
+                             "terminology": prompt.terminology})
+        return VolumeResult(segments, uncertainty, reports)

@@ -1,0 +1,257 @@
+"""The 3D path: slicing in patient space, exact output geometry, the CLI's progress, cancel and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MedCLIPSAMLib.cli import main
+from MedCLIPSAMLib.io import geometry_equal, read_segmentation, write_volume
+from MedCLIPSAMLib.phantoms import make_volume
+from MedCLIPSAMLib.pipeline.slices import SliceView
+
+DIRECTIONS = ["lps", "ras", "oblique", "sagittal", "coronal"]
+FAST = ["--models", "tiny-random", "--preset", "fast", "--progress", "none", "--device", "cpu"]
+
+
+def small_phantom(direction="lps", kind="mr", seed=0, shape=(8, 40, 36), spacing=(1.1, 0.9, 3.0), **kw):
+    return make_volume(kind, shape=shape, spacing=spacing, origin=(10.0, -20.0, 5.0), direction=direction,
+                       seed=seed, **kw)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_slices_are_shown_in_radiological_orientation(direction):
+    """The same anatomy looks the same in every storage layout: a left-sided tumour appears on the image's
+    right (radiological convention) and the slice count is the number of S-I positions."""
+    ph = make_volume("mr", shape=(20, 48, 40), direction=direction, seed=3,
+                     lesion={"side": "left", "size": "large"})
+    view = SliceView(ph.image, "axial")
+    tumor, brain = ph.labels["tumor"], ph.labels["brain"]
+    k = max(range(view.count), key=lambda i: view.get(tumor, i).sum())
+    t, b = view.get(tumor, k), view.get(brain, k)
+    cols = np.arange(t.shape[1])
+    tumor_col = (t.sum(0) * cols).sum() / t.sum()
+    brain_col = (b.sum(0) * cols).sum() / b.sum()
+    assert tumor_col > brain_col, "patient left must be on the image's right"
+    # put() is the exact inverse of get()
+    out = np.zeros_like(tumor)
+    for i in range(view.count):
+        view.put(out, i, view.get(tumor, i))
+    assert np.array_equal(out, tumor)
+
+
+def test_coronal_and_sagittal_views_have_superior_at_the_top():
+    ph = make_volume("mr", shape=(30, 40, 36), direction="oblique", seed=1)
+    brain = ph.labels["brain"]
+    for view_name in ("coronal", "sagittal"):
+        view = SliceView(ph.image, view_name)
+        k = view.count // 2
+        b = view.get(brain, k).astype(float)
+        # the skull cap (top) is rounder than the cut at the bottom: brain mass sits lower than... use the
+        # physical check instead: row 0 must be the most superior row
+        idx = np.zeros(3, int)
+        plane = np.zeros(brain.shape, np.uint8)
+        marker = np.zeros(b.shape, np.uint8)
+        marker[0, :] = 1
+        view.put(plane, k, marker)
+        top = np.argwhere(plane)
+        marker[:] = 0
+        marker[-1, :] = 1
+        plane[:] = 0
+        view.put(plane, k, marker)
+        bottom = np.argwhere(plane)
+        z_top = np.mean([ph.image.TransformIndexToPhysicalPoint([int(v) for v in p[::-1]])[2] for p in top])
+        z_bottom = np.mean([ph.image.TransformIndexToPhysicalPoint([int(v) for v in p[::-1]])[2] for p in bottom])
+        assert z_top > z_bottom, view_name
+        del idx
+
+
+@pytest.mark.parametrize("direction,ext", [("oblique", ".nrrd"), ("ras", ".nii.gz"), ("lps", ".mha"),
+                                           ("sagittal", ".nrrd")])
+def test_output_is_on_the_input_grid(tmp_path, direction, ext):
+    ph = small_phantom(direction)
+    src = tmp_path / f"in{ext}"
+    write_volume(str(src), ph.image)
+    out = tmp_path / "out.seg.nrrd"
+    assert main(["segment", str(src), "--prompt", "brain tumor", "--prompt", "brain", "--output", str(out),
+                 "--sam", "none"] + FAST) == 0
+    segments, ref = read_segmentation(str(out))
+    original = sitk.ReadImage(str(src))
+    assert geometry_equal(ref, original, tol=1e-5)
+    assert [s["name"] for s in segments] == ["brain tumor", "brain"]
+    assert all(s["mask"].shape == sitk.GetArrayViewFromImage(original).shape for s in segments)
+
+
+def test_dicom_series_input(tmp_path):
+    ph = small_phantom("oblique", kind="ct", shape=(6, 32, 32))
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    image = sitk.Cast(ph.image, sitk.sitkInt16)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    series = "1.2.826.0.1.3680043.2.1125.1.99"
+    for z in range(image.GetDepth()):
+        s = image[:, :, z]
+        for tag, value in {"0020|000e": series, "0020|0037": "\\".join(f"{v:.8f}" for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])),
+                           "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, z))),
+                           "0020|0013": str(z + 1), "0008|0060": "CT", "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+                           "0028|1052": "0", "0028|1053": "1"}.items():
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{z:03d}.dcm"))
+        writer.Execute(s)
+    out = tmp_path / "ct.seg.nrrd"
+    assert main(["segment", str(folder), "--prompt", "liver", "--output", str(out), "--sam", "none"] + FAST) == 0
+    segments, ref = read_segmentation(str(out))
+    assert geometry_equal(ref, image, tol=1e-4) and segments[0]["name"] == "liver"
+    # a known structure gets its terminology colour
+    assert np.allclose(segments[0]["color"], (0.87, 0.51, 0.4), atol=0.01)
+
+
+def test_seg_nrrd_loads_in_slicer_core(tmp_path):
+    slicer = pytest.importorskip("slicer")
+    ph = small_phantom("ras")
+    src = tmp_path / "in.nrrd"
+    write_volume(str(src), ph.image)
+    out = tmp_path / "out.seg.nrrd"
+    assert main(["segment", str(src), "--prompt", "brain tumor", "--prompt", "left kidney", "--output", str(out),
+                 "--sam", "none"] + FAST) == 0
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(out))
+    assert storage.ReadData(node)
+    seg = node.GetSegmentation()
+    names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+    assert names == ["brain tumor", "left kidney"]
+
+
+@pytest.mark.parametrize("mode", ["per-slice", "carry", "propagate"])
+def test_sam2_modes_run_and_keep_geometry(tmp_path, mode):
+    ph = small_phantom("oblique", shape=(5, 36, 32))
+    src = tmp_path / "in.nrrd"
+    write_volume(str(src), ph.image)
+    out, unc = tmp_path / "out.seg.nrrd", tmp_path / "u.nrrd"
+    assert main(["segment", str(src), "--prompt", "brain tumor", "--output", str(out), "--mode", mode,
+                 "--key-slices", "1", "--uncertainty-output", str(unc)] + FAST) == 0
+    segments, ref = read_segmentation(str(out))
+    assert geometry_equal(ref, ph.image, tol=1e-5)
+    u = sitk.ReadImage(str(unc))
+    assert geometry_equal(u, ph.image, tol=1e-5)
+    values = sitk.GetArrayFromImage(u)
+    assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1.0
+
+
+def test_single_slice_rgb_and_constant_volumes(tmp_path, caplog):
+    # a single-slice "volume" (an X-ray frame) runs the 2D path
+    xray = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 255, (1, 40, 50)).astype(np.uint8))
+    write_volume(str(tmp_path / "x.nrrd"), xray)
+    assert main(["segment", str(tmp_path / "x.nrrd"), "--prompt", "lung", "--output", str(tmp_path / "x.seg.nrrd"),
+                 "--sam", "none"] + FAST) == 0
+    segs, ref = read_segmentation(str(tmp_path / "x.seg.nrrd"))
+    assert ref.GetSize() == (50, 40, 1)
+    # an all-constant volume is valid input and gives an empty segment
+    flat = sitk.Image(20, 20, 4, sitk.sitkFloat32) + 7.0
+    write_volume(str(tmp_path / "flat.nrrd"), flat)
+    assert main(["segment", str(tmp_path / "flat.nrrd"), "--prompt", "liver", "--output",
+                 str(tmp_path / "flat.seg.nrrd")] + FAST) == 0
+    segs, _ = read_segmentation(str(tmp_path / "flat.seg.nrrd"))
+    assert segs[0]["mask"].sum() == 0
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "MedCLIPSAMLib", *args], capture_output=True, text=True, **kw)
+
+
+def test_json_progress_stream_is_valid_and_ends_with_a_final_record(tmp_path):
+    ph = small_phantom("lps", shape=(4, 32, 32))
+    write_volume(str(tmp_path / "in.nrrd"), ph.image)
+    r = _cli("segment", str(tmp_path / "in.nrrd"), "--prompt", "brain tumor", "--output", str(tmp_path / "o.seg.nrrd"),
+             "--models", "tiny-random", "--preset", "fast", "--progress", "json", "--sam", "none")
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert records and all(set(rec) == {"stage", "done", "total", "message"} for rec in records)
+    assert records[-1]["stage"] == "finished" and "o.seg.nrrd" in records[-1]["message"]
+    stages = [rec["stage"] for rec in records]
+    assert stages.index("load") < stages.index("gate") < stages.index("write")
+
+
+def test_sigterm_cancels_cleanly_and_writes_nothing(tmp_path):
+    ph = small_phantom("lps", shape=(12, 40, 40))
+    write_volume(str(tmp_path / "in.nrrd"), ph.image)
+    out = tmp_path / "o.seg.nrrd"
+    proc = subprocess.Popen([sys.executable, "-m", "MedCLIPSAMLib", "segment", str(tmp_path / "in.nrrd"), "--prompt",
+                             "brain tumor", "--output", str(out), "--models", "tiny-random", "--preset", "v1",
+                             "--mode", "per-slice", "--no-gate", "--progress", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until real work has started
+        if json.loads(line)["stage"] == "segment":
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert json.loads(rest.splitlines()[-1])["stage"] == "cancelled"
+    assert "Traceback" not in err and "cancelled" in err
+    assert sorted(os.listdir(tmp_path)) == ["in.nrrd"]
+
+
+def _bad(tmp_path, *args):
+    r = _cli(*args)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "Warning" not in line and "warn" not in line]
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert lines and lines[-1].startswith("medclipsam: error: ")
+    return lines[-1]
+
+
+def test_bad_input_gets_one_clear_sentence_and_no_output(tmp_path):
+    ph = small_phantom("lps", shape=(4, 24, 24))
+    good = tmp_path / "in.nrrd"
+    write_volume(str(good), ph.image)
+    out = tmp_path / "o.seg.nrrd"
+    base = ["--models", "tiny-random", "--progress", "none"]
+    assert "does not exist" in _bad(tmp_path, "segment", str(tmp_path / "missing.nrrd"), "--prompt", "x", "--output", str(out), *base)
+    (tmp_path / "corrupt.nrrd").write_text("NRRD0004\ngarbage\n")
+    _bad(tmp_path, "segment", str(tmp_path / "corrupt.nrrd"), "--prompt", "x", "--output", str(out), *base)
+    assert "empty" in _bad(tmp_path, "segment", str(good), "--prompt", "   ", "--output", str(out), *base)
+    assert "unknown model" in _bad(tmp_path, "segment", str(good), "--prompt", "liver", "--output", str(out),
+                                   "--models", "no-such-model,tiny-random", "--progress", "none")
+    assert "unknown preset" in _bad(tmp_path, "segment", str(good), "--prompt", "liver", "--output", str(out),
+                                    "--preset", "v9", *base)
+    assert "cannot write" in _bad(tmp_path, "segment", str(good), "--prompt", "liver", "--output",
+                                  str(tmp_path / "no" / "dir" / "o.seg.nrrd"), *base)
+    # 4D time series needs --frame
+    four_d = sitk.JoinSeries([ph.image, ph.image])
+    sitk.WriteImage(four_d, str(tmp_path / "4d.nrrd"))
+    assert "--frame" in _bad(tmp_path, "segment", str(tmp_path / "4d.nrrd"), "--prompt", "liver", "--output", str(out), *base)
+    # NaN voxels
+    arr = sitk.GetArrayFromImage(ph.image).astype(np.float32)
+    arr[1, 2, 3] = np.nan
+    nan_img = sitk.GetImageFromArray(arr)
+    nan_img.CopyInformation(ph.image)
+    sitk.WriteImage(nan_img, str(tmp_path / "nan.nrrd"))
+    assert "NaN" in _bad(tmp_path, "segment", str(tmp_path / "nan.nrrd"), "--prompt", "liver", "--output", str(out), *base)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["4d.nrrd", "corrupt.nrrd", "in.nrrd", "nan.nrrd"]
+
+
+def test_segment_batch_is_resumable(tmp_path):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for i in range(2):
+        write_volume(str(cases / f"case{i}.nrrd"), small_phantom("lps", seed=i, shape=(3, 24, 24)).image)
+    args = ["segment-batch", str(cases), "--prompt", "brain tumor", "--output-dir", str(tmp_path / "out"),
+            "--sam", "none"] + FAST
+    assert main(args) == 0
+    done = sorted(os.listdir(tmp_path / "out"))
+    assert done == ["case0.seg.nrrd", "case1.seg.nrrd"]
+    stamp = os.path.getmtime(tmp_path / "out" / "case0.seg.nrrd")
+    time.sleep(0.01)
+    assert main(args) == 0
+    assert os.path.getmtime(tmp_path / "out" / "case0.seg.nrrd") == stamp
