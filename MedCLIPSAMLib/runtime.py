@@ -81,6 +81,10 @@ def atomic_output(path, suffix=None):
     os.close(fd)
     try:
         yield tmp
+        # mkstemp makes owner-only files; give the output the permissions a normal new file gets
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
