@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import MedCLIPSAMError
 from ..postprocess import postprocess
+from ..runtime import autocast
 from .preprocess import normalize_to_uint8, pad_to_square, to_rgb, unpad
 from .presets import PipelineSettings
 from .sam_refine import make_prompts, predict_mask, shift_prompts
@@ -94,10 +95,10 @@ class ImageSegmenter:
         if prompts["boxes"] is None and prompts["points"] is None:
             return None, None
         square, pad = pad_to_square(gray8)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.clip.device, self.settings.autocast):
             self.predictor.set_image(to_rgb(square))
-        mask, probability = predict_mask(self.predictor, shift_prompts(prompts, pad.left, pad.top),
-                                         self.settings.mask_threshold, self.settings.keep_largest)
+            mask, probability = predict_mask(self.predictor, shift_prompts(prompts, pad.left, pad.top),
+                                             self.settings.mask_threshold, self.settings.keep_largest)
         return unpad(mask, pad), unpad(probability, pad)
 
 

@@ -48,7 +48,7 @@ def _frames_source(frames, side):
         yield
 
 
-def propagate_masks(predictor, volume_segmenter, frames, key_masks, threshold=0.5, patience=2):
+def propagate_masks(predictor, volume_segmenter, frames, key_masks, threshold=0.5, patience=2, progress=None):
     """Yield (slice index, bool mask, probability) for slices in `frames` (consecutive indices), propagating
     the masks of the key slices {slice: mask (slice-sized)} forwards and backwards. A direction stops after
     `patience` empty frames beyond the last key slice."""
@@ -77,6 +77,8 @@ def propagate_masks(predictor, volume_segmenter, frames, key_masks, threshold=0.
                 empty = empty + 1 if (not mask.any() and beyond) else 0
                 if idx not in seen:
                     seen.add(idx)
+                    if progress is not None:
+                        progress.advance(1, f"slice {frames[idx]}")
                     yield frames[idx], mask, prob
                 if empty >= patience:
                     break

@@ -86,7 +86,7 @@ class VolumeSegmenter:
         self.volume = sitk.GetArrayViewFromImage(image)   # a view: no copy of the voxels
         self.view = SliceView(image, self.options.axis)
         sample = self.volume[tuple(slice(None, None, max(1, n // 64)) for n in self.volume.shape)]
-        if not np.isfinite(sample).all() or not np.isfinite(self.volume).all():
+        if np.issubdtype(self.volume.dtype, np.floating) and not np.isfinite(self.volume).all():
             raise MedCLIPSAMError("the volume contains NaN or infinite voxels")
         self.value_range = intensity_range(sample, window=self.options.window)
         if self.value_range is None:  # uint8 volume: keep its values
@@ -203,6 +203,8 @@ class VolumeSegmenter:
     def _carry(self, keys, lo, hi, labels, uncertainty):
         """From each key slice outwards: SAM2 image predictor on the next slice, prompted with the box of
         the previous slice's mask; stops where the mask vanishes or at the end of the kept range."""
+        import torch
+
         predictor = self.segmenter.predictor
         s = self.settings
         todo = {k for k in range(lo, hi + 1)} - set(keys)
@@ -217,12 +219,10 @@ class VolumeSegmenter:
                     m = self.options.box_margin
                     box = np.array([box[0] - m + pad.left, box[1] - m + pad.top, box[2] + m + pad.left,
                                     box[3] + m + pad.top], np.float32)
-                    import torch
-
-                    with torch.inference_mode():
+                    with torch.inference_mode(), autocast(self.clip.device, s.autocast):
                         predictor.set_image(to_rgb(square))
-                    mask, prob = predict_mask(predictor, {"boxes": box[None], "points": None, "labels": None},
-                                              s.mask_threshold, s.keep_largest)
+                        mask, prob = predict_mask(predictor, {"boxes": box[None], "points": None, "labels": None},
+                                                  s.mask_threshold, s.keep_largest)
                     mask, prob = unpad(mask, pad), unpad(prob, pad)
                     todo.discard(k)
                     self.progress.advance(1, f"slice {k}")
@@ -237,10 +237,12 @@ class VolumeSegmenter:
 
         frames = [k for k in range(lo, hi + 1)]
         self.progress.stage("propagate", len(frames), "SAM2 video propagation through the stack")
-        for k, mask, prob in propagate_masks(self.sam_model, self, frames, keys, self.settings.mask_threshold):
+        with autocast(self.clip.device, self.settings.autocast):
+            results = list(propagate_masks(self.sam_model, self, frames, keys, self.settings.mask_threshold,
+                                           progress=self.progress))
+        for k, mask, prob in results:
             if k not in keys:
                 self._store(k, mask, prob, labels, uncertainty)
-            self.progress.advance(1, f"slice {k}")
 
     def _cleanup(self, labels, keys):
         if not labels.any():
