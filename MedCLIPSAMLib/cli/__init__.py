@@ -16,6 +16,8 @@ COMMAND_MODULES = [
     "models",
     "phantoms",
     "training",
+    "medclipseg",
+    "weak",
 ]
 
 
@@ -51,6 +53,12 @@ def main(argv=None):
     except (Cancelled, KeyboardInterrupt):
         print("medclipsam: cancelled; no output was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: still one line, details with --verbose
+        if args.verbose:
+            raise
+        print(f"medclipsam: error: unexpected failure ({type(exc).__name__}: {exc}); run again with -v for details",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

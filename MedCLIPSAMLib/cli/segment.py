@@ -119,7 +119,7 @@ def write_result(result, image, output, uncertainty_output=None):
 
 
 def run(args):
-    from ..errors import MedCLIPSAMError
+    from ..errors import Cancelled, MedCLIPSAMError
     from ..io import read_volume
     from ..pipeline.text import make_prompt
     from ..progress import ProgressReporter
@@ -141,8 +141,11 @@ def run(args):
     except MedCLIPSAMError as exc:
         progress.finish("error", str(exc))
         raise
-    except BaseException:
+    except (Cancelled, KeyboardInterrupt):
         progress.finish("cancelled", "cancelled; nothing was written")
+        raise
+    except Exception as exc:
+        progress.finish("error", f"unexpected failure: {type(exc).__name__}: {exc}")
         raise
     summary = "; ".join(f"{r['prompt']}: {r.get('voxels', 0)} voxels from {r['kept']}/{r['slices']} slices" for r in result.report)
     if session.random:

@@ -1,0 +1,709 @@
+"""The Slicer module MedCLIPSAM/MedCLIPSAM.py without the Slicer application.
+
+What runs here: the module file is loaded with slicer-core (real MRML scene) and stand-ins for the three
+names only the Slicer application provides - slicer.ScriptedLoadableModule (base classes),
+slicer.i18n (tr/translate) and slicer.parameterNodeWrapper (the decorator and Choice) - see SLICER_APP_STUBS.
+qt and ctk are not stubbed: the module must load without them (the widget imports them when it is built).
+
+Checked: the .ui file against the names and classes the code uses; loading without torch or qt; the
+logic's helpers (prompts, progress lines, output splitting, error messages, GPU query parsing, command
+line); the logic driving a stand-in CLI process end to end (progress, import, re-run into the same node,
+errors, cancel killing the process tree); the real `medclipsam segment` through the module's own
+self-test (MedCLIPSAMTest) with tiny-random models; and the extension packaging (CMake with a stand-in
+Slicer, .s4ext, the ExtensionsIndex JSON, the icon).
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+sitk = pytest.importorskip("SimpleITK")
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE_FILE = REPO / "MedCLIPSAM" / "MedCLIPSAM.py"
+UI_FILE = REPO / "Resources" / "UI" / "MedCLIPSAM.ui"
+
+# Stand-ins for the parts of the `slicer` package that only the Slicer application has. Kept minimal on
+# purpose: enough to define the module's classes and run the logic, nothing that imitates the GUI.
+SLICER_APP_STUBS = textwrap.dedent('''
+    import sys, types, unittest
+    import slicer
+
+    def _module(name, **attributes):
+        module = types.ModuleType("slicer." + name)
+        module.__dict__.update(attributes)
+        sys.modules["slicer." + name] = module
+        setattr(slicer, name, module)
+
+    if "slicer.ScriptedLoadableModule" not in sys.modules:
+        class ScriptedLoadableModule:
+            def __init__(self, parent):
+                self.parent = parent
+
+        class ScriptedLoadableModuleWidget:
+            def __init__(self, parent=None):
+                self.parent = parent
+
+        class ScriptedLoadableModuleLogic:
+            def __init__(self, parent=None):
+                self.moduleName = type(self).__name__[: -len("Logic")]
+
+        class ScriptedLoadableModuleTest(unittest.TestCase):
+            def delayDisplay(self, message, requestedDelay=None, msec=None):
+                print(message)
+
+        _module("ScriptedLoadableModule", ScriptedLoadableModule=ScriptedLoadableModule,
+                ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget,
+                ScriptedLoadableModuleLogic=ScriptedLoadableModuleLogic,
+                ScriptedLoadableModuleTest=ScriptedLoadableModuleTest)
+        _module("i18n", tr=lambda text: text, translate=lambda context, text: text)
+
+        class Choice:
+            def __init__(self, choices):
+                self.choices = tuple(choices)
+
+        _module("parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls, Choice=Choice)
+''')
+
+
+def load_module_file():
+    exec(SLICER_APP_STUBS, {})
+    spec = importlib.util.spec_from_file_location("MedCLIPSAM", MODULE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def mod():
+    return load_module_file()
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+def small_phantom(seed=2):
+    from MedCLIPSAMLib import phantoms
+
+    return phantoms.make_volume("mr", shape=(8, 32, 28), spacing=(1.4, 1.1, 3.5), origin=(12.0, -40.0, 5.0),
+                                direction="oblique", seed=seed, lesion={"size": "large"})
+
+
+# ------------------------------------------------------------------------------------------- .ui file
+UI_CLASSES = {  # what the code expects each looked-up widget to be
+    "inputVolumeSelector": "qMRMLNodeComboBox", "outputSegmentationSelector": "qMRMLNodeComboBox",
+    "promptsTextEdit": "QTextEdit", "promptSuggestionsComboBox": "QComboBox", "presetComboBox": "QComboBox",
+    "axisComboBox": "QComboBox", "deviceComboBox": "QComboBox", "deviceRefreshButton": "QToolButton",
+    "deviceInfoLabel": "QLabel", "show3DCheckBox": "QCheckBox", "uncertaintyCheckBox": "QCheckBox",
+    "modelsLineEdit": "QLineEdit", "setupCheckButton": "QPushButton", "downloadModelsButton": "QPushButton",
+    "registerModelsButton": "QPushButton", "setupStatusLabel": "QLabel", "applyButton": "QPushButton",
+    "cancelButton": "QPushButton", "progressBar": "QProgressBar", "statusLabel": "QLabel",
+    "openSegmentEditorButton": "QPushButton", "exportLabelmapButton": "QPushButton",
+    "exportFileButton": "QPushButton",
+}
+# widget class -> parameter types the parameter node wrapper can connect it to
+CONNECTABLE = {"qMRMLNodeComboBox": "node", "QTextEdit": str, "QLineEdit": str, "QCheckBox": bool}
+
+
+def ui_widgets():
+    root = ET.parse(UI_FILE).getroot()
+    widgets = {w.get("name"): w for w in root.iter("widget")}
+    return root, widgets
+
+
+def test_ui_parses_and_has_every_widget_the_code_uses():
+    root, widgets = ui_widgets()
+    assert root.tag == "ui" and root.find("widget").get("class") == "qMRMLWidget"
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    assert used, "the module looks up no widgets?"
+    missing = used - set(widgets)
+    assert not missing, f"widgets used in MedCLIPSAM.py but absent from the .ui file: {sorted(missing)}"
+    assert used <= set(UI_CLASSES), f"add the expected class of {sorted(used - set(UI_CLASSES))} to UI_CLASSES"
+    for name, expected in UI_CLASSES.items():
+        assert widgets[name].get("class") == expected, name
+    # custom (non-Qt) classes are declared, and MRML widgets get the scene
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    custom = {w.get("class") for w in widgets.values() if not w.get("class").startswith("Q")}
+    assert custom <= declared
+    scene_receivers = {c.findtext("receiver") for c in root.iter("connection")
+                       if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    top = root.find("widget").get("name")
+    assert scene_receivers == {n for n, w in widgets.items() if w.get("class").startswith("qMRML") and n != top}
+
+
+def test_ui_parameter_names_match_the_parameter_node(mod):
+    _root, widgets = ui_widgets()
+    annotations = mod.MedCLIPSAMParameterNode.__annotations__
+    connected = {}
+    for name, widget in widgets.items():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                connected[prop.findtext("string")] = widget.get("class")
+    assert set(connected) <= set(annotations)
+    for parameter, widget_class in connected.items():
+        kind = CONNECTABLE[widget_class]
+        annotation = annotations[parameter]
+        if kind == "node":
+            assert isinstance(annotation, type) and annotation.__name__.startswith("vtkMRML"), parameter
+        else:
+            assert annotation is kind, parameter
+    # the combos (translated labels) are kept in step by the widget, with the CLI's choices
+    for parameter, choices in (("preset", mod.PRESETS), ("axis", mod.AXES), ("device", mod.DEVICES)):
+        assert annotations[parameter].__metadata__[0].choices == choices
+    assert set(mod.REMEMBERED_SETTINGS) <= set(annotations)
+
+
+# ------------------------------------------------------------------------------ loading without torch
+def test_module_loads_without_torch_or_qt():
+    """Load the module file in a fresh interpreter where torch, open_clip, sam2, transformers, qt and ctk
+    cannot be imported; use the logic's cheap parts; check nothing heavy got imported."""
+    code = textwrap.dedent(f'''
+        import importlib.abc, importlib.util, json, sys
+        BLOCKED = {{"torch", "torchvision", "open_clip", "sam2", "transformers", "qt", "ctk", "PythonQt"}}
+
+        class Blocker(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError("blocked for this test: " + name)
+                return None
+
+        sys.meta_path.insert(0, Blocker())
+        exec({SLICER_APP_STUBS!r}, {{}})
+        spec = importlib.util.spec_from_file_location("MedCLIPSAM", {str(MODULE_FILE)!r})
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        after_load = sorted(m for m in sys.modules if m.startswith("MedCLIPSAMLib"))
+        logic = mod.MedCLIPSAMLogic()
+        command = logic.buildSegmentCommand("in.nrrd", "out.seg.nrrd", "brain tumor")
+        suggestions = mod.MedCLIPSAMLogic.promptSuggestions()
+        missing = [m for m, _ in logic.missingPythonPackages()]
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        print(json.dumps({{"after_load": after_load, "heavy": heavy, "missing": missing,
+                          "command": command, "suggestions": suggestions}}))
+    ''')
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["after_load"] == []  # MedCLIPSAMLib itself is only imported when used
+    assert report["heavy"] == []
+    assert "torch" in report["missing"]  # the blocked packages are seen as missing, nothing crashes
+    assert report["command"][report["command"].index("--prompt") + 1] == "brain tumor"
+    assert "brain tumor" in report["suggestions"]
+
+
+# ------------------------------------------------------------------------------------ logic helpers
+def test_clean_prompts(mod):
+    assert mod.cleanPrompts("  brain tumor \n\n Brain  Tumor\nleft kidney\n   \nliver") == [
+        "brain tumor", "left kidney", "liver"]
+    assert mod.cleanPrompts(["a", "b", "A"]) == ["a", "b"]
+    assert mod.cleanPrompts("\n \n") == []
+
+
+def test_parse_progress_line_valid(mod):
+    p = mod.parseProgressLine('{"stage": "gate", "done": 3, "total": 12, "message": "scoring"}\n')
+    assert p == {"stage": "gate", "done": 3, "total": 12, "message": "scoring", "fraction": 0.25}
+    p = mod.parseProgressLine('{"stage": "finished", "done": 1, "total": 1, "message": "wrote out.seg.nrrd"}')
+    assert p["stage"] == "finished" and p["fraction"] == 1.0
+    assert mod.parseProgressLine('{"stage": "load", "done": 0, "total": 0}')["fraction"] is None
+    assert mod.parseProgressLine('{"stage": "x", "done": 5, "total": 2, "message": 7}')["fraction"] == 1.0
+
+
+@pytest.mark.parametrize("line", [
+    "", "   ", "loading models", "INFO something", "[1, 2]", '"text"', "{", '{"stage": "gate", "done": 3',
+    '{"done": 1, "total": 2}', '{"stage": 5, "done": 1, "total": 2}', '{"stage": "s", "done": "x", "total": 2}',
+    '{"stage": "s", "done": true, "total": 2}', '{"stage": "s", "done": -1, "total": 2}', None, b"{}",
+])
+def test_parse_progress_line_rejects_other_lines(mod, line):
+    assert mod.parseProgressLine(line) is None
+
+
+def test_line_splitter_joins_partial_chunks(mod):
+    splitter = mod.LineSplitter()
+    record = '{"stage": "gate", "done": 1, "total": 2, "message": "über"}\n'.encode()
+    lines = []
+    for i in range(0, len(record), 7):  # cuts inside the JSON and inside the two-byte 'ü'
+        lines += splitter.feed(record[i:i + 7])
+    lines += splitter.feed(b"log one\r\nbar 10%|#  |\rbar 20%|##  |\r\n\nlast without newline")
+    assert lines[0] == record.decode().strip() and mod.parseProgressLine(lines[0])["message"] == "über"
+    assert lines[1:] == ["log one", "bar 10%|#  |", "bar 20%|##  |"]
+    assert splitter.flush() == ["last without newline"]
+    assert splitter.flush() == []
+
+
+def test_error_message_from_output(mod):
+    stderr = ["loading", "medclipsam: error: volume 'x.nrrd' has NaN voxels", ""]
+    assert mod.errorMessageFromOutput(stderr, 2) == "volume 'x.nrrd' has NaN voxels"
+    traceback = ["Traceback (most recent call last):", '  File "a.py", line 1', "ImportError: cannot import x"]
+    assert "ImportError: cannot import x" in mod.errorMessageFromOutput(traceback, 1)
+    assert "memory" in mod.errorMessageFromOutput([], -9)
+    assert "exit code 3" in mod.errorMessageFromOutput([], 3)
+    progress = {"stage": "error", "message": "no GPU"}
+    assert mod.errorMessageFromOutput([], 2, progress) == "no GPU"
+
+
+def test_gpu_query_parsing_and_device_text(mod):
+    gpus = mod.parseNvidiaSmi("NVIDIA RTX A6000, 40000, 49140\nbad line\nTesla T4, 2000, 15360\n")
+    assert gpus == [{"name": "NVIDIA RTX A6000", "freeMiB": 40000, "totalMiB": 49140},
+                    {"name": "Tesla T4", "freeMiB": 2000, "totalMiB": 15360}]
+    text, warning = mod.describeDevice("auto", gpus)
+    assert "RTX A6000" in text and not warning
+    text, warning = mod.describeDevice("cuda", gpus[1:])
+    assert "T4" in text and warning
+    assert mod.describeDevice("cuda", [])[1]
+    assert not mod.describeDevice("mps", [], appleSilicon=True)[1]
+    assert mod.describeDevice("mps", [])[1]
+    assert "CPU" in mod.describeDevice("cpu", [])[0]
+    assert isinstance(mod.MedCLIPSAMLogic.queryGpus(), list)  # no nvidia-smi here: an empty list
+
+
+def test_build_segment_command(mod):
+    logic = mod.MedCLIPSAMLogic()
+    command = logic.buildSegmentCommand("/t/in.nrrd", "/t/out.seg.nrrd", "brain tumor\nleft kidney\n", preset="fast",
+                                        axis="coronal", device="cpu", models=" tiny-random ",
+                                        uncertaintyPath="/t/u.nrrd")
+    assert command[:4] == [sys.executable, "-m", "MedCLIPSAMLib", "segment"]
+    assert command[4] == "/t/in.nrrd"
+    args = command[5:]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--prompt"] == ["brain tumor", "left kidney"]
+    for flag, value in (("--output", "/t/out.seg.nrrd"), ("--preset", "fast"), ("--axis", "coronal"),
+                        ("--device", "cpu"), ("--progress", "json"), ("--models", "tiny-random"),
+                        ("--uncertainty-output", "/t/u.nrrd")):
+        assert args[args.index(flag) + 1] == value, flag
+    default = logic.buildSegmentCommand("i.nrrd", "o.seg.nrrd", ["liver"])
+    assert "--models" not in default and "--uncertainty-output" not in default
+    with pytest.raises(ValueError):
+        logic.buildSegmentCommand("i.nrrd", "o.seg.nrrd", " \n ")
+    with pytest.raises(ValueError):
+        logic.buildSegmentCommand("i.nrrd", "o.seg.nrrd", "liver", preset="v9")
+    env = logic.environment()
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)  # the shipped MedCLIPSAMLib comes first
+
+
+def test_command_line_is_accepted_by_the_real_parser(mod):
+    """The flags the panel passes exist in `medclipsam segment` (parsed, not run)."""
+    from MedCLIPSAMLib.cli import build_parser
+
+    parser = build_parser()
+    if "segment" not in parser._subparsers._group_actions[0].choices:
+        pytest.skip("`medclipsam segment` is not registered yet")
+    logic = mod.MedCLIPSAMLogic()
+    command = logic.buildSegmentCommand("in.nrrd", "out.seg.nrrd", "a\nb", preset="v1", axis="sagittal",
+                                        device="mps", models="tiny-random", uncertaintyPath="u.nrrd")
+    args = parser.parse_args(command[3:])
+    assert args.prompt == ["a", "b"] and args.progress == "json" and args.preset == "v1"
+    assert args.axis == "sagittal" and args.device == "mps" and args.models == "tiny-random"
+    assert args.uncertainty_output == "u.nrrd" and args.output == "out.seg.nrrd"
+
+
+def test_prompt_suggestions_from_shipped_and_odd_files(mod, tmp_path):
+    shipped = mod.MedCLIPSAMLogic.promptSuggestions()
+    assert shipped and "brain tumor" in shipped and len(shipped) == len(set(shipped))
+    (tmp_path / "a.json").write_text(json.dumps({"targets": {"liver": {"sentences": ["a liver"]}}}))
+    (tmp_path / "b.json").write_text(json.dumps({"spleen": ["the spleen"], "$schema": {}, "version": 1}))
+    (tmp_path / "c.json").write_text(json.dumps([{"name": "lung"}, {"target": "liver"}, "x"]))
+    (tmp_path / "broken.json").write_text("{not json")
+    files = [str(tmp_path / n) for n in ("a.json", "b.json", "c.json", "broken.json", "missing.json")]
+    assert mod.MedCLIPSAMLogic.promptSuggestions(files) == ["liver", "spleen", "lung"]
+    assert mod.MedCLIPSAMLogic.promptSuggestions([]) == []
+
+
+def test_python_packages_cover_pyproject(mod):
+    """Setup installs what the CLI needs: every runtime dependency of pyproject.toml is in the list."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~ \[]", d)[0].lower().replace("_", "-") for d in project["dependencies"]}
+    listed = {(req or module).split(">")[0].split("=")[0].lower().replace("_", "-")
+              for module, req in mod.MedCLIPSAMLogic.PYTHON_PACKAGES}
+    assert names - listed == set()
+    assert mod.MedCLIPSAMLogic().missingPythonPackages() == []  # this venv has them all
+
+
+def test_required_models(mod):
+    required = mod.MedCLIPSAMLogic.requiredModels
+    assert required("tiny-random") == [] and required("random-biomedclip") == []
+    from MedCLIPSAMLib.models import DEFAULT_CLIP, DEFAULT_SAM2
+
+    assert required("") == [DEFAULT_CLIP, DEFAULT_SAM2]
+    assert required("/some/folder,sam2.1-hiera-tiny") == ["sam2.1-hiera-tiny"]
+
+
+# ------------------------------------------------------------------- the logic with a stand-in CLI
+FAKE_CLI = textwrap.dedent('''
+    """Stand-in for `python -m MedCLIPSAMLib`: follows the segment command's contract, no models."""
+    import json, os, shutil, signal, subprocess, sys, time
+
+    args = sys.argv[1:]
+    mode = os.environ.get("FAKE_MODE", "ok")
+    record = os.environ.get("FAKE_RECORD")
+    prompts = [args[i + 1] for i, a in enumerate(args) if a == "--prompt"]
+    output = args[args.index("--output") + 1]
+
+    def progress(stage, done, total, message):
+        print(json.dumps({"stage": stage, "done": done, "total": total, "message": message}), flush=True)
+
+    if record:
+        shutil.copy(args[1], os.path.join(record, "input.nrrd"))
+        with open(os.path.join(record, "argv.json"), "w") as f:
+            json.dump(args, f)
+    print("loading models", file=sys.stderr, flush=True)
+    if mode == "error":
+        print("medclipsam: error: volume 'input.nrrd' has NaN voxels", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if mode == "crash":
+        print("Traceback (most recent call last):\\n  File 'x.py'\\nRuntimeError: boom", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if mode in ("hang", "stubborn"):
+        if mode == "stubborn":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        with open(os.path.join(record, "child.pid"), "w") as f:
+            f.write(str(child.pid))
+        progress("load", 0, 2, "loading models")
+        time.sleep(120)
+        sys.exit(0)
+    # partial writes: one record split across two writes with a pause in between
+    sys.stdout.write('{"stage": "gate", "done": 0, ')
+    sys.stdout.flush()
+    time.sleep(0.05)
+    sys.stdout.write('"total": 2, "message": "scoring slices"}\\nnot json on stdout\\n')
+    sys.stdout.flush()
+    progress("gate", 2, 2, "gate")
+    print("a log line", file=sys.stderr, flush=True)
+    if mode == "noout":
+        progress("finished", 1, 1, "done")
+        sys.exit(0)
+    shutil.copy(os.environ["FAKE_SOURCE"], output + ".part")
+    os.replace(output + ".part", output)
+    unc = args[args.index("--uncertainty-output") + 1] if "--uncertainty-output" in args else None
+    if unc:
+        shutil.copy(os.environ["FAKE_UNCERTAINTY"], unc)
+    progress("finished", 1, 1, "wrote " + output + ": " + ", ".join(prompts))
+''')
+
+
+@pytest.fixture
+def fake(tmp_path, mod, scene):
+    """A logic wired to the stand-in CLI, a phantom volume in a real scene, and the files it will return."""
+    from MedCLIPSAMLib import io, mrml
+
+    script = tmp_path / "fake_cli.py"
+    script.write_text(FAKE_CLI)
+    record = tmp_path / "record"
+    record.mkdir()
+    phantom = small_phantom()
+    volume = mrml.volume_node_from_sitk(scene, phantom.image, "phantom")
+
+    def seg_file(name, masks):
+        path = tmp_path / name
+        io.write_segmentation(str(path), [{"name": n, "mask": m} for n, m in masks.items()], phantom.image)
+        return str(path)
+
+    uncertainty = sitk.GetImageFromArray(np.linspace(0, 1, int(np.prod(phantom.image.GetSize())),
+                                                     dtype=np.float32).reshape(phantom.image.GetSize()[::-1]))
+    uncertainty.CopyInformation(phantom.image)
+    sitk.WriteImage(uncertainty, str(tmp_path / "unc.nrrd"))
+
+    logic = mod.MedCLIPSAMLogic(scene=scene)
+    logic.cliPrefix = [sys.executable, str(script)]
+    logic.extraEnvironment = {"FAKE_RECORD": str(record), "FAKE_UNCERTAINTY": str(tmp_path / "unc.nrrd")}
+
+    class Fake:
+        pass
+
+    f = Fake()
+    f.logic, f.scene, f.volume, f.phantom, f.record, f.seg_file = logic, scene, volume, phantom, record, seg_file
+    return f
+
+
+def register_conversion_rules():
+    """What Slicer's Segmentations module does at startup (slicer-core leaves the factory empty)."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not factory.GetConverterRules():
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+        factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+def exported_masks(scene, node, volume):
+    from MedCLIPSAMLib import mrml
+
+    segmentation = node.GetSegmentation()
+    out = {}
+    for name in mrml.segment_names(node):
+        labelmap = mrml.export_segments_to_labelmap(
+            scene, node, volume, labelmap_node=scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode"),
+            segment_ids=[segmentation.GetSegmentIdBySegmentName(name)])
+        out[name] = sitk.GetArrayFromImage(mrml.sitk_image_from_volume_node(labelmap)) > 0
+    return out
+
+
+def test_logic_runs_the_process_and_imports_the_result(fake):
+    register_conversion_rules()
+    labels = fake.phantom.labels
+    fake.logic.extraEnvironment["FAKE_SOURCE"] = fake.seg_file("a.seg.nrrd", {"brain": labels["brain"],
+                                                                              "tumor": labels["tumor"]})
+    events, logs, done = [], [], []
+    job = fake.logic.startSegmentation(fake.volume, "brain\ntumor", preset="v1", axis="coronal", device="cpu",
+                                       models="tiny-random", computeUncertainty=True, show3D=True,
+                                       progressCallback=events.append, logCallback=logs.append,
+                                       completedCallback=done.append)
+    result = job.wait(timeout=60)
+    assert result.succeeded, result.message
+    assert done == [result] and not job.isRunning
+    # progress: the record split across two writes arrives whole, junk lines go to the log
+    assert [e["stage"] for e in events] == ["gate", "gate", "finished"]
+    assert events[0]["message"] == "scoring slices" and events[-1]["fraction"] == 1.0
+    assert "not json on stdout" in logs and "a log line" in logs and "loading models" in logs
+    assert result.message.startswith("wrote ") and "brain, tumor" in result.message
+
+    # the process got the flags and an exact copy of the volume (local frame, LPS file)
+    argv = json.loads((fake.record / "argv.json").read_text())
+    assert argv[argv.index("--preset") + 1] == "v1" and argv[argv.index("--axis") + 1] == "coronal"
+    sent = sitk.ReadImage(str(fake.record / "input.nrrd"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sent), sitk.GetArrayFromImage(fake.phantom.image))
+    np.testing.assert_allclose(sent.GetDirection(), fake.phantom.image.GetDirection(), atol=1e-9)
+    np.testing.assert_allclose(sent.GetOrigin(), fake.phantom.image.GetOrigin(), atol=1e-6)
+
+    node = result.segmentationNode
+    from MedCLIPSAMLib import mrml
+
+    assert mrml.segment_names(node) == ["brain", "tumor"]
+    assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is fake.volume
+    assert node.GetSegmentation().ContainsRepresentation("Closed surface")  # shown in 3D
+    masks = exported_masks(fake.scene, node, fake.volume)
+    np.testing.assert_array_equal(masks["brain"], labels["brain"] > 0)
+    np.testing.assert_array_equal(masks["tumor"], labels["tumor"] > 0)
+    assert result.uncertaintyVolumeNode is not None
+    assert result.uncertaintyVolumeNode.GetImageData().GetDimensions() == fake.phantom.image.GetSize()
+    assert not os.path.exists(job.tempDir)
+
+
+def test_logic_rerun_into_the_same_node(fake):
+    labels = fake.phantom.labels
+    fake.logic.extraEnvironment["FAKE_SOURCE"] = fake.seg_file("a.seg.nrrd", {"brain": labels["brain"],
+                                                                              "tumor": labels["tumor"]})
+    first = fake.logic.process(fake.volume, ["brain", "tumor"], timeout=60)
+    node = first.segmentationNode
+    counts = {c: fake.scene.GetNumberOfNodesByClass(c) for c in ("vtkMRMLSegmentationNode", "vtkMRMLScalarVolumeNode")}
+    total = fake.scene.GetNumberOfNodes()
+
+    grown = labels["tumor"] | labels["ventricles"]
+    fake.logic.extraEnvironment["FAKE_SOURCE"] = fake.seg_file("b.seg.nrrd", {"tumor": grown,
+                                                                              "ventricles": labels["ventricles"]})
+    second = fake.logic.process(fake.volume, ["tumor", "ventricles"], node, timeout=60)
+    assert second.succeeded and second.segmentationNode is node
+    from MedCLIPSAMLib import mrml
+
+    assert mrml.segment_names(node) == ["brain", "tumor", "ventricles"]
+    assert {c: fake.scene.GetNumberOfNodesByClass(c) for c in counts} == counts
+    assert fake.scene.GetNumberOfNodes() == total
+    masks = exported_masks(fake.scene, node, fake.volume)
+    np.testing.assert_array_equal(masks["tumor"], grown > 0)
+    np.testing.assert_array_equal(masks["brain"], labels["brain"] > 0)
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("error", "volume 'input.nrrd' has NaN voxels"),
+    ("crash", "RuntimeError: boom"),
+    ("noout", "without writing its result"),
+])
+def test_logic_failures_reach_the_user_and_leave_the_scene(fake, mode, expected):
+    fake.logic.extraEnvironment["FAKE_MODE"] = mode
+    before = fake.scene.GetNumberOfNodes()
+    result = fake.logic.process(fake.volume, ["brain"], timeout=60)
+    assert result.status == "failed" and expected in result.message
+    assert fake.scene.GetNumberOfNodes() == before
+
+
+def test_logic_refuses_bad_input(fake):
+    with pytest.raises(ValueError):
+        fake.logic.startSegmentation(fake.volume, " \n ")
+    with pytest.raises(ValueError):
+        fake.logic.startSegmentation(None, "brain")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups are POSIX")
+@pytest.mark.parametrize("mode", ["hang", "stubborn"])
+def test_cancel_kills_the_process_tree_and_leaves_the_scene(fake, mode):
+    """Cancel: SIGTERM to the group; a process that ignores it is killed after the grace period."""
+    fake.logic.extraEnvironment["FAKE_MODE"] = mode
+    fake.logic.extraEnvironment["FAKE_SOURCE"] = fake.seg_file("a.seg.nrrd", {"brain": fake.phantom.labels["brain"]})
+    before = fake.scene.GetNumberOfNodes()
+    events = []
+    job = fake.logic.startSegmentation(fake.volume, ["brain"], progressCallback=events.append)
+    job.process.KILL_GRACE_SECONDS = 0.5
+    deadline = time.monotonic() + 30
+    while job.poll() and not events and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert events, "no progress before cancelling"
+    child = int((fake.record / "child.pid").read_text())
+    assert _alive(child)
+    started = time.monotonic()
+    job.cancel()
+    result = job.wait(timeout=30)
+    assert result.status == "cancelled"
+    assert time.monotonic() - started < 10
+    assert job.process.returnCode is not None and not _alive(job.process.proc.pid)
+    for _ in range(50):  # the grandchild is re-parented; give init a moment to reap it
+        if not _alive(child):
+            break
+        time.sleep(0.05)
+    assert not _alive(child), "the CLI's child process survived Cancel"
+    assert fake.scene.GetNumberOfNodes() == before
+    assert not os.path.exists(job.tempDir)
+
+
+# ------------------------------------------------------------------- the real CLI (module self-test)
+def _segment_command_available():
+    try:
+        from MedCLIPSAMLib.cli import build_parser
+
+        return "segment" in build_parser()._subparsers._group_actions[0].choices
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _segment_command_available(), reason="`medclipsam segment` does not exist yet")
+def test_module_self_test_with_the_real_cli(mod, monkeypatch):
+    """MedCLIPSAMTest, the test Slicer runs: tiny-random models on a phantom through the real
+    `medclipsam segment` process; checks names, geometry, labelmap export, re-run and cancel."""
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+    test = mod.MedCLIPSAMTest()
+    test.runTest()
+
+
+# --------------------------------------------------------------------------------------- packaging
+def _extension_fields():
+    fields = {}
+    for line in (REPO / "MedCLIPSAM.s4ext").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            fields[key] = value.strip()
+    return fields
+
+
+def _cmake_variable(name):
+    match = re.search(rf'set\({name} "([^"]*)"\)', (REPO / "CMakeLists.txt").read_text())
+    return match.group(1) if match else None
+
+
+def test_extension_description_is_complete_and_consistent():
+    fields = _extension_fields()
+    for key in ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
+                "category", "iconurl", "status", "description", "screenshoturls", "enabled", "tier", "keywords"):
+        assert fields.get(key), f"{key} is empty in MedCLIPSAM.s4ext"
+    assert fields["scm"] == "git" and fields["depends"] == "PyTorch"
+    assert fields["homepage"] == _cmake_variable("EXTENSION_HOMEPAGE")
+    assert fields["iconurl"] == _cmake_variable("EXTENSION_ICONURL")
+    assert fields["screenshoturls"] == _cmake_variable("EXTENSION_SCREENSHOTURLS")
+    assert fields["category"] == _cmake_variable("EXTENSION_CATEGORY")
+    assert _cmake_variable("EXTENSION_DEPENDS") == "PyTorch"
+    # the icon URL points at the file in this repository
+    raw_prefix = fields["homepage"].replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    assert fields["iconurl"].startswith(raw_prefix)
+    assert (REPO / fields["iconurl"][len(raw_prefix):]).is_file()
+    assert all(url.startswith(raw_prefix) for url in fields["screenshoturls"].split())
+
+    # the ExtensionsIndex entry (schema v1.0.1: only these keys are allowed)
+    entry = json.loads((REPO / "MedCLIPSAM.json").read_text())
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+               "build_subdirectory", "enabled", "tier"}
+    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert entry["scm_url"] == fields["scmurl"] and entry["category"] == fields["category"]
+    assert entry["build_dependencies"] == ["PyTorch"] and 1 <= entry["tier"] <= 5
+
+
+def test_icon_is_a_128_pixel_png():
+    from PIL import Image
+
+    with Image.open(REPO / "Resources" / "Icons" / "MedCLIPSAM.png") as icon:
+        assert icon.format == "PNG" and icon.size == (128, 128)
+
+
+FAKE_SLICER_CONFIG = textwrap.dedent('''
+    # Stand-in for Slicer's build tree: enough variables and macros for the extension to configure,
+    # recording what slicerMacroBuildScriptedModule is given.
+    set(Slicer_USE_FILE ${CMAKE_CURRENT_LIST_DIR}/empty.cmake)
+    set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/empty.cmake)
+    set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/empty.cmake)
+    set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.8/qt-scripted-modules)
+    set(Slicer_FOUND TRUE)
+    macro(slicerMacroBuildScriptedModule)
+      cmake_parse_arguments(MY "WITH_GENERIC_TESTS" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+      file(WRITE ${CMAKE_BINARY_DIR}/module.txt "NAME=${MY_NAME}\\n")
+      foreach(f ${MY_SCRIPTS})
+        # as ctkMacroCompilePythonScript: relative to the module folder, absolute ones relative to the build folder
+        if(IS_ABSOLUTE ${f})
+          file(RELATIVE_PATH t ${CMAKE_CURRENT_BINARY_DIR} ${f})
+          set(src ${f})
+        else()
+          set(t ${f})
+          set(src ${CMAKE_CURRENT_SOURCE_DIR}/${f})
+        endif()
+        if(NOT EXISTS ${src})
+          message(FATAL_ERROR "missing script ${src}")
+        endif()
+        file(APPEND ${CMAKE_BINARY_DIR}/module.txt "SCRIPT=${t}\\n")
+      endforeach()
+      foreach(f ${MY_RESOURCES})
+        file(APPEND ${CMAKE_BINARY_DIR}/module.txt "RESOURCE=${f}\\n")
+      endforeach()
+    endmacro()
+    macro(slicer_add_python_unittest)
+    endmacro()
+''')
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_configures_with_a_stand_in_slicer(tmp_path):
+    slicer_dir = tmp_path / "Slicer"
+    slicer_dir.mkdir()
+    (slicer_dir / "SlicerConfig.cmake").write_text(FAKE_SLICER_CONFIG)
+    (slicer_dir / "empty.cmake").write_text("")
+    build = tmp_path / "build"
+    done = subprocess.run(["cmake", "-S", str(REPO), "-B", str(build), f"-DSlicer_DIR={slicer_dir}",
+                           "-DBUILD_TESTING=OFF"], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0 and "No CMAKE_C_COMPILER could be found" in done.stderr + done.stdout:
+        pytest.skip("no C compiler for CMake's project() check")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    recorded = (build / "module.txt").read_text().splitlines()
+    assert recorded[0] == "NAME=MedCLIPSAM"
+    scripts = {line.split("=", 1)[1] for line in recorded if line.startswith("SCRIPT=")}
+    library = {str(p.relative_to(REPO)) for p in (REPO / "MedCLIPSAMLib").rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert "MedCLIPSAM.py" in scripts and library <= scripts and "MedCLIPSAMLib/mrml.py" in scripts
+    assert all(not s.startswith("..") for s in scripts)  # everything lands inside the module folder
+    # data files copied beside the module, where resourcePath() finds them in an installed extension
+    module_dir = build / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    for relative in ("Resources/UI/MedCLIPSAM.ui", "Resources/Icons/MedCLIPSAM.png",
+                     "MedCLIPSAMLib/resources/prompt_ensembles.json"):
+        assert (module_dir / relative).is_file(), relative
