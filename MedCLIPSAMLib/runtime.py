@@ -55,10 +55,10 @@ def seed_everything(seed):
 
 
 def setup_logging(verbose=False):
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(message)s" if verbose else "%(message)s",
-    )
+    # our own messages at INFO; other libraries (sam2 logs every image it encodes) only from WARNING
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s")
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 @contextlib.contextmanager
