@@ -104,7 +104,9 @@ def run_train(args):
     progress = ProgressReporter(args.progress)
     progress.install_signal_handlers()
     records = _run(progress, lambda: train(opts, progress))
-    last = records[-1] if records else {}
+    if not records:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
+    last = records[-1]
     summary = f"trained MedCLIPSeg into {args.output}: loss {last.get('loss', float('nan')):.4f}"
     if "val_dice" in last:
         summary += f", validation Dice {last['val_dice']:.3f}"
