@@ -62,15 +62,18 @@ def register(sub):
     t.add_argument("--val-fraction", type=float, default=0.2, help="cases held out for validation Dice")
     t.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and at every snapshot)")
     t.add_argument("--threshold", type=float, default=0.2, help="foreground probability threshold (v2: 0.2)")
-    t.add_argument("--label-name", action="append", help="name of label 1, 2, ... (repeat); .seg.nrrd labels name themselves")
+    t.add_argument("--label-name", action="append",
+                   help="name of label 1, 2, ... (repeat); .seg.nrrd labels name themselves")
     t.add_argument("--no-augment", dest="augment", action="store_false", help="no intensity augmentation")
     t.add_argument("--mirror", action="store_true", help="random flips (off: prompts can be lateral)")
-    t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
+    t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA)")
     t.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=int, default=0, help="data-loading processes")
     t.add_argument("--progress", choices=PROGRESS, default="bar",
-                   help="json: one line per epoch on stdout ({stage, done, total, message}); metrics in MODEL_DIR/metrics.jsonl")
+                   help="json: one line per epoch on stdout ({stage, done, total, message}); the numbers are in "
+                        "MODEL_DIR/metrics.jsonl")
     t.set_defaults(func=train_weak)
 
     r = sub.add_parser(
@@ -84,7 +87,8 @@ def register(sub):
     r.add_argument("--threshold", type=float, help="foreground probability threshold (default: the model's, 0.2)")
     r.add_argument("--prompt-name", action="append", help="segment name(s) (default: the model's label names)")
     r.add_argument("--frame", type=int, help="frame of a 4D (time series) image")
-    r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on for CUDA)")
+    r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on for CUDA)")
     r.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     r.add_argument("--progress", choices=PROGRESS, default="bar")
     r.set_defaults(func=predict)
