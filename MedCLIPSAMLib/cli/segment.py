@@ -11,6 +11,8 @@ def add_volume_options(p):
                         "from key slices; carry: box carried slice to slice; auto: propagate on GPU, carry on CPU")
     p.add_argument("--window", help="CT window: soft_tissue, lung, brain, bone, or LEVEL,WIDTH (default: automatic)")
     p.add_argument("--no-gate", action="store_true", help="run on every slice instead of only those that match the prompt")
+    p.add_argument("--gate-min-similarity", type=float,
+                   help="absolute slice-prompt similarity a slice must reach (an absent target then gives an empty segment)")
     p.add_argument("--key-slices", type=int, default=3, help="slices that get the full 2D pipeline (propagate / carry)")
     p.add_argument("--min-size-mm3", type=float, default=10.0, help="drop 3D specks smaller than this")
     p.add_argument("--frame", type=int, help="frame of a 4D (time series) image to segment")
@@ -85,6 +87,7 @@ class Session:
         progress.advance(1)
         self.options = VolumeOptions(axis=args.axis, mode=args.mode, window=_window(args.window), gate=not args.no_gate,
                                      key_slices=args.key_slices, min_size_mm3=args.min_size_mm3,
+                                     gate_min_similarity=args.gate_min_similarity,
                                      uncertainty=bool(getattr(args, "uncertainty_output", None)))
         video = resolve_mode(args.mode, device) == "propagate"
         self.sam = load_sam2(sam_name, device, video=video) if self.settings.sam == "sam" else None

@@ -40,6 +40,9 @@ class VolumeOptions:
     gate: bool = True                  # run the expensive stages only on slices that can hold the target
     gate_threshold: float = 0.5        # on the slice scores rescaled to [0, 1] within the volume
     gate_margin: int = 1               # slices added on each side of the kept range
+    gate_min_similarity: float = None  # absolute slice-prompt cosine below which a slice cannot hold the
+                                       # target (lets an absent target give an empty segment; needs a
+                                       # value calibrated on the real model, so off by default)
     key_slices: int = 3                # slices that get the full 2D pipeline in propagate / carry modes
     min_size_mm3: float = 10.0         # 3D specks smaller than this are dropped
     box_margin: int = 3                # pixels added around a carried box
@@ -131,10 +134,15 @@ class VolumeSegmenter:
         scores = (feats.float() @ text_embedding.float().cpu()).numpy()
         if not self.options.gate or len(indices) == 1:
             return indices, scores, indices, "gating off" if not self.options.gate else "single slice"
+        floor = self.options.gate_min_similarity
+        if floor is not None and float(scores.max()) < floor:
+            return indices[:0], scores, indices, f"no slice reaches the minimum similarity {floor:.3f}"
         lo, hi = float(scores.min()), float(scores.max())
         if hi - lo < 1e-6:
             return indices, scores, indices, "all slices score the same"
         keep = (scores - lo) / (hi - lo) >= self.options.gate_threshold
+        if floor is not None:
+            keep &= scores >= floor
         kept = set(indices[keep].tolist())
         for k in list(kept):  # a margin of neighbours: the target's edges score lower than its middle
             kept.update(range(k - self.options.gate_margin, k + self.options.gate_margin + 1))
@@ -153,9 +161,12 @@ class VolumeSegmenter:
         if len(kept) == 0:
             return report
         order = np.argsort(-scores)
-        ranked = [int(candidates[i]) for i in order if candidates[i] in set(kept.tolist())]
+        kept_set = set(kept.tolist())
+        ranked = [int(candidates[i]) for i in order if candidates[i] in kept_set]
         if self.mode == "per-slice":
-            keys = self._per_slice(prompt, kept, labels, uncertainty)
+            found = set(self._per_slice(prompt, kept, labels, uncertainty))
+            # the clean-up keeps components that meet the best-scoring slices' masks, not every mask found
+            keys = [k for k in ranked if k in found][: max(1, self.options.key_slices)]
         else:
             keys = self._key_slices(prompt, ranked, labels, uncertainty)
             if keys:

@@ -255,3 +255,14 @@ def test_segment_batch_is_resumable(tmp_path):
     time.sleep(0.01)
     assert main(args) == 0
     assert os.path.getmtime(tmp_path / "out" / "case0.seg.nrrd") == stamp
+
+
+def test_absolute_gate_gives_an_empty_segment_for_an_absent_target(tmp_path):
+    """With a minimum similarity no slice reaches, nothing is segmented and the report says why."""
+    ph = small_phantom("lps", shape=(4, 24, 24))
+    write_volume(str(tmp_path / "in.nrrd"), ph.image)
+    out = tmp_path / "o.seg.nrrd"
+    assert main(["segment", str(tmp_path / "in.nrrd"), "--prompt", "liver", "--output", str(out),
+                 "--gate-min-similarity", "1.01", "--sam", "none"] + FAST) == 0
+    segments, _ = read_segmentation(str(out))
+    assert segments[0]["name"] == "liver" and segments[0]["mask"].sum() == 0
