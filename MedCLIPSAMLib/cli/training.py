@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 
 from ..runtime import DEVICE_CHOICES
 
@@ -73,6 +74,8 @@ def finetune_clip(args):
     progress = ProgressReporter(args.progress)
     progress.install_signal_handlers()
     records = finetune(opts, progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
     progress.finish(message=f"fine-tuned model in {args.output}")
     if records and args.progress != "json":
         print(f"fine-tuned model: {args.output}")
