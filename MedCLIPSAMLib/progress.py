@@ -86,6 +86,23 @@ class ProgressReporter:
         if self.mode == "json":
             self._emit(stage, 1, 1, message)
 
+    def run(self, work):
+        """Return work(); if it fails, first close the stream with an "error" or "cancelled" record
+        (a crash is an error, not a cancel), then re-raise for the CLI to report."""
+        from .errors import MedCLIPSAMError
+
+        try:
+            return work()
+        except MedCLIPSAMError as exc:
+            self.finish("error", str(exc))
+            raise
+        except (Cancelled, KeyboardInterrupt):
+            self.finish("cancelled", "cancelled; nothing was written")
+            raise
+        except Exception as exc:
+            self.finish("error", f"unexpected failure: {type(exc).__name__}: {exc}")
+            raise
+
     def _close_bar(self):
         if self._bar is not None:
             self._bar.close()

@@ -77,20 +77,6 @@ def _window(text):
     return text
 
 
-def _run(progress, work):
-    """Run `work()` reporting the end state on the progress stream (finished / error / cancelled)."""
-    from ..errors import MedCLIPSAMError
-
-    try:
-        return work()
-    except MedCLIPSAMError as exc:
-        progress.finish("error", str(exc))
-        raise
-    except BaseException:
-        progress.finish("cancelled", "cancelled")
-        raise
-
-
 def run_train(args):
     from ..progress import ProgressReporter
     from ..training.medclipseg import MedCLIPSegOptions, train
@@ -103,7 +89,7 @@ def run_train(args):
         overwrite=args.overwrite)
     progress = ProgressReporter(args.progress)
     progress.install_signal_handlers()
-    records = _run(progress, lambda: train(opts, progress))
+    records = progress.run(lambda: train(opts, progress))
     if not records:  # a torchrun worker other than rank 0: rank 0 reports
         return 0
     last = records[-1]
@@ -122,7 +108,7 @@ def run_predict(args):
 
     progress = ProgressReporter(args.progress)
     progress.install_signal_handlers()
-    result = _run(progress, lambda: predict_file(
+    result = progress.run(lambda: predict_file(
         args.model_dir, args.input, args.prompt, args.output, args.uncertainty_output, args.samples, args.device,
         _window(args.window), args.seed, progress))
     summary = (f"wrote {args.output}: {result['foreground']} foreground pixels, mean uncertainty "

@@ -122,7 +122,6 @@ def write_result(result, image, output, uncertainty_output=None):
 
 
 def run(args):
-    from ..errors import Cancelled, MedCLIPSAMError
     from ..io import read_volume
     from ..pipeline.text import make_prompt
     from ..progress import ProgressReporter
@@ -134,22 +133,17 @@ def run(args):
     _check_output(args.output, (".seg.nrrd", ".nrrd", ".nii.gz", ".nii"))
     if args.uncertainty_output:
         _check_output(args.uncertainty_output, (".nrrd", ".nii.gz", ".nii", ".mha"))
-    try:
+
+    def work():
         image = read_volume(args.volume, frame=args.frame)
         session = Session(args, progress)
         result = session.segment(image)
         progress.stage("write", 1, "writing the segmentation")
         write_result(result, image, args.output, args.uncertainty_output)
         progress.advance(1)
-    except MedCLIPSAMError as exc:
-        progress.finish("error", str(exc))
-        raise
-    except (Cancelled, KeyboardInterrupt):
-        progress.finish("cancelled", "cancelled; nothing was written")
-        raise
-    except Exception as exc:
-        progress.finish("error", f"unexpected failure: {type(exc).__name__}: {exc}")
-        raise
+        return session, result
+
+    session, result = progress.run(work)
     summary = "; ".join(f"{r['prompt']}: {r.get('voxels', 0)} voxels from {r['kept']}/{r['slices']} slices" for r in result.report)
     if session.random:
         summary = "RANDOM-WEIGHT MODELS (meaningless output): " + summary

@@ -110,20 +110,6 @@ def register(sub):
 # --------------------------------------------------------------------------------------------------
 
 
-def _finish_on_error(progress, run):
-    """Run `run()`; on failure close the progress stream with an error / cancelled record first."""
-    from ..errors import MedCLIPSAMError
-
-    try:
-        return run()
-    except MedCLIPSAMError as exc:
-        progress.finish("error", str(exc))
-        raise
-    except BaseException:
-        progress.finish("cancelled", "cancelled")
-        raise
-
-
 def pseudo_label(args):
     from dataclasses import replace
 
@@ -182,7 +168,7 @@ def pseudo_label(args):
             note += "; RANDOM-WEIGHT MODELS (meaningless labels)"
         return failures, note
 
-    failures, note = _finish_on_error(progress, run)
+    failures, note = progress.run(run)
     message = f"{len(todo) - failures} labelled, {failures} failed, in {args.output_dir}{note}"
     progress.finish("finished", message)
     say(message)
@@ -205,7 +191,7 @@ def train_weak(args):
         amp=args.amp, device=args.device, seed=args.seed, workers=args.workers)
     progress = ProgressReporter(args.progress)
     progress.install_signal_handlers()
-    records = _finish_on_error(progress, lambda: train(opts, progress))
+    records = progress.run(lambda: train(opts, progress))
     epochs = [r for r in records if "loss" in r]
     final = records[-1] if records and "ensemble_val_dice" in records[-1] else {}
     speed = sum(r["samples_per_s"] for r in epochs) / max(1, len(epochs))
@@ -251,7 +237,7 @@ def predict(args):
         progress.advance(1)
         return segments, len(model.networks)
 
-    segments, n = _finish_on_error(progress, run)
+    segments, n = progress.run(run)
     summary = "; ".join(f"{s['name']}: {int(s['mask'].sum())} voxels" for s in segments)
     message = f"wrote {args.output} ({n} snapshot(s)): {summary}"
     progress.finish("finished", message)
@@ -268,7 +254,7 @@ def evaluate(args):
     if args.csv:
         _check_output(args.csv, (".csv",))
     progress = ProgressReporter(args.progress)
-    summary = _finish_on_error(progress, lambda: evaluate_files(args.pred, args.gt, args.tolerance_mm, args.label,
+    summary = progress.run(lambda: evaluate_files(args.pred, args.gt, args.tolerance_mm, args.label,
                                                                  progress))
     if args.csv:
         write_csv(args.csv, summary)
