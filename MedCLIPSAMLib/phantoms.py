@@ -414,8 +414,26 @@ def _describe_slice(kind, view, labels, lesion, lesion_r_norm):
 # phantoms
 
 
+class _PhantomCommon:
+    """What 3D and 2D phantoms share: the lesion's side, an exclusive labelmap, a JSON description."""
+
+    @property
+    def lesion_side(self):
+        return self.lesion.side if self.lesion else None
+
+    def label_map(self):
+        """(uint8 array, names): exclusive labels 1..N in `labels` order, later ones drawn on top."""
+        return _label_map(self.labels)
+
+    def to_dict(self):
+        """JSON-ready description (captions, lesion, label names and voxel counts)."""
+        return {"kind": self.kind, "seed": self.seed, "caption": self.caption, "captions": self.captions,
+                "lesion": _lesion_dict(self.lesion),
+                "labels": {n: int(m.sum()) for n, m in self.labels.items()}}
+
+
 @dataclass
-class Phantom:
+class Phantom(_PhantomCommon):
     """A 3D phantom: `image` (SimpleITK, CT in HU as int16, MR float32), `labels` (name -> uint8 z/y/x)."""
 
     kind: str
@@ -427,14 +445,6 @@ class Phantom:
     scale_mm: tuple = ()   # millimetres per normalised unit along L-R, A-P, S-I
     seed: int = 0
 
-    @property
-    def lesion_side(self):
-        return self.lesion.side if self.lesion else None
-
-    def label_map(self):
-        """(uint8 array z/y/x, names): exclusive labels 1..N in `labels` order, later ones drawn on top."""
-        return _label_map(self.labels)
-
     def segments(self):
         """The ground truth as `MedCLIPSAMLib.io.write_segmentation` segments (overlaps kept)."""
         return [{"name": n, "mask": m, "color": COLORS.get(n, (0.5, 0.5, 0.5))} for n, m in self.labels.items()]
@@ -442,15 +452,9 @@ class Phantom:
     def slice_caption(self, index, axis="axial"):
         return slice_caption(self, index, axis)
 
-    def to_dict(self):
-        """JSON-ready description (captions, lesion, label names and voxel counts)."""
-        return {"kind": self.kind, "seed": self.seed, "caption": self.caption, "captions": self.captions,
-                "lesion": _lesion_dict(self.lesion),
-                "labels": {n: int(m.sum()) for n, m in self.labels.items()}}
-
 
 @dataclass
-class Phantom2D:
+class Phantom2D(_PhantomCommon):
     """A 2D phantom image (float32 h x w; CT in HU, MR positive, X-ray 0..1) with `labels` (name -> uint8).
 
     Axial CT/MR slices follow the radiological display: row 0 is anterior, the image's right is the
@@ -465,17 +469,6 @@ class Phantom2D:
     lesion: Lesion = None
     spacing: tuple = (1.0, 1.0)   # millimetres per pixel (row, column)
     seed: int = 0
-
-    @property
-    def lesion_side(self):
-        return self.lesion.side if self.lesion else None
-
-    def label_map(self):
-        return _label_map(self.labels)
-
-    def to_dict(self):
-        return {"kind": self.kind, "seed": self.seed, "caption": self.caption, "captions": self.captions,
-                "lesion": _lesion_dict(self.lesion), "labels": {n: int(m.sum()) for n, m in self.labels.items()}}
 
 
 def _label_map(labels):
