@@ -71,10 +71,11 @@ def finetune_clip(args):
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
         clip_grad=args.clip_grad, amp=args.amp, freeze=args.freeze, augment=args.augment,
         val_data=args.val_data, seed=args.seed, device=args.device, workers=args.workers, resume=args.resume)
-    progress = ProgressReporter(args.progress)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+    progress = ProgressReporter(args.progress if rank0 else "none")
     progress.install_signal_handlers()
-    records = finetune(opts, progress)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+    records = progress.run(lambda: finetune(opts, progress))
+    if not rank0:
         return 0
     progress.finish(message=f"fine-tuned model in {args.output}")
     if records and args.progress != "json":
@@ -85,24 +86,13 @@ def finetune_clip(args):
 
 
 def evaluate_retrieval(args):
-    import torch
-
-    from ..models import load_clip
     from ..progress import ProgressReporter
-    from ..runtime import atomic_output, select_device
-    from ..training.clip_finetune import evaluate_retrieval as run
-    from ..training.data import read_pairs
+    from ..runtime import atomic_output
 
-    pairs = read_pairs(args.data)  # a bad data set fails before a model loads
-    device = select_device(args.device)
-    name = args.checkpoint or args.model or "biomedclip"
-    bundle = load_clip(name, device)
     progress = ProgressReporter(args.progress)
     progress.install_signal_handlers()
-    amp = device.type == "cuda" if args.amp is None else args.amp
-    with torch.no_grad():
-        result = run(bundle, pairs, batch_size=args.batch_size, amp=amp, progress=progress)
-    result = {"model": name, "data": args.data, **result}
+    name = args.checkpoint or args.model or "biomedclip"
+    result = {"model": name, "data": args.data, **progress.run(lambda: _evaluate(args, name, progress))}
     if args.json:
         with atomic_output(args.json) as tmp:
             with open(tmp, "w") as f:
@@ -114,6 +104,22 @@ def evaluate_retrieval(args):
         print(json.dumps(result))
     progress.finish()
     return 0
+
+
+def _evaluate(args, name, progress):
+    import torch
+
+    from ..models import load_clip
+    from ..runtime import select_device
+    from ..training.clip_finetune import evaluate_retrieval
+    from ..training.data import read_pairs
+
+    pairs = read_pairs(args.data)  # a bad data set fails before a model loads
+    device = select_device(args.device)
+    bundle = load_clip(name, device)
+    amp = device.type == "cuda" if args.amp is None else args.amp
+    with torch.no_grad():
+        return evaluate_retrieval(bundle, pairs, batch_size=args.batch_size, amp=amp, progress=progress)
 
 
 def format_table(rows):

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import cache
 
 # bump when the layout or architecture of a random model changes, so stale cached copies are not reused
-FORMAT = 1
+FORMAT = 2
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # words that the shipped prompt ensembles and phantom captions use; anything else falls back to characters
@@ -37,17 +37,19 @@ CLIP_SIZES = {
     # timm vision tower, BERT text tower, joint embedding width
     "tiny": dict(timm="vit_tiny_patch16_224", embed=64,
                  bert=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
-                 vocab=None),
-    # BiomedCLIP: ViT-B/16 + PubMedBERT-base (vocab 30522), embed 512
+                 vocab=None, pooler="mean_pooler"),
+    # BiomedCLIP: ViT-B/16 + PubMedBERT-base (vocab 30522), embed 512, CLS pooling as released.
+    # The tiny text tower mean-pools: from random weights its CLS token gives near-identical embeddings for
+    # all captions (2 layers do not move it far), and contrastive training then cannot separate them.
     "base": dict(timm="vit_base_patch16_224", embed=512,
                  bert=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-                 vocab=30522),
+                 vocab=30522, pooler="cls_last_hidden_state_pooler"),
 }
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def write_clip_config(folder, timm_model, embed_dim, context_length=256):
+def write_clip_config(folder, timm_model, embed_dim, context_length=256, pooler="cls_last_hidden_state_pooler"):
     """open_clip_config.json laid out like BiomedCLIP's, with the text tower in the folder's text/ subfolder."""
     config = {
         "model_cfg": {
@@ -55,7 +57,7 @@ def write_clip_config(folder, timm_model, embed_dim, context_length=256):
             "vision_cfg": {"timm_model_name": timm_model, "timm_model_pretrained": False, "timm_pool": "",
                            "timm_proj": "linear", "image_size": 224},
             "text_cfg": {"hf_model_name": "text", "hf_tokenizer_name": "text", "hf_proj_type": "mlp",
-                         "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": context_length},
+                         "hf_pooler_type": pooler, "context_length": context_length},
         },
         "preprocess_cfg": {"mean": OPENAI_MEAN, "std": OPENAI_STD},
     }
@@ -77,7 +79,7 @@ def build_random_clip(folder, size="tiny", seed=0):
     (folder / "text" / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 256}))
     BertConfig(vocab_size=len(vocab), max_position_embeddings=512, **spec["bert"]).save_pretrained(folder / "text")
-    write_clip_config(folder, spec["timm"], spec["embed"])
+    write_clip_config(folder, spec["timm"], spec["embed"], pooler=spec["pooler"])
     torch.manual_seed(seed)
     model, _ = build_open_clip(folder, weights=None)
     torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
