@@ -307,3 +307,22 @@ def test_cli_evaluate_retrieval(tmp_path, small_set, capsys):
     assert all(0 <= result[k] <= 1 for k in ("i2t_top1", "i2t_top5", "t2i_top1", "t2i_top5"))
     assert result["i2t_top5"] >= result["i2t_top1"]
     assert "i2t top1" in capsys.readouterr().out
+
+
+def test_fine_tuned_checkpoint_plugs_into_segment_image(tmp_path, small_set):
+    """The output folder of finetune-clip is what --clip-checkpoint takes: its weights drive the saliency."""
+    from MedCLIPSAMLib.cli import main
+
+    finetune(FinetuneOptions(data=str(small_set), output=str(tmp_path / "ckpt"), model="tiny-random", epochs=1,
+                             batch_size=4, lr=1e-3, warmup_steps=1, device="cpu"))
+    image = tmp_path / "in.png"
+    Image.fromarray(np.asarray(Image.open(next(Path(small_set).parent.glob("**/*.png"))))).save(image)
+    maps = {}
+    for label, extra in (("base", []), ("tuned", ["--clip-checkpoint", str(tmp_path / "ckpt")])):
+        sal = tmp_path / f"{label}-saliency.png"
+        assert main(["segment-image", str(image), "--prompt", "tumor in the liver", "--output",
+                     str(tmp_path / f"{label}.png"), "--saliency-output", str(sal), "--models", "tiny-random",
+                     "--preset", "fast", "--sam", "none", "--device", "cpu", *extra]) == 0
+        maps[label] = np.asarray(Image.open(sal)).astype(int)
+    assert maps["base"].shape == maps["tuned"].shape
+    assert np.abs(maps["base"] - maps["tuned"]).max() > 10  # other weights, another map
