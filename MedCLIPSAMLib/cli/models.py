@@ -1,4 +1,4 @@
-"""`medclipsam models list | download NAME | verify [NAME] [--adopt]`."""
+"""`medclipsam models list | download NAME | verify [NAME] [--adopt] | trained [--add DIR | --remove NAME]`."""
 
 
 def register(sub):
@@ -14,6 +14,11 @@ def register(sub):
     v.add_argument("--adopt", action="store_true",
                    help="record checksums for files placed in the cache by hand (offline installs)")
     v.set_defaults(func=verify)
+    t = msub.add_parser("trained", help="models trained here (train-weak, medclipseg train) that the Slicer panel offers")
+    t.add_argument("--add", metavar="MODEL_DIR", help="register a trained model folder (its kind is read from its files)")
+    t.add_argument("--name", help="name for --add (default: the folder's name)")
+    t.add_argument("--remove", metavar="NAME", help="forget a registered model (its folder is kept)")
+    t.set_defaults(func=trained)
 
 
 def list_models(args):
@@ -70,3 +75,24 @@ def verify(args):
             failed += 1
             print(f"{name}: FAILED: {exc}")
     return 1 if failed else 0
+
+
+def trained(args):
+    from .. import trained_models
+
+    if args.add:
+        entry = trained_models.add(args.add, args.name)
+        print(f"registered '{entry['name']}' ({entry['kind']}): {entry['folder']}")
+        return 0
+    if args.remove:
+        trained_models.remove(args.remove)
+        print(f"forgot '{args.remove}'")
+        return 0
+    models = trained_models.list_models()
+    print(f"registry: {trained_models.registry_path()}")
+    if not models:
+        print("no trained models registered")
+    for m in models:
+        state = "" if m["present"] else "  (folder missing or incomplete)"
+        print(f"{m['name']:24} {m['kind']:10} {', '.join(m['labels']):24} {m['date']:19} {m['folder']}{state}")
+    return 0
