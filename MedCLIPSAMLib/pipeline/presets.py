@@ -25,7 +25,7 @@ class PipelineSettings:
     mask_threshold: float = 0.5          # on SAM's mask probability
     keep_largest: int = 1                # components kept from SAM's mask (0: all)
     ensemble: bool = True                # expand known targets to their sentence ensembles
-    autocast: bool = True                # bf16 where it helps (CPU and CUDA)
+    autocast: object = "auto"            # "auto": bf16 on CUDA and on CPUs with native bf16; true / false
     seed: int = 0
 
     def replace(self, **changes):

@@ -173,6 +173,24 @@ def test_device_selection_errors_are_one_sentence():
             select_device("cuda")
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_autocast_uses_bf16_on_a_cpu_only_with_native_bf16(monkeypatch, native_bf16):
+    import torch
+
+    from MedCLIPSAMLib import runtime
+    from MedCLIPSAMLib.pipeline.presets import get_preset
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
+    assert get_preset("v2").autocast == "auto"
+    with runtime.autocast("cpu", "auto"):
+        x = torch.ones(4, 4) @ torch.ones(4, 4)
+    assert x.dtype == (torch.bfloat16 if native_bf16 else torch.float32)
+    with runtime.autocast("cpu", True):  # asked for explicitly: always
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.bfloat16
+    with runtime.autocast("cpu", False):
+        assert (torch.ones(4, 4) @ torch.ones(4, 4)).dtype == torch.float32
+
+
 def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     from MedCLIPSAMLib.runtime import atomic_output
 
