@@ -342,6 +342,10 @@ class BackgroundProcess:
             self._queue.put((name, line))
         pipe.close()
 
+    def taggedLines(self):
+        """(step, stream, line) like ProcessChain's: a single process is step 0."""
+        return [(0, stream, line) for stream, line in self.lines()]
+
     def lines(self):
         """(stream, line) pairs received since the last call."""
         out = []
@@ -489,29 +493,16 @@ class SegmentationResult:
         return f"SegmentationResult({self.status!r}, {self.message!r}, returnCode={self.returnCode})"
 
 
-class SegmentationJob:
-    """One run of `medclipsam segment` (or of a trained model's predict command) for a volume; imports the
-    result into the scene when it succeeds.
+class BackgroundJob:
+    """What a segmentation run and a weak-supervision run share: read the process's lines (JSON progress
+    lines go to _progress, the others to the log), wait, cancel, and finish once on the scene's thread.
 
-    poll() must be called from the thread that owns the scene (the GUI's QTimer, or wait()): it reports
-    progress and, at the end, changes the scene. A cancelled or failed run leaves the scene as it was and
-    removes its temporary folder. `process` may be a ProcessChain (MedCLIPSeg: one command per prompt);
-    then outputPath and uncertaintyPath are lists, one file per command, merged at import.
+    poll() must be called from the thread that owns the scene (the GUI's QTimer, or wait()).
     """
 
-    def __init__(self, logic, process, tempDir, inputVolume, prompts, segmentationNode, outputPath,
-                 uncertaintyPath=None, show3D=False, progressCallback=None, logCallback=None,
-                 completedCallback=None):
-        self.logic = logic
+    def __init__(self, process, tempDir, progressCallback=None, logCallback=None, completedCallback=None):
         self.process = process
         self.tempDir = tempDir
-        self.inputVolume = inputVolume
-        self.prompts = list(prompts)
-        self.segmentationNode = segmentationNode
-        self.outputPath = outputPath
-        self.outputPaths = [outputPath] if isinstance(outputPath, (str, os.PathLike)) else list(outputPath)
-        self.uncertaintyPath = uncertaintyPath
-        self.show3D = show3D
         self.progressCallback = progressCallback
         self.logCallback = logCallback
         self.completedCallback = completedCallback
@@ -531,31 +522,22 @@ class SegmentationJob:
         """Handle new output; finish the job once the process has ended. Returns True while running."""
         if self.result is not None:
             return False
-        for stream, line in self.process.lines():
+        for step, stream, line in self.process.taggedLines():
             if stream == "stdout":
                 progress = parseProgressLine(line)
                 if progress is not None:
-                    self.lastProgress = progress
-                    if self.progressCallback:
-                        self.progressCallback(self._overall(progress))
+                    self._progress(step, progress)
                     continue
             else:
                 self.stderrTail.append(line)
             logging.info(f"medclipsam: {line}")
             if self.logCallback:
                 self.logCallback(line)
+        self._whileRunning()
         if not self.process.isFinished() or self.process.hasPendingLines():
             return True  # (lines that arrived just before the exit are handled on the next poll)
         self._finish()
         return False
-
-    def _overall(self, progress):
-        """A chain's steps share the bar: step k of n covers [k/n, (k+1)/n]."""
-        steps = getattr(self.process, "stepCount", 1)
-        if steps <= 1 or progress["fraction"] is None:
-            return progress
-        fraction = (self.process.step + progress["fraction"]) / steps
-        return dict(progress, fraction=fraction, message=f"{self.process.step + 1}/{steps}: {progress['message']}")
 
     def wait(self, timeout=None, pollInterval=0.05):
         """Block until the job ends (for scripts and tests); cancels it if `timeout` seconds pass."""
@@ -566,6 +548,52 @@ class SegmentationJob:
                 deadline = None
             time.sleep(pollInterval)
         return self.result
+
+    def _progress(self, step, progress):
+        raise NotImplementedError
+
+    def _whileRunning(self):
+        """Called on every poll (after the new lines)."""
+
+    def _finish(self):
+        raise NotImplementedError
+
+
+class SegmentationJob(BackgroundJob):
+    """One run of `medclipsam segment` (or of a trained model's predict command) for a volume; imports the
+    result into the scene when it succeeds.
+
+    poll() must be called from the thread that owns the scene (the GUI's QTimer, or wait()): it reports
+    progress and, at the end, changes the scene. A cancelled or failed run leaves the scene as it was and
+    removes its temporary folder. `process` may be a ProcessChain (MedCLIPSeg: one command per prompt);
+    then outputPath and uncertaintyPath are lists, one file per command, merged at import.
+    """
+
+    def __init__(self, logic, process, tempDir, inputVolume, prompts, segmentationNode, outputPath,
+                 uncertaintyPath=None, show3D=False, progressCallback=None, logCallback=None,
+                 completedCallback=None):
+        super().__init__(process, tempDir, progressCallback, logCallback, completedCallback)
+        self.logic = logic
+        self.inputVolume = inputVolume
+        self.prompts = list(prompts)
+        self.segmentationNode = segmentationNode
+        self.outputPath = outputPath
+        self.outputPaths = [outputPath] if isinstance(outputPath, (str, os.PathLike)) else list(outputPath)
+        self.uncertaintyPath = uncertaintyPath
+        self.show3D = show3D
+
+    def _progress(self, step, progress):
+        self.lastProgress = progress
+        if self.progressCallback:
+            self.progressCallback(self._overall(step, progress))
+
+    def _overall(self, step, progress):
+        """A chain's steps share the bar: step k of n covers [k/n, (k+1)/n]."""
+        steps = getattr(self.process, "stepCount", 1)
+        if steps <= 1 or progress["fraction"] is None:
+            return progress
+        fraction = (step + progress["fraction"]) / steps
+        return dict(progress, fraction=fraction, message=f"{step + 1}/{steps}: {progress['message']}")
 
     def _finish(self):
         returnCode = self.process.returnCode
@@ -631,7 +659,7 @@ class WeakSupervisionResult:
         return f"WeakSupervisionResult({self.status!r}, {self.message!r}, returnCode={self.returnCode})"
 
 
-class WeakSupervisionJob:
+class WeakSupervisionJob(BackgroundJob):
     """`medclipsam pseudo-label` then `medclipsam train-weak` (a ProcessChain), with one progress fraction
     over both steps, the training metrics mirrored into a table node with a loss / validation-Dice chart,
     and the model registered when training succeeds.
@@ -646,69 +674,26 @@ class WeakSupervisionJob:
 
     def __init__(self, logic, process, tempDir, modelDir, modelName, progressCallback=None, logCallback=None,
                  metricsCallback=None, completedCallback=None):
+        super().__init__(process, tempDir, progressCallback, logCallback, completedCallback)
         self.logic = logic
-        self.process = process
-        self.tempDir = tempDir
         self.modelDir = os.fspath(modelDir)
         self.modelName = modelName
-        self.progressCallback = progressCallback
-        self.logCallback = logCallback
         self.metricsCallback = metricsCallback
-        self.completedCallback = completedCallback
         self.metricsPath = os.path.join(self.modelDir, "metrics.jsonl")
         # an older run's metrics in the same folder must not be shown as this run's
         self._metricsStamp = self._stamp()
         self.tableNode = None
         self.chartNode = None
         self.seriesNodes = []
-        self.lastProgress = None
         self.fraction = 0.0
         self._stepFractions = [0.0] * len(self.STEPS)
-        self.stderrTail = collections.deque(maxlen=200)
-        self.result = None
-        self.startTime = time.monotonic()
 
-    @property
-    def isRunning(self):
-        return self.result is None
-
-    def cancel(self):
-        self.process.cancel()
-
-    def poll(self):
-        """Handle new output and metrics; finish once the chain has ended. Returns True while running."""
-        if self.result is not None:
-            return False
-        for step, stream, line in self.process.taggedLines():
-            if stream == "stdout":
-                progress = parseProgressLine(line)
-                if progress is not None:
-                    self._report(step, progress)
-                    continue
-            else:
-                self.stderrTail.append(line)
-            logging.info(f"medclipsam: {line}")
-            if self.logCallback:
-                self.logCallback(line)
-        if self.process.step >= 1:
+    def _whileRunning(self):
+        if self.process.step >= 1:  # training has started: mirror its metrics
             self._updateMetrics()
-        if not self.process.isFinished() or self.process.hasPendingLines():
-            return True
-        self._finish()
-        return False
-
-    def wait(self, timeout=None, pollInterval=0.05):
-        """Block until the job ends; cancels it if `timeout` seconds pass."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll():
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                deadline = None
-            time.sleep(pollInterval)
-        return self.result
 
     # ------------------------------------------------------------------------------ progress
-    def _report(self, step, progress):
+    def _progress(self, step, progress):
         """Map a step's own progress onto the whole run; the fraction never goes back."""
         self.lastProgress = dict(progress, step=self.STEPS[step])
         if progress["stage"] == self.MAIN_STAGES[step] and progress["fraction"] is not None:

@@ -45,8 +45,8 @@ def cpu_has_native_bf16():
 
 def half_precision_helps(device):
     """The 'auto' autocast decision: on for CUDA and MPS, on a CPU only with native bf16. Measured on a
-    2-core AVX512-BF16 CPU (benchmarks/results/speed_cpu.json): CLIP 3.0x, gScoreCAM 1.9x, SAM2 encoder
-    1.5x faster in bf16."""
+    2-core AVX512-BF16 CPU (benchmarks/results/speed_cpu.json): gScoreCAM 2.0x, M2IB 1.8x, SAM2 encoder
+    1.3-1.4x faster in bf16."""
     import torch
 
     device = torch.device(device)

@@ -263,11 +263,15 @@ def main(argv=None):
             d = row["seconds"]
             res["default_speedup_vs_paper"] = res["paper_volume_s_extrapolated"] / d
             res["default_over_floor"] = d / res["floor_volume_s"]
+            # the gate skips slices, so the default can beat the all-slice floor; this is the stricter ratio
+            res["floor_kept_slices_s"] = res["floor_volume_s"] * row["kept_slices"] / n_slices
+            res["default_over_floor_kept_slices"] = d / res["floor_kept_slices_s"]
             res["load_avg_after_volume"] = _load()
             if args.preset == "v2":  # v1's default mode: the same run with gScoreCAM on the key slices
                 k = row["key_slices"] or 3
                 est = d - 3 * m2_ours + 3 * gs_ours
                 res["v1_default_estimate_s"] = est
+                res["v1_default_over_floor_estimate"] = est / res["floor_volume_s"]
                 res["v1_paper_volume_s_extrapolated"] = (sal["gscorecam reference (1 image/forward, fp32)"]["per_slice_s"]
                     + stages["text ensemble per slice (reference)"] + stages["crf post-processing"]
                     + stages["sam2 encoder + box fp32 (reference)"]) * n_slices
@@ -324,12 +328,15 @@ def report(out, n_slices):
             print(f"{'':34s} default kept {res['default']['kept_slices']}/{res['default']['slices']} slices, "
                   f"{res['default']['key_slices']} key slices; floor = {n_slices} x (CLIP "
                   f"{res['floor_parts_s']['clip_per_slice_bf16']:.2f} s + SAM2 enc {res['floor_parts_s']['sam_encoder_bf16']:.2f} s)")
+            print(f"{'':34s} against the floor over the kept slices only ({res['floor_kept_slices_s']:.1f} s): "
+                  f"{res['default_over_floor_kept_slices']:.2f}x")
             goals[f"default >= 10x paper ({sam_name})"] = res["default_speedup_vs_paper"] >= GOALS["volume_speedup_vs_paper"]
             goals[f"default within 3x of floor ({sam_name})"] = res["default_over_floor"] <= GOALS["default_over_floor_max"]
         if "v1_default_estimate_s" in res:
             print(f"{'':34s} v1 (gScoreCAM k=300 + CRF) ESTIMATED: default {res['v1_default_estimate_s']:.0f} s "
                   f"(measured v2 run - 3 x M2IB + 3 x gScoreCAM ours), paper-faithful {res['v1_paper_volume_s_extrapolated']:.0f} s*, "
-                  f"ratio {res['v1_paper_volume_s_extrapolated'] / res['v1_default_estimate_s']:.1f}x")
+                  f"ratio {res['v1_paper_volume_s_extrapolated'] / res['v1_default_estimate_s']:.1f}x, "
+                  f"{res['v1_default_over_floor_estimate']:.2f}x the floor")
     print(f"  default measured end to end with preset {out['settings']['preset']}; "
           f"* extrapolated: measured per-slice stage times x slices ({out['paper_faithful_definition']}; "
           "'ours, per-slice': our bf16 stages on every slice, no gate)")
