@@ -452,9 +452,6 @@ class ProcessChain:
         self._buffered = []
         return out
 
-    def lines(self):
-        return [(stream, line) for _step, stream, line in self.taggedLines()]
-
     def hasPendingLines(self):
         return bool(self._buffered) or self.current.hasPendingLines()
 
@@ -1091,20 +1088,24 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
 
         return trained_models
 
+    def _registry(self, action, *args):
+        """Call MedCLIPSAMLib.trained_models.<action>; its one-sentence errors become ValueError."""
+        registry = self._trainedModels()  # puts the shipped library on the path first
+        from MedCLIPSAMLib.errors import MedCLIPSAMError
+
+        try:
+            return getattr(registry, action)(*args)
+        except MedCLIPSAMError as exc:
+            raise ValueError(str(exc)) from None
+
     def trainedModels(self, presentOnly=True):
         """The registered trained models (dicts: name, kind, folder, labels, date, present)."""
-        models = self._trainedModels().list_models()
+        models = self._registry("list_models")
         return [m for m in models if m["present"] or not presentOnly]
 
     def trainedModel(self, name):
         """The registry entry of a usable trained model; ValueError (one sentence) otherwise."""
-        _useShippedLibrary()
-        from MedCLIPSAMLib.errors import MedCLIPSAMError
-
-        try:
-            entry = self._trainedModels().get(name)
-        except MedCLIPSAMError as exc:
-            raise ValueError(str(exc)) from None
+        entry = self._registry("get", name)
         if not entry["present"]:
             raise ValueError(_("The trained model '{name}' is no longer complete in '{folder}'.").format(
                 name=name, folder=entry["folder"]))
@@ -1112,22 +1113,10 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
 
     def registerTrainedModel(self, folder, name=None):
         """Add a model folder (train-weak or medclipseg train) to the registry; ValueError if it is not one."""
-        _useShippedLibrary()
-        from MedCLIPSAMLib.errors import MedCLIPSAMError
-
-        try:
-            return self._trainedModels().add(folder, name)
-        except MedCLIPSAMError as exc:
-            raise ValueError(str(exc)) from None
+        return self._registry("add", folder, name)
 
     def removeTrainedModel(self, name):
-        _useShippedLibrary()
-        from MedCLIPSAMLib.errors import MedCLIPSAMError
-
-        try:
-            self._trainedModels().remove(name)
-        except MedCLIPSAMError as exc:
-            raise ValueError(str(exc)) from None
+        self._registry("remove", name)
 
     @staticmethod
     def trainedModelLabel(entry):

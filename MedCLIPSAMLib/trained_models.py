@@ -21,8 +21,8 @@ from .errors import MedCLIPSAMError
 
 REGISTRY_FILE = "trained_models.json"
 KINDS = ("weak", "medclipseg")
-# The files each kind's trainer writes (training/weak.py and training/medclipseg.py); copied here so that
-# listing models does not import the training modules.
+# The files each kind's trainer writes; training/weak.py and training/medclipseg.py import these, so the
+# format has one definition and listing models imports no training code.
 WEAK_CONFIG, WEAK_FORMAT = "config.json", "medclipsam-weak-v1"
 MEDCLIPSEG_CONFIG, MEDCLIPSEG_WEIGHTS, MEDCLIPSEG_FORMAT = "medclipseg.json", "medclipseg.safetensors", "medclipseg/1"
 

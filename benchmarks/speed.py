@@ -269,7 +269,7 @@ def main(argv=None):
             res["load_avg_after_volume"] = _load()
             if args.preset == "v2":  # v1's default mode: the same run with gScoreCAM on the key slices
                 k = row["key_slices"] or 3
-                est = d - 3 * m2_ours + 3 * gs_ours
+                est = d - k * m2_ours + k * gs_ours
                 res["v1_default_estimate_s"] = est
                 res["v1_default_over_floor_estimate"] = est / res["floor_volume_s"]
                 res["v1_paper_volume_s_extrapolated"] = (sal["gscorecam reference (1 image/forward, fp32)"]["per_slice_s"]

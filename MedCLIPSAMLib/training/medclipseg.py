@@ -39,11 +39,12 @@ import numpy as np
 from ..errors import MedCLIPSAMError
 from ..progress import null_progress
 from ..runtime import atomic_output, autocast, log, seed_everything
+# the folder format is defined once, beside the registry that recognises finished models
+from ..trained_models import MEDCLIPSEG_CONFIG as CONFIG_FILE
+from ..trained_models import MEDCLIPSEG_FORMAT as FORMAT
+from ..trained_models import MEDCLIPSEG_WEIGHTS as WEIGHTS_FILE
 
-WEIGHTS_FILE = "medclipseg.safetensors"
-CONFIG_FILE = "medclipseg.json"
 METRICS_FILE = "metrics.jsonl"
-FORMAT = "medclipseg/1"
 
 # loss weights and contrastive temperature of the paper
 DICE_WEIGHT, BCE_WEIGHT, CONTRASTIVE_WEIGHT, CONTRASTIVE_TEMPERATURE = 0.5, 0.5, 0.1, 0.2

@@ -43,9 +43,10 @@ import numpy as np
 from ..errors import MedCLIPSAMError, optional_import
 from ..progress import null_progress
 from ..runtime import atomic_output, autocast, log, seed_everything
+# the folder format is defined once, beside the registry that recognises finished models
+from ..trained_models import WEAK_CONFIG as CONFIG_FILE
+from ..trained_models import WEAK_FORMAT as FORMAT
 
-FORMAT = "medclipsam-weak-v1"
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 SCHEDULES = ("cyclic", "cosine")
