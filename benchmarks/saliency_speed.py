@@ -63,7 +63,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--topk", type=int, default=300, help="gScoreCAM channels the times are given for")
     p.add_argument("--measure-k", type=int, default=16, help="gScoreCAM channels actually run")
-    p.add_argument("--batch-size", type=int, default=64, help="masked images per forward (ours)")
+    p.add_argument("--batch-size", type=int, help="masked images per forward (ours; default as the library: "
+                   "64 on a GPU, 16 on a CPU)")
     p.add_argument("--steps", type=int, default=10, help="M2IB steps the times are given for")
     p.add_argument("--measure-steps", type=int, default=3, help="M2IB steps actually run")
     p.add_argument("--copies", type=int, default=10, help="M2IB noisy copies per step")
@@ -71,6 +72,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     device = select_device(args.device)
+    if args.batch_size is None:
+        args.batch_size = 64 if device.type == "cuda" else 16
     torch.manual_seed(0)
     clip, load_s = _timed(load_clip, args.model, device)
     image = _phantom_slice(clip)

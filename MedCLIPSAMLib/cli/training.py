@@ -25,6 +25,9 @@ def register(sub):
     p.add_argument("--temperature", default="0.6", help="fixed tau, or 'learned' to train the model's logit scale")
     p.add_argument("--beta1", type=float, default=0.15, help="hard-negative weight, image->text")
     p.add_argument("--beta2", type=float, default=0.15, help="hard-negative weight, text->image")
+    p.add_argument("--duplicate-negatives", action="store_true",
+                   help="let pairs with identical captions in a batch count as each other's negatives (by "
+                        "default they are left out of each other's denominators)")
     p.add_argument("--epochs", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16, help="global batch size (split over torchrun processes)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
@@ -67,7 +70,7 @@ def finetune_clip(args):
 
     opts = FinetuneOptions(
         data=args.data, output=args.output, model=args.model, loss=args.loss, temperature=args.temperature,
-        beta1=args.beta1, beta2=args.beta2, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        beta1=args.beta1, beta2=args.beta2, duplicate_negatives=args.duplicate_negatives, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
         clip_grad=args.clip_grad, amp=args.amp, freeze=args.freeze, augment=args.augment,
         val_data=args.val_data, seed=args.seed, device=args.device, workers=args.workers, resume=args.resume)

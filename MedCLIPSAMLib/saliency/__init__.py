@@ -7,7 +7,7 @@
 (the pipeline pads to square first); `text_embedding` an L2-normalised [D] tensor (a prompt ensemble's
 mean, computed once by the caller); a batch may also get one text per image ([B,D]). Methods:
 
-    gscorecam  MedCLIP-SAM v1 (gscorecam.py): topk=300, batch_size=64, autocast, layer, scale
+    gscorecam  MedCLIP-SAM v1 (gscorecam.py): topk=300, batch_size=64 (GPU) / 16 (CPU), autocast, layer, scale
     m2ib       MedCLIP-SAMv2 (m2ib.py): beta=1, steps=10, lr=1, batch_size=10 noisy copies, init_alpha=5,
                block=9, noise_stats="standard", recompute_prefix=False, autocast, seed=0
     gradcam    baseline (gradcam.py): layer, autocast

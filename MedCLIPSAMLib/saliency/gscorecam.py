@@ -49,15 +49,18 @@ def gscorecam(clip, images, text_embedding, **settings):
     return run_gscorecam(clip, images, text_embedding, **settings).maps
 
 
-def run_gscorecam(clip, images, text_embedding, topk=300, batch_size=64, autocast=False,
+def run_gscorecam(clip, images, text_embedding, topk=300, batch_size=None, autocast=False,
                   layer=DEFAULT_LAYER, scale=None):
     """gScoreCAM of normalised images [B,3,H,W] (or [3,H,W]) for a [D] (or [B,D]) text embedding.
 
     topk: channels kept (clamped to the layer width). batch_size: masked images per forward pass (the
-    batches run over all images' masked copies). autocast: bf16 for the masked scoring (the gradient
+    batches run over all images' masked copies); None: 64 on a GPU, 16 on a CPU, where ViT-B/16 in bf16
+    took 119 ms per image at 16 and 152 ms at 64 on a 2-core CPU. autocast: bf16 for the masked scoring (the gradient
     pass that ranks channels stays fp32). scale: override CLIP's logit scale (softmax temperature).
     """
     vit_trunk(clip)
+    if batch_size is None:
+        batch_size = 64 if clip.device.type == "cuda" else 16
     if int(topk) < 1 or int(batch_size) < 1:
         raise MedCLIPSAMError("gScoreCAM needs topk >= 1 and batch_size >= 1")
     device = clip.device

@@ -42,7 +42,7 @@ PLOT_FILE = "metrics.png"
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"
 FREEZE_CHOICES = ("none", "vision", "text")
 # options that must match when resuming (the others, e.g. epochs or device, may change)
-RESUME_FIXED = ("model", "loss", "temperature", "beta1", "beta2", "batch_size", "grad_accum", "freeze", "seed")
+RESUME_FIXED = ("model", "loss", "temperature", "beta1", "beta2", "duplicate_negatives", "batch_size", "grad_accum", "freeze", "seed")
 
 
 @dataclass
@@ -54,6 +54,7 @@ class FinetuneOptions:
     temperature: object = 0.6          # a float, or "learned"
     beta1: float = 0.15
     beta2: float = 0.15
+    duplicate_negatives: bool = False  # True: identical captions in a batch count as negatives (see losses)
     epochs: int = 32
     batch_size: int = 16               # global batch (all ranks together)
     lr: float = 1e-3
@@ -358,7 +359,7 @@ def _finetune(opts, progress):
     import torch
 
     from .data import ImageCaptionDataset, collate, read_pairs
-    from .losses import contrastive_loss, gather_features_with_grad
+    from .losses import contrastive_loss, gather_features_with_grad, same_caption_matrix
     from ..models import load_clip
 
     _check_options(opts)
@@ -486,7 +487,8 @@ def _finetune(opts, progress):
                     image_f = gather_features_with_grad(image_f.float())
                     text_f = gather_features_with_grad(text_f.float())
                     tau = 1.0 / scale.float() if learn_t else opts.temperature
-                    loss = contrastive_loss(opts.loss, image_f, text_f, tau, opts.beta1, opts.beta2)
+                    same = None if opts.duplicate_negatives else same_caption_matrix(captions, device)
+                    loss = contrastive_loss(opts.loss, image_f, text_f, tau, opts.beta1, opts.beta2, same)
                     (loss / opts.grad_accum).backward()
                 step_loss += loss.item() / opts.grad_accum
             if not math.isfinite(step_loss):

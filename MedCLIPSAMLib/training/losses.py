@@ -17,9 +17,13 @@ autocast switched off, so bf16/fp16 training gets a stable loss and finite gradi
 MedCLIP-SAM code mis-broadcast the weights; this follows the paper's formula.
 
 `temperature` is a float or a 0-d tensor (e.g. 1 / model.logit_scale.exp() to learn it).
+`same` (optional [B, B] bool) marks pairs with identical captions: they are not negatives of each other and
+leave every denominator (w_ij then averages 1 over the n_i remaining negatives, log(B-1) becomes log(n_i)).
+With unique captions, or `same=None`, the formulas above are unchanged.
 """
 
 import math
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -39,20 +43,30 @@ def _logits(image_features, text_features, temperature):
         return (v @ t.T) / temperature
 
 
-def _direction(logits, beta, positive_in_denominator):
-    """Mean over anchors (rows) of -log(exp(l_ii) / denominator); see the module docstring."""
+def _direction(logits, beta, positive_in_denominator, same=None):
+    """Mean over anchors (rows) of -log(exp(l_ii) / denominator); see the module docstring.
+
+    `same` [B, B] (bool, optional): pairs whose captions are identical. They are not negatives of each
+    other, so they leave the denominator (and the hard-negative weights, which keep mean 1 over the
+    negatives that remain). An anchor left with no negative is left out of the mean."""
     b = logits.shape[0]
-    off_diagonal = ~torch.eye(b, dtype=torch.bool, device=logits.device)
-    positive = logits.diagonal()
+    negatives = ~torch.eye(b, dtype=torch.bool, device=logits.device)
+    if same is not None:
+        negatives &= ~same
+    count = negatives.sum(1)
+    valid = count > 0
+    if not valid.any():  # every caption in the batch is the same: nothing to contrast
+        return logits.sum() * 0.0
+    logits, negatives, count = logits[valid], negatives[valid], count[valid]
+    positive = logits.gather(1, valid.nonzero()).squeeze(1)
     # masked_fill after scaling: beta * -inf would be nan when beta = 0
-    neg = logits.masked_fill(~off_diagonal, float("-inf"))
     if beta == 0:
-        log_negatives = torch.logsumexp(neg, dim=1)
+        log_negatives = torch.logsumexp(logits.masked_fill(~negatives, float("-inf")), dim=1)
     else:
-        # log sum_{j!=i} w_ij exp(l_ij) = log(B-1) + LSE_j((1+beta) l_ij) - LSE_k(beta l_ik)
-        log_negatives = (math.log(b - 1)
-                         + torch.logsumexp((logits * (1 + beta)).masked_fill(~off_diagonal, float("-inf")), 1)
-                         - torch.logsumexp((logits * beta).masked_fill(~off_diagonal, float("-inf")), 1))
+        # log sum_{j!=i} w_ij exp(l_ij) = log(n_i) + LSE_j((1+beta) l_ij) - LSE_k(beta l_ik), n_i negatives
+        log_negatives = (count.float().log()
+                         + torch.logsumexp((logits * (1 + beta)).masked_fill(~negatives, float("-inf")), 1)
+                         - torch.logsumexp((logits * beta).masked_fill(~negatives, float("-inf")), 1))
     if positive_in_denominator:
         log_denominator = torch.logaddexp(positive, log_negatives)
     else:
@@ -60,30 +74,31 @@ def _direction(logits, beta, positive_in_denominator):
     return (log_denominator - positive).mean()
 
 
-def _symmetric(image_features, text_features, temperature, beta1, beta2, positive_in_denominator):
+def _symmetric(image_features, text_features, temperature, beta1, beta2, positive_in_denominator, same=None):
     with torch.autocast(device_type=image_features.device.type, enabled=False):
         logits = _logits(image_features, text_features, temperature)
-        return (_direction(logits, beta1, positive_in_denominator)
-                + _direction(logits.T, beta2, positive_in_denominator))
+        same_t = None if same is None else same.T
+        return (_direction(logits, beta1, positive_in_denominator, same)
+                + _direction(logits.T, beta2, positive_in_denominator, same_t))
 
 
-def infonce_loss(image_features, text_features, temperature=0.6, decoupled=False):
+def infonce_loss(image_features, text_features, temperature=0.6, decoupled=False, same=None):
     """Symmetric InfoNCE (the CLIP loss, summed over both directions).
 
     Each anchor's denominator holds its positive and all B-1 negatives; with `decoupled=True` the
     positive is left out of the denominator (decoupled contrastive learning), which is exactly
     `dhn_nce_loss` with beta1 = beta2 = 0.
     """
-    return _symmetric(image_features, text_features, temperature, 0.0, 0.0, not decoupled)
+    return _symmetric(image_features, text_features, temperature, 0.0, 0.0, not decoupled, same)
 
 
-def hn_nce_loss(image_features, text_features, temperature=0.6, beta1=0.15, beta2=0.15):
+def hn_nce_loss(image_features, text_features, temperature=0.6, beta1=0.15, beta2=0.15, same=None):
     """HN-NCE: InfoNCE whose negatives are re-weighted by w_ij (harder negatives count more); the positive
     stays in the denominator (not decoupled). beta1 weights image->text, beta2 text->image."""
-    return _symmetric(image_features, text_features, temperature, beta1, beta2, True)
+    return _symmetric(image_features, text_features, temperature, beta1, beta2, True, same)
 
 
-def dhn_nce_loss(image_features, text_features, temperature=0.6, beta1=0.15, beta2=0.15):
+def dhn_nce_loss(image_features, text_features, temperature=0.6, beta1=0.15, beta2=0.15, same=None):
     """DHN-NCE (MedCLIP-SAM): hard-negative weighted and decoupled (the positive is not in the denominator).
 
     L = L_v2t + L_t2v with L_v2t = -1/B sum_i log( exp(v_i.t_i/tau) / sum_{j!=i} w_ij exp(v_i.t_j/tau) ),
@@ -91,17 +106,17 @@ def dhn_nce_loss(image_features, text_features, temperature=0.6, beta1=0.15, bet
     Released settings: tau 0.6, beta1 = beta2 = 0.15. Note the loss can be negative (no positive term in
     the denominator), so compare its values across runs, not against zero.
     """
-    return _symmetric(image_features, text_features, temperature, beta1, beta2, False)
+    return _symmetric(image_features, text_features, temperature, beta1, beta2, False, same)
 
 
 LOSSES = {"dhn-nce": dhn_nce_loss, "infonce": infonce_loss, "hn-nce": hn_nce_loss}
 
 
-def contrastive_loss(name, image_features, text_features, temperature=0.6, beta1=0.15, beta2=0.15):
-    """Dispatch by CLI name; betas are ignored by InfoNCE."""
+def contrastive_loss(name, image_features, text_features, temperature=0.6, beta1=0.15, beta2=0.15, same=None):
+    """Dispatch by CLI name; betas are ignored by InfoNCE. `same`: see _direction."""
     if name == "infonce":
-        return infonce_loss(image_features, text_features, temperature)
-    return LOSSES[name](image_features, text_features, temperature, beta1, beta2)
+        return infonce_loss(image_features, text_features, temperature, same=same)
+    return LOSSES[name](image_features, text_features, temperature, beta1, beta2, same=same)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -124,6 +139,16 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def same_caption_matrix(captions, device=None):
+    """[B, B] bool: the batch's captions (gathered over ranks, in rank order) that are identical."""
+    ids = torch.tensor([zlib.crc32(c.encode("utf-8")) for c in captions], dtype=torch.int64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, ids)
+        ids = torch.cat(parts)
+    return ids[:, None] == ids[None, :]
 
 
 def gather_features_with_grad(x):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -251,6 +252,21 @@ def test_two_process_ddp_matches_one_process(tmp_path, small_set):
     # same gradients -> same AdamW updates: the global batch's features were gathered with gradients
     for key, value in s1["model"].items():
         assert torch.allclose(value, s2["model"][key], atol=2e-6), key
+
+
+def test_identical_captions_are_not_negatives_unless_asked(tmp_path, small_set):
+    """The small set repeats captions (8 pairs, 6 captions): by default a pair is not pushed away from its
+    caption twin, so the same run with --duplicate-negatives gives another loss; resuming may not switch."""
+    assert len({p.caption for p in D.read_pairs(str(small_set))}) < 8
+    common = dict(data=str(small_set), model="tiny-random", epochs=1, batch_size=8, lr=1e-4, warmup_steps=1,
+                  device="cpu", augment=False)
+    masked = finetune(FinetuneOptions(output=str(tmp_path / "masked"), **common))
+    counted = finetune(FinetuneOptions(output=str(tmp_path / "counted"), duplicate_negatives=True, **common))
+    assert math.isfinite(masked[1]["loss"]) and math.isfinite(counted[1]["loss"])
+    assert masked[1]["loss"] != pytest.approx(counted[1]["loss"], rel=1e-3)
+    with pytest.raises(MedCLIPSAMError, match="different duplicate_negatives"):
+        finetune(FinetuneOptions(output=str(tmp_path / "masked"), resume=True, duplicate_negatives=True,
+                                 **{**common, "epochs": 2}))
 
 
 def test_fine_tuning_learns_phantom_captions(tmp_path):

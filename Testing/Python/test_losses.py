@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from MedCLIPSAMLib.training.losses import (
-    dhn_nce_loss, gather_features_with_grad, hn_nce_loss, infonce_loss,
+    contrastive_loss, dhn_nce_loss, gather_features_with_grad, hn_nce_loss, infonce_loss, same_caption_matrix,
 )
 
 
@@ -23,30 +23,33 @@ def _dot(a, b):
     return sum(x * y for x, y in zip(a, b))
 
 
-def _loop_direction(anchors, others, tau, beta, positive_in_denominator, weighted):
-    """-1/B sum_i log(exp(a_i.o_i/tau) / denominator_i), written out term by term."""
+def _loop_direction(anchors, others, tau, beta, positive_in_denominator, weighted, captions=None):
+    """-1/B sum_i log(exp(a_i.o_i/tau) / denominator_i), written out term by term. With `captions`, the
+    negatives of i are the pairs whose caption differs from i's, and anchors with none are skipped."""
     b = len(anchors)
-    total = 0.0
+    total, anchors_used = 0.0, 0
     for i in range(b):
+        negatives = [j for j in range(b) if j != i and (captions is None or captions[j] != captions[i])]
+        if not negatives:
+            continue
         pos = math.exp(_dot(anchors[i], others[i]) / tau)
         if weighted:
-            z = sum(math.exp(beta * _dot(anchors[i], others[k]) / tau) for k in range(b) if k != i)
+            z = sum(math.exp(beta * _dot(anchors[i], others[k]) / tau) for k in negatives)
         den = 0.0
-        for j in range(b):
-            if j == i:
-                continue
-            w = (b - 1) * math.exp(beta * _dot(anchors[i], others[j]) / tau) / z if weighted else 1.0
+        for j in negatives:
+            w = len(negatives) * math.exp(beta * _dot(anchors[i], others[j]) / tau) / z if weighted else 1.0
             den += w * math.exp(_dot(anchors[i], others[j]) / tau)
         if positive_in_denominator:
             den += pos
         total += -math.log(pos / den)
-    return total / b
+        anchors_used += 1
+    return total / anchors_used
 
 
-def _loop_loss(v, t, tau, beta1, beta2, positive_in_denominator, weighted):
+def _loop_loss(v, t, tau, beta1, beta2, positive_in_denominator, weighted, captions=None):
     v, t = _normalised_rows(v), _normalised_rows(t)
-    return (_loop_direction(v, t, tau, beta1, positive_in_denominator, weighted)
-            + _loop_direction(t, v, tau, beta2, positive_in_denominator, weighted))
+    return (_loop_direction(v, t, tau, beta1, positive_in_denominator, weighted, captions)
+            + _loop_direction(t, v, tau, beta2, positive_in_denominator, weighted, captions))
 
 
 CASES = [(2, 0.6, 0.15, 0.15), (3, 0.6, 0.15, 0.15), (8, 0.6, 0.15, 0.15), (16, 0.07, 0.5, 0.1),
@@ -85,6 +88,33 @@ def test_infonce_matches_loop_and_cross_entropy(b, tau):
     assert got == pytest.approx(ce.item(), rel=1e-5)
     decoupled = infonce_loss(v, t, temperature=tau, decoupled=True).item()
     assert decoupled == pytest.approx(_loop_loss(v, t, tau, 0, 0, False, False), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("name,in_denominator,weighted", [("dhn-nce", False, True), ("hn-nce", True, True),
+                                                         ("infonce", True, False)])
+def test_identical_captions_are_not_negatives(name, in_denominator, weighted):
+    """Pairs with the same caption leave each other's denominators; the caption that occurs once in the
+    batch keeps all its negatives, and unique captions give exactly the unmasked loss."""
+    captions = ["no tumor", "left tumor", "no tumor", "right tumor", "left tumor", "no tumor", "small cyst"]
+    g = torch.Generator().manual_seed(7)
+    v, t = torch.randn(7, 6, generator=g), torch.randn(7, 6, generator=g)
+    same = same_caption_matrix(captions)
+    assert same.shape == (7, 7) and same.diagonal().all() and same[0, 2] and same[0, 5] and not same[0, 1]
+    beta1, beta2 = (0.3, 0.1) if weighted else (0.0, 0.0)
+    got = contrastive_loss(name, v, t, 0.2, beta1, beta2, same=same).item()
+    want = _loop_loss(v, t, 0.2, beta1, beta2, in_denominator, weighted, captions)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+    plain = contrastive_loss(name, v, t, 0.2, beta1, beta2).item()
+    assert got != pytest.approx(plain, rel=1e-3)
+    unique = same_caption_matrix([str(i) for i in range(7)])
+    assert contrastive_loss(name, v, t, 0.2, beta1, beta2, same=unique).item() == pytest.approx(plain, rel=1e-6)
+
+
+def test_batch_of_one_caption_gives_zero_loss_with_a_gradient_path():
+    v = torch.randn(4, 5, requires_grad=True)
+    loss = dhn_nce_loss(v, torch.randn(4, 5), same=same_caption_matrix(["normal"] * 4))
+    loss.backward()
+    assert loss.item() == 0.0 and v.grad is not None and torch.all(v.grad == 0)
 
 
 def test_dhn_nce_with_zero_betas_is_decoupled_infonce():
