@@ -1,7 +1,7 @@
 """One 2D image (or one slice of a volume) from a text prompt: the zero-shot MedCLIP-SAM pipeline.
 
 gray image -> uint8 -> pad to square -> CLIP input -> saliency (224x224) -> back onto the image's pixels
--> post-process (CRF / KMeans, components) -> coarse mask -> SAM2 prompts -> SAM2 on the padded square
+-> zero outside the body (body_only) -> post-process (CRF / KMeans, components) -> coarse mask -> SAM2 prompts -> SAM2 on the padded square
 -> back onto the image's pixels.
 """
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import MedCLIPSAMError
 from ..postprocess import postprocess
+from ..postprocess.body import body_mask
 from ..runtime import autocast
 from .preprocess import normalize_to_uint8, pad_to_square, to_rgb, unpad
 from .presets import PipelineSettings
@@ -78,8 +79,12 @@ class ImageSegmenter:
             raise MedCLIPSAMError("the image contains NaN or infinite values")
         gray8 = gray if gray.dtype == np.uint8 and value_range is None else normalize_to_uint8(gray, value_range=value_range)
         saliency = self.saliency_map(gray8, self.text(prompt))
+        region = None
+        if s.body_only:
+            region = body_mask(gray8)
+            saliency = np.where(region, saliency, 0.0).astype(np.float32)
         coarse = postprocess(saliency, gray8, method=s.postprocess, top_n=s.top_n, fill_holes=s.fill_holes,
-                             **s.postprocess_settings)
+                             region=region, **s.postprocess_settings)
         prompts = make_prompts(coarse, s, saliency)
         if s.sam == "none":
             return ImageResult(coarse, saliency, coarse, prompts, prompt.sentences)

@@ -25,6 +25,7 @@ class PipelineSettings:
     mask_threshold: float = 0.5          # on SAM's mask probability
     keep_largest: int = 1                # components kept from SAM's mask (0: all)
     ensemble: bool = True                # expand known targets to their sentence ensembles
+    body_only: bool = True               # ignore saliency in the background around the body (postprocess/body.py)
     autocast: object = "auto"            # "auto": bf16 on CUDA and on CPUs with native bf16; true / false
     seed: int = 0
 

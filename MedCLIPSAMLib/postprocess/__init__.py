@@ -39,6 +39,7 @@ def postprocess(
     fill_holes=True,
     rank_by="area",
     min_size=0,
+    region=None,
     **settings,
 ):
     """Coarse mask from a saliency map: method -> drop specks -> keep top_n components -> fill holes.
@@ -47,6 +48,8 @@ def postprocess(
     is resized (linear, half-pixel aligned) to the image's HxW first and the mask has the image's size.
     top_n: components kept (None/0: all); rank_by "area" or "saliency" (summed saliency inside).
     min_size: components smaller than this many pixels are removed before ranking.
+    region: optional bool mask of the image's size (e.g. postprocess.body.body_mask): the saliency outside
+    it counts as zero, KMeans fits its centres inside it, and the mask never leaves it.
     settings go to the method (e.g. tau, iterations for crf; resize_to for kmeans; threshold).
     """
     if method not in POSTPROCESSORS:
@@ -64,7 +67,16 @@ def postprocess(
             s = resize(s, shape, order=1)
     elif method == "crf":
         raise MedCLIPSAMError("CRF post-processing needs the grayscale image as well as the saliency map")
+    if region is not None:
+        region = np.asarray(region, bool)
+        if region.shape != s.shape:
+            raise MedCLIPSAMError(f"the region's shape {region.shape} differs from the image's {s.shape}")
+        s = np.where(region, s, 0.0).astype(np.float32)
+        if method == "kmeans":
+            settings = {**settings, "region": region}
     mask = POSTPROCESSORS[method](s, image_gray, **settings)
+    if region is not None:
+        mask = mask & region
     if min_size:
         mask = remove_small_components(mask, min_size)
     mask = keep_top_components(mask, top_n, saliency=s if rank_by == "saliency" else None)

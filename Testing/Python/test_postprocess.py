@@ -273,3 +273,80 @@ def test_postprocess_errors():
         postprocess(np.zeros((4, 4)), method="magic")
     with pytest.raises(MedCLIPSAMError, match="grayscale image"):
         postprocess(np.zeros((4, 4)), method="crf")
+
+
+# body mask --------------------------------------------------------------------------------------------
+
+def _gray8(image):
+    from MedCLIPSAMLib.pipeline.preprocess import intensity_range, normalize_to_uint8
+
+    return normalize_to_uint8(image, value_range=intensity_range(image))
+
+
+@pytest.mark.parametrize("kind", ["mr", "ct"])
+def test_body_mask_is_the_phantom_body_with_its_dark_insides(kind):
+    """The body of MR heads and CT trunks, windowed as the pipeline windows them: every organ inside the
+    head or body label, dark ones (ventricles, lungs) included, and no air beyond 2 pixels around it. (The
+    thin rim of scalp or skin may be partly left out: at 1-2 pixels it blurs into the air.)"""
+    from MedCLIPSAMLib.phantoms import make_image
+    from MedCLIPSAMLib.postprocess.body import body_mask
+
+    for seed in range(3):
+        ph = make_image(kind, (128, 128), seed=seed)
+        truth = ph.labels["head" if kind == "mr" else "body"] > 0
+        body = body_mask(_gray8(ph.image))
+        assert dice(body, truth) > 0.85, (kind, seed)
+        assert not (body & ~ndimage.binary_dilation(truth, iterations=2)).any(), (kind, seed)
+        for organ in (("brain", "ventricles") if kind == "mr" else ("left lung", "right lung", "liver")):
+            inside = ph.labels[organ] > 0
+            assert body[inside].all(), (kind, seed, organ)
+
+
+def test_body_mask_keeps_everything_without_a_dark_surround():
+    from MedCLIPSAMLib.postprocess.body import body_mask
+
+    rng = np.random.default_rng(0)
+    assert body_mask(np.full((64, 64), 120, np.uint8)).all()                      # flat
+    assert body_mask(rng.integers(60, 200, (64, 64)).astype(np.uint8)).all()      # no near-black pixel
+    assert body_mask(np.zeros((64, 64), np.uint8)).all()                          # all black
+
+
+def test_pipeline_ignores_saliency_outside_the_body(tiny_clip):
+    """With body_only (the default) a map that lights the air cannot make a mask there; off, it can."""
+    from MedCLIPSAMLib.phantoms import make_image
+    from MedCLIPSAMLib.pipeline.image import ImageSegmenter
+    from MedCLIPSAMLib.pipeline.presets import get_preset
+
+    ph = make_image("mr", (96, 96), seed=4)
+    head = ph.labels["head"] > 0
+
+    class AirLit(ImageSegmenter):
+        def saliency_map(self, gray_uint8, text_embedding):  # what an untrained ViT often gives
+            return (~head).astype(np.float32)
+
+    masks = {}
+    for on in (True, False):
+        settings = get_preset("fast", ["sam=none", f"body_only={str(on).lower()}"])
+        masks[on] = AirLit(tiny_clip, None, settings)(ph.image, "brain tumor").mask
+    assert not (masks[True] & ~head).any()
+    assert (masks[False] & ~head).sum() > 1000
+
+
+def test_kmeans_inside_a_region_ignores_the_zeroed_outside():
+    """A map at 0 outside the body, 0.6 over the body and 1 on a blob: fitted on every pixel, the zeros
+    make the whole body foreground; fitted inside the body (region), the blob alone is."""
+    yy, xx = np.mgrid[:96, :96]
+    body = (yy - 48) ** 2 / 40 ** 2 + (xx - 48) ** 2 / 30 ** 2 < 1
+    blob = (yy - 40) ** 2 + (xx - 55) ** 2 < 6 ** 2
+    sal = np.where(body, 0.6, 0.0) + 0.4 * blob
+    assert np.array_equal(kmeans_mask(sal, resize_to=None), body)
+    assert np.array_equal(kmeans_mask(sal, resize_to=None, region=body), blob)
+    assert np.array_equal(kmeans_mask(sal, region=body), blob)  # fitted on the 256 resample
+    # postprocess: the saliency outside the region counts as zero and the mask stays inside it
+    lit_air = np.where(body, sal, 1.0)
+    for method in ("kmeans", "threshold", "crf"):
+        gray = (200 * body).astype(np.uint8)
+        mask = postprocess(lit_air, gray, method=method, top_n=0, fill_holes=False, region=body)
+        assert not (mask & ~body).any(), method
+    with pytest.raises(MedCLIPSAMError, match="region"):
+        postprocess(sal, gray, method="kmeans", region=body[:50])
