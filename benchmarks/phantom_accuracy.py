@@ -1,20 +1,28 @@
-"""End-to-end accuracy in a world we can make: DHN-NCE-train a small CLIP on phantom MR slices, then
+"""End-to-end accuracy in a world we can make: DHN-NCE-train a small CLIP on phantom slices, then
 segment held-out phantoms zero-shot and score each stage, mirroring the MedCLIP-SAM(v2) ablation table.
 
     python -m benchmarks.phantom_accuracy --json benchmarks/results/phantom_accuracy.json [--quick]
 
 1. Training: `tiny-random` (the real open_clip architecture: timm ViT-Tiny/16 @224 + a 2-layer BERT text
    tower, mean-pooled, random start) is trained with the repo's training code (training.clip_finetune.finetune,
-   loss dhn-nce, tau 0.6, beta 0.15, batch 16, AdamW lr 5e-4, 10 % warm-up + cosine, bf16 autocast) on 2D MR
-   phantom slices (make_image, seed 1) whose captions name what is in the slice and where: "an MR slice of
-   the brain showing the ventricles with a large bright tumor in the left hemisphere", "... with no tumor".
+   loss dhn-nce, tau 0.07, beta 0.15, batch 16, AdamW lr 1e-3, 10 % warm-up + cosine, bf16 autocast; pairs
+   with identical captions are not each other's negatives) for 10 epochs (1040 steps) on 1664 slices, all
+   windowed the way the pipeline windows them:
+     1152 2D MR slices through the brain (make_image, seed 1), captioned with what is in them and where:
+          "an MR slice of the brain showing the ventricles with a large bright tumor in the left
+          hemisphere", "... with no tumor";
+     320  axial slices of 16 MR head volumes (every slice, one window per volume, as a 3D run sees them),
+          captioned the same way, with "an MR slice of the head above or below the brain" off the brain;
+     192  2D CT slices with the phantom module's own captions ("an axial CT slice of the abdomen showing
+          the liver and spleen with no tumor"): the words for organs a head does not have.
    Retrieval is measured each epoch on 48 calibration slices (seed 3: neither training nor test).
 2. Held-out 2D slices (seed 2), tumour prompt = the caption form averaged over the attributes a user
    does not know (size, brightness, side: 8 sentences, TUMOR_SENTENCES), `sam="none"`, each stage scored
    with Dice and NSD (2 mm):
      saliency        the map thresholded at 0.5 (and, labelled oracle, at the best fixed threshold on
                      this test set);
-     + post-proc.    the preset's post-processing (v2: KMeans k=2; v1: dense CRF), all components kept;
+     + post-proc.    the preset's post-processing (v2: KMeans k=2; v1: dense CRF) inside the body (as the
+                     pipeline does, body_only), all components kept;
      + components    the same, keeping the largest component and filling holes (top_n=1: one tumour);
    both with the random start (no training: the "saliency" row of the papers' table) and after DHN-NCE.
    SAM2 cannot be trained here, so `sam="none"` is the last stage.
@@ -38,15 +46,22 @@ import tempfile
 import time
 
 import numpy as np
+from dataclasses import dataclass
 
 SIZE = 128
 BATCH = 16
+TEMPERATURE = 0.07  # CLIP's starting temperature; the released 0.6 is for fine-tuning a pre-trained model
 CALIBRATION_SLICES = 48
 DEFAULT_PRESET = "v2"
-# sized for <= 25 min (full) and <= 6 min (quick) on a shared 2-core CPU; idle they take about 4.5 and 2.5 min.
-# 1536 slices x 8 epochs (768 steps) was tried: the loss stalls at the same 4.58 as with 192 steps.
-DEFAULTS = dict(train=768, epochs=4, test=24, volumes=(2, 1), shape=(20, 128, 128), methods=6)
-QUICK = dict(train=384, epochs=3, test=12, volumes=(1, 1), shape=(16, 96, 96), methods=4)
+# Training from a random start: with tau 0.6 (the released fine-tuning setting) the logits span only +-1.7
+# and the loss stalled at 4.58 whatever the length; with tau 0.07 the loss sits near chance for ~400 steps,
+# then falls (4.2 -> 1.2 between steps 384 and 768 in a trial run). Quick mode stops before that fall: it
+# checks that everything runs, not that the CLIP localises.
+# train: 2D MR slices; train_volumes: MR volumes whose every axial slice is added; train_ct: 2D CT slices.
+DEFAULTS = dict(train=1152, train_volumes=16, train_ct=192, epochs=10, test=24, volumes=(2, 1),
+                shape=(20, 128, 128), methods=6)
+QUICK = dict(train=640, train_volumes=8, train_ct=64, epochs=5, test=12, volumes=(1, 1), shape=(16, 96, 96),
+             methods=4)
 # The prompts, phrased as the training captions phrase things (the papers' prompts are descriptive sentences
 # too). The tumour prompt averages the caption form over the attributes a user does not know in advance
 # (size, brightness, side): a sentence ensemble, like the pipeline's shipped ensembles. The small text tower
@@ -55,6 +70,9 @@ QUICK = dict(train=384, epochs=3, test=12, volumes=(1, 1), shape=(16, 96, 96), m
 TUMOR_SENTENCES = tuple(f"an MR slice of the brain with a {size} {look} tumor in the {side} hemisphere"
                         for size in ("large", "small") for look in ("bright", "dark") for side in ("left", "right"))
 VENTRICLE_SENTENCES = ("an MR slice of the brain showing the ventricles",)
+# the absent target of the 3D check, phrased like the CT captions (a head has no liver)
+LIVER_SENTENCES = ("an axial CT slice of the abdomen showing the liver",
+                   "an axial CT slice of the abdomen showing the liver and spleen")
 
 
 def prompts():
@@ -63,51 +81,108 @@ def prompts():
     return Prompt("brain tumor", TUMOR_SENTENCES), Prompt("ventricles", VENTRICLE_SENTENCES)
 
 
-def caption(ph):
-    """What is in the slice and where (the side is the patient's side)."""
-    present = {n for n, m in ph.labels.items() if m.any()}
+def liver_prompt():
+    from MedCLIPSAMLib.pipeline.text import Prompt
+
+    return Prompt("liver", LIVER_SENTENCES)
+
+
+@dataclass
+class Slice:
+    """One 2D image as the pipeline sees it (uint8 through the pipeline's own intensity window), its
+    ground truth and its caption."""
+
+    gray: np.ndarray
+    labels: dict           # name -> 2D mask
+    lesion: object         # phantoms.Lesion, or None
+    caption: str
+
+    @property
+    def has_tumor(self):
+        return self.lesion is not None and bool(self.labels.get("tumor", np.zeros(1)).any())
+
+
+def mr_caption(labels, lesion):
+    """What is in an MR slice and where (the side is the patient's side)."""
+    present = {n for n, m in labels.items() if m.any()}
+    if "brain" not in present:
+        return "an MR slice of the head above or below the brain"
     text = "an MR slice of the brain"
     if "ventricles" in present:
         text += " showing the ventricles"
-    if ph.lesion is not None and "tumor" in present:
-        les = ph.lesion
-        return f"{text} with a {les.size} {les.brightness} tumor in the {les.side} hemisphere"
+    if lesion is not None and "tumor" in present:
+        return f"{text} with a {lesion.size} {lesion.brightness} tumor in the {lesion.side} hemisphere"
     return f"{text} with no tumor"
 
 
-def gray8(ph):
-    from MedCLIPSAMLib.pipeline.preprocess import normalize_to_uint8
+def to_gray8(image, value_range=None):
+    """uint8 the way the pipeline makes it: its robust intensity window (or a volume's, when given)."""
+    from MedCLIPSAMLib.pipeline.preprocess import intensity_range, normalize_to_uint8
 
-    return normalize_to_uint8(ph.image, value_range=(float(ph.image.min()), float(ph.image.max())))
+    return normalize_to_uint8(image, value_range=value_range or intensity_range(image))
 
 
 def make_slices(n, seed, lesion_fraction=0.6):
-    """n 2D MR phantoms (seed-disjoint sets for other seeds): lesions alternate left/right, size and
-    brightness random; the rest are lesion-free."""
+    """n 2D MR phantoms through the brain (seed-disjoint sets for other seeds): lesions alternate
+    left/right, size and brightness random; the rest are lesion-free."""
     from MedCLIPSAMLib.phantoms import make_image
 
     out = []
     for i in range(n):
         s = seed * 100003 + i
-        if i % 10 < int(round(lesion_fraction * 10)):
-            spec = {"side": ("left", "right")[i % 2]}
-            out.append(make_image("mr", (SIZE, SIZE), seed=s, lesion=spec))
-        else:
-            out.append(make_image("mr", (SIZE, SIZE), seed=s, lesion=False))
+        lesion = {"side": ("left", "right")[i % 2]} if i % 10 < int(round(lesion_fraction * 10)) else False
+        ph = make_image("mr", (SIZE, SIZE), seed=s, lesion=lesion)
+        out.append(Slice(to_gray8(ph.image), ph.labels, ph.lesion, mr_caption(ph.labels, ph.lesion)))
     return out
 
 
-def write_dataset(phantoms, folder):
+def volume_slices(n, seed, shape):
+    """Every axial slice of n MR head volumes (half with a tumour), cut and windowed the way the volume
+    pipeline does (SliceView, one window per volume): the slices above and below the brain that a 3D run
+    also sees."""
+    import SimpleITK as sitk
+
+    from MedCLIPSAMLib.phantoms import make_volume
+    from MedCLIPSAMLib.pipeline.preprocess import intensity_range
+    from MedCLIPSAMLib.pipeline.slices import SliceView
+
+    out = []
+    for i in range(n):
+        lesion = {"side": ("left", "right")[i % 2]} if i % 2 == 0 else False
+        ph = make_volume("mr", shape=shape, seed=seed * 100003 + i, lesion=lesion)
+        volume = sitk.GetArrayViewFromImage(ph.image)
+        view, window = SliceView(ph.image), intensity_range(volume)
+        for k in range(view.count):
+            labels = {name: view.get(m, k) for name, m in ph.labels.items()}
+            out.append(Slice(to_gray8(view.get(volume, k), window), labels, ph.lesion,
+                             mr_caption(labels, ph.lesion)))
+    return out
+
+
+def ct_slices(n, seed):
+    """n 2D CT phantoms with the phantom module's own captions ("an axial CT slice of the abdomen showing
+    the liver, spleen and kidneys with ..."): the training set then names organs that a head does not
+    have, which the absent-target check asks for."""
+    from MedCLIPSAMLib.phantoms import make_image
+
+    out = []
+    for i in range(n):
+        ph = make_image("ct", (SIZE, SIZE), seed=seed * 100003 + i, lesion=i % 2 == 0)
+        out.append(Slice(to_gray8(ph.image), ph.labels, ph.lesion, ph.caption))
+    return out
+
+
+def write_dataset(slices, folder):
     import csv
 
     from PIL import Image
 
     os.makedirs(folder, exist_ok=True)
     rows = []
-    for i, ph in enumerate(phantoms):
-        name = f"mr_{i:05d}.png"
-        Image.fromarray(gray8(ph)).save(os.path.join(folder, name))
-        rows.append({"image": name, "caption": caption(ph)})
+    for i, sl in enumerate(slices):
+        name = f"slice_{i:05d}.png"
+        Image.fromarray(sl.gray).save(os.path.join(folder, name))
+        rows.append({"image": name, "caption": sl.caption})
     path = os.path.join(folder, "pairs.csv")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["image", "caption"])
@@ -116,10 +191,11 @@ def write_dataset(phantoms, folder):
     return path, rows
 
 
-def train(data_csv, val_csv, output, epochs, lr, warmup, amp):
+def train(data_csv, val_csv, output, epochs, lr, warmup, amp, temperature):
     from MedCLIPSAMLib.training.clip_finetune import FinetuneOptions, finetune
 
     opts = FinetuneOptions(data=data_csv, output=output, model="tiny-random", loss="dhn-nce", epochs=epochs,
+                           temperature=temperature,
                            batch_size=BATCH, lr=lr, warmup_steps=warmup, weight_decay=0.1, device="cpu",
                            val_data=val_csv, augment=True, seed=0, amp=amp)
     return finetune(opts)
@@ -129,9 +205,12 @@ def stages_for(seg, ph, prompt, settings):
     """Masks of one slice at each stage plus the saliency map."""
     from MedCLIPSAMLib.postprocess import postprocess
 
-    g = gray8(ph)
+    from MedCLIPSAMLib.postprocess.body import body_mask
+
+    g = ph.gray
     sal = seg.saliency_map(g, seg.text(prompt))
-    kw = dict(method=settings.postprocess, **settings.postprocess_settings)
+    kw = dict(method=settings.postprocess, region=body_mask(g) if settings.body_only else None,  # as the pipeline
+              **settings.postprocess_settings)
     return sal, {
         "saliency > 0.5": sal > 0.5,
         "+ post-processing": postprocess(sal, g, top_n=0, fill_holes=False, **kw),
@@ -156,7 +235,7 @@ def eval_slices(clip, phantoms, settings, keep_maps=0):
     select = {f"{p} vs {s}": [] for p in ("brain tumor", "ventricles") for s in ("tumor", "ventricles")}
     pointing = {"brain tumor": [], "ventricles": []}
     maps = []
-    lesion_phantoms = [ph for ph in phantoms if ph.lesion is not None and ph.labels["tumor"].any()]
+    lesion_phantoms = [ph for ph in phantoms if ph.has_tumor]
     for ph in lesion_phantoms:
         gt = {"tumor": ph.labels["tumor"] > 0, "ventricles": ph.labels["ventricles"] > 0}
         for prompt, target in ((tumor_p, "tumor"), (vent_p, "ventricles")):
@@ -173,7 +252,7 @@ def eval_slices(clip, phantoms, settings, keep_maps=0):
                 for t in thresholds:
                     by_threshold[float(t)].append(score(sal > t, gt["tumor"])[0])
                 if len(maps) < keep_maps:
-                    maps.append((gray8(ph), gt["tumor"], sal, masks["+ connected components"]))
+                    maps.append((ph.gray, gt["tumor"], sal, masks["+ connected components"]))
     best_t = max(by_threshold, key=lambda t: np.mean(by_threshold[t]))
     table = {stage: {"dice": float(np.mean([r[0] for r in v])), "nsd": float(np.mean([r[1] for r in v])),
                      "n": len(v)} for stage, v in rows.items()}
@@ -185,17 +264,19 @@ def eval_slices(clip, phantoms, settings, keep_maps=0):
             "lesion_slices": len(lesion_phantoms)}, maps
 
 
-def slice_scores(clip, phantoms, prompt):
-    """The CLIP slice-prompt cosine (the presence gate's score) of each phantom, and whether it has a tumour."""
+def slice_scores(clip, phantoms, prompt, target="tumor"):
+    """The CLIP slice-prompt cosine (the presence gate's score) of each phantom, and whether it holds the
+    target (a label name)."""
     import torch
 
     from MedCLIPSAMLib.pipeline.preprocess import pad_to_square, to_rgb
     from MedCLIPSAMLib.pipeline.text import TextEmbeddings
 
-    x = torch.stack([clip.preprocess_array(to_rgb(pad_to_square(gray8(ph))[0])) for ph in phantoms])
+    x = torch.stack([clip.preprocess_array(to_rgb(pad_to_square(ph.gray)[0])) for ph in phantoms])
     with torch.no_grad():
         s = (clip.encode_image(x) @ TextEmbeddings(clip)(prompt)).numpy()
-    pos = np.array([ph.lesion is not None and ph.labels["tumor"].any() for ph in phantoms])
+    pos = np.array([ph.has_tumor if target == "tumor" else bool(ph.labels.get(target, np.zeros(1)).any())
+                    for ph in phantoms])
     return s, pos
 
 
@@ -217,11 +298,18 @@ def presence(clip, phantoms):
     return out
 
 
-def calibrate_floor(clip, phantoms):
-    """The presence gate's absolute floor (VolumeOptions.gate_min_similarity), chosen on CALIBRATION slices
-    (their own seed, neither training nor test): the cosine of the tumour prompt that best separates slices
-    with a tumour from slices without (balanced accuracy). Used for every prompt."""
-    s, pos = slice_scores(clip, phantoms, prompts()[0])
+def calibrate_floor(clip, mr_slices, ct_slices):
+    """The presence gate's absolute floor (VolumeOptions.gate_min_similarity), one cosine for every prompt,
+    chosen on CALIBRATION slices (their own seeds, neither training nor test): the cut that best separates
+    (slice, prompt) pairs whose target is in the slice from those whose target is not (balanced accuracy),
+    over the tumour prompt on MR slices and the liver prompt on MR and CT slices."""
+    scores, positive = [], []
+    for slices, prompt, target in ((mr_slices, prompts()[0], "tumor"), (mr_slices, liver_prompt(), "liver"),
+                                   (ct_slices, liver_prompt(), "liver")):
+        s, pos = slice_scores(clip, slices, prompt, target)
+        scores.append(s)
+        positive.append(pos)
+    s, pos = np.concatenate(scores), np.concatenate(positive)
     cands = np.sort(s)
     cut = (cands[1:] + cands[:-1]) / 2
     acc = [0.5 * ((s[pos] >= c).mean() + (s[~pos] < c).mean()) for c in cut]
@@ -229,28 +317,41 @@ def calibrate_floor(clip, phantoms):
     return float(cut[i]), float(acc[i])
 
 
-def compare_methods(clip, phantoms, n):
-    """Each saliency method of the papers (presets fast / v1 / v2) on the first n held-out lesion slices:
-    Dice of the map thresholded at 0.5 and the pointing game, for the tumour prompt."""
-    from MedCLIPSAMLib.pipeline.image import ImageSegmenter
+def preset_settings(preset):
+    """The preset (the papers' layers) without SAM or ensembles (the benchmark's prompts are sentences
+    already), in fp32."""
     from MedCLIPSAMLib.pipeline.presets import get_preset
 
-    lesion = [ph for ph in phantoms if ph.lesion is not None and ph.labels["tumor"].any()][:n]
-    out = {}
-    for preset in ("fast", "v1", "v2"):
-        st = get_preset(preset, ["autocast=false", "sam=none", "ensemble=false"])
-        if st.saliency == "gscorecam":
-            st.saliency_settings["topk"] = 192
-        seg, t = ImageSegmenter(clip, None, st), time.perf_counter()
-        dices, hits = [], []
-        for ph in lesion:
-            gt = ph.labels["tumor"] > 0
-            sal = seg.saliency_map(gray8(ph), seg.text(prompts()[0]))
-            dices.append(score(sal > 0.5, gt)[0])
-            hits.append(bool(gt[np.unravel_index(int(np.argmax(sal)), sal.shape)]))
-        out[st.saliency] = {"dice": float(np.mean(dices)), "pointing": float(np.mean(hits)), "n": len(lesion),
-                            "seconds_per_map": (time.perf_counter() - t) / max(1, len(lesion))}
-    return out
+    st = get_preset(preset, ["autocast=false", "sam=none", "ensemble=false"])
+    if st.saliency == "gscorecam":
+        st.saliency_settings["topk"] = 192  # ViT-Tiny has 192 channels
+    return st
+
+
+def lesion_slices(phantoms):
+    return [ph for ph in phantoms if ph.has_tumor]
+
+
+def map_scores(clip, phantoms, settings):
+    """Dice of the tumour prompt's map > 0.5 and the pointing game on each phantom, and seconds per map."""
+    from MedCLIPSAMLib.pipeline.image import ImageSegmenter
+
+    seg, t = ImageSegmenter(clip, None, settings), time.perf_counter()
+    dices, hits = [], []
+    for ph in phantoms:
+        gt = ph.labels["tumor"] > 0
+        sal = seg.saliency_map(ph.gray, seg.text(prompts()[0]))
+        dices.append(score(sal > 0.5, gt)[0])
+        hits.append(bool(gt[np.unravel_index(int(np.argmax(sal)), sal.shape)]))
+    return {"dice": float(np.mean(dices)), "pointing": float(np.mean(hits)), "n": len(phantoms),
+            "seconds_per_map": (time.perf_counter() - t) / max(1, len(phantoms))}
+
+
+def compare_methods(clip, phantoms, n):
+    """Each saliency method of the papers (presets fast / v1 / v2, on the papers' layers) on the first n
+    held-out lesion slices: Dice of the map thresholded at 0.5 and the pointing game, for the tumour prompt."""
+    lesion = lesion_slices(phantoms)[:n]
+    return {preset_settings(p).saliency: map_scores(clip, lesion, preset_settings(p)) for p in ("fast", "v1", "v2")}
 
 
 def save_grid(maps, path, title=""):
@@ -283,7 +384,6 @@ def save_grid(maps, path, title=""):
 def eval_volumes(clip, settings, n_lesion, n_normal, shape, floor):
     from MedCLIPSAMLib.metrics import dice, normalized_surface_dice
     from MedCLIPSAMLib.phantoms import make_volume
-    from MedCLIPSAMLib.pipeline.text import make_prompt
     from MedCLIPSAMLib.pipeline.volume import VolumeOptions, VolumeSegmenter
 
     seg = VolumeSegmenter(clip, None, settings.replace(sam="none", ensemble=False),
@@ -294,8 +394,7 @@ def eval_volumes(clip, settings, n_lesion, n_normal, shape, floor):
         ph = make_volume("mr", shape=shape, seed=9000 + i, lesion=lesion)
         spacing = tuple(reversed(ph.image.GetSpacing()))
         brain = int(ph.labels["brain"].sum())
-        # "liver" as a user types it (no slice of a head holds one)
-        result = seg(ph.image, [prompts()[0], make_prompt("liver", False)])
+        result = seg(ph.image, [prompts()[0], liver_prompt()])  # no slice of a head holds a liver
         masks = {s["name"]: s["mask"] > 0 for s in result.segments}
         kept = {r["prompt"]: f"{r['kept']}/{r['slices']}" for r in result.report}
         if lesion:
@@ -325,7 +424,6 @@ def main(argv=None):
     import torch
 
     from MedCLIPSAMLib.models import load_clip
-    from MedCLIPSAMLib.pipeline.presets import get_preset
     from MedCLIPSAMLib.runtime import atomic_output, seed_everything
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -333,9 +431,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer images, epochs and test cases (<= 6 min)")
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"{DEFAULT_PRESET} (default): see the module notes; "
                    "v2: M2IB + KMeans; v1: gScoreCAM + CRF; fast: GradCAM + KMeans")
-    p.add_argument("--train", type=int, help=f"training slices (default {DEFAULTS['train']}, quick {QUICK['train']})")
+    p.add_argument("--train", type=int, help=f"2D MR training slices (default {DEFAULTS['train']}, quick "
+                   f"{QUICK['train']}; the volume and CT slices come on top)")
     p.add_argument("--epochs", type=int, help=f"default {DEFAULTS['epochs']}, quick {QUICK['epochs']}")
-    p.add_argument("--lr", type=float, default=5e-4, help="default 5e-4 (the released fine-tuning setting is 1e-3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3, the released setting)")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE,
+                   help=f"DHN-NCE tau (default {TEMPERATURE}: training from a random start)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (default: bf16 autocast, faster on CPU)")
     p.add_argument("--test", type=int, help=f"held-out slices (default {DEFAULTS['test']}, quick {QUICK['test']})")
     p.add_argument("--volumes", type=int, nargs=2, metavar=("LESION", "NORMAL"),
@@ -344,6 +445,8 @@ def main(argv=None):
                    f"quick {' '.join(map(str, QUICK['shape']))}")
     p.add_argument("--grid", help="PNG of saliency maps on held-out slices (default: next to --json, *_saliency.png)")
     p.add_argument("--keep", help="keep the fine-tuned CLIP folder here")
+    p.add_argument("--clip", metavar="CLIP_DIR", help="score this CLIP folder (e.g. one kept with --keep, or a "
+                   "finetune-clip output) instead of training one; its metrics.jsonl gives the training rows")
     args = p.parse_args(argv)
     d = QUICK if args.quick else DEFAULTS
     n_train, epochs, n_test = args.train or d["train"], args.epochs or d["epochs"], args.test or d["test"]
@@ -352,34 +455,50 @@ def main(argv=None):
     grid = args.grid or (os.path.splitext(args.json)[0] + "_saliency.png" if args.json else None)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     seed_everything(0)
-    settings = get_preset(args.preset, ["autocast=false", "sam=none", "ensemble=false"])
-    if settings.saliency == "gscorecam":
-        settings.saliency_settings["topk"] = 192  # ViT-Tiny has 192 channels
+    settings = preset_settings(args.preset)
     t0 = time.perf_counter()
     out = {"preset": args.preset, "settings": {k: str(v) for k, v in vars(settings).items()},
            "quick": args.quick, "train_slices": n_train, "epochs": epochs, "lr": args.lr, "amp": not args.no_amp,
-           "test_slices": n_test, "prompts": {p.text: list(p.sentences) for p in prompts()}}
+           "temperature": args.temperature, "test_slices": n_test,
+           "prompts": {p.text: list(p.sentences) for p in prompts()}}
 
     with tempfile.TemporaryDirectory() as tmp:
-        data_csv, rows = write_dataset(make_slices(n_train, seed=1), os.path.join(tmp, "train"))
-        calibration = make_slices(CALIBRATION_SLICES, seed=3)  # retrieval each epoch + the gate's floor
+        training = (make_slices(n_train, seed=1) + volume_slices(d["train_volumes"], seed=4, shape=volume_shape)
+                    + ct_slices(d["train_ct"], seed=5))
+        data_csv, rows = write_dataset(training, os.path.join(tmp, "train"))
+        out["training_pairs"] = {"mr_2d": n_train, "mr_volume_slices": len(training) - n_train - d["train_ct"],
+                                 "ct_2d": d["train_ct"]}
+        # retrieval each epoch and the gate's floor
+        calibration = make_slices(CALIBRATION_SLICES, seed=3)
         val_csv, _ = write_dataset(calibration, os.path.join(tmp, "calibration"))
-        out["caption_examples"] = sorted({r["caption"] for r in rows})[:8]
+        distinct = sorted({r["caption"] for r in rows})
+        out["caption_examples"] = distinct[::max(1, len(distinct) // 10)]
         out["distinct_captions"] = len({r["caption"] for r in rows})
-        steps = (n_train // BATCH) * epochs
-        print(f"training tiny-random CLIP with DHN-NCE: {n_train} slices, {out['distinct_captions']} distinct "
-              f"captions, {epochs} epochs ({steps} steps of {BATCH})", flush=True)
-        ckpt = args.keep or os.path.join(tmp, "clip")
+        steps = (len(training) // BATCH) * epochs
         t = time.perf_counter()
-        records = train(data_csv, val_csv, ckpt, epochs, args.lr, warmup=max(1, steps // 10), amp=not args.no_amp)
-        out["train_seconds"] = time.perf_counter() - t
+        if args.clip:
+            from MedCLIPSAMLib.training.clip_finetune import read_metrics
+
+            ckpt, out["trained_clip"] = args.clip, args.clip
+            records = read_metrics(os.path.join(args.clip, "metrics.jsonl"))
+            out["epochs"] = records[-1]["epoch"]
+            print(f"scoring the CLIP in {args.clip} ({out['epochs']} epochs in its log)", flush=True)
+        else:
+            print(f"training tiny-random CLIP with DHN-NCE: {len(training)} slices, {out['distinct_captions']} "
+                  f"distinct captions, {epochs} epochs ({steps} steps of {BATCH})", flush=True)
+            ckpt = args.keep or os.path.join(tmp, "clip")
+            records = train(data_csv, val_csv, ckpt, epochs, args.lr, warmup=max(1, steps // 10),
+                            amp=not args.no_amp, temperature=args.temperature)
+        # with --clip, the training time of that run, from its log
+        out["train_seconds"] = (sum(r.get("seconds") or 0 for r in records) if args.clip
+                                else time.perf_counter() - t)
         out["training"] = [{"epoch": r["epoch"], "loss": r["loss"], "retrieval": r["retrieval"]} for r in records]
         test = make_slices(n_test, seed=2)
-        results = {}
-        for label, name in (("random start (no training)", "tiny-random"), ("after DHN-NCE", ckpt)):
+        results, maps = {}, []
+        for label, name in (("random start", "tiny-random"), ("after DHN-NCE", ckpt)):
             clip = load_clip(name, "cpu", reuse=False)
             t = time.perf_counter()
-            res, maps = eval_slices(clip, test, settings, keep_maps=6 if name == ckpt else 0)
+            res, maps = eval_slices(clip, test, settings, keep_maps=6)
             res["presence_auc"] = presence(clip, test)
             res["seconds"] = time.perf_counter() - t
             results[label] = res
@@ -391,8 +510,10 @@ def main(argv=None):
         t = time.perf_counter()
         out["saliency_methods"] = compare_methods(clip, test, d["methods"])
         print(f"  compared saliency methods in {time.perf_counter() - t:.0f} s", flush=True)
-        floor, acc = calibrate_floor(clip, calibration)
-        out["gate_floor"] = {"cosine": floor, "calibration_balanced_accuracy": acc, "slices": len(calibration)}
+        ct_calibration = ct_slices(CALIBRATION_SLICES // 2, seed=6)
+        floor, acc = calibrate_floor(clip, calibration, ct_calibration)
+        out["gate_floor"] = {"cosine": floor, "calibration_balanced_accuracy": acc,
+                             "slices": len(calibration) + len(ct_calibration)}
         t = time.perf_counter()
         out["volumes"] = eval_volumes(clip, settings, n_les, n_norm, volume_shape, floor)
         out["volume_seconds"] = time.perf_counter() - t
