@@ -70,7 +70,8 @@ def finetune_clip(args):
 
     opts = FinetuneOptions(
         data=args.data, output=args.output, model=args.model, loss=args.loss, temperature=args.temperature,
-        beta1=args.beta1, beta2=args.beta2, duplicate_negatives=args.duplicate_negatives, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        beta1=args.beta1, beta2=args.beta2, duplicate_negatives=args.duplicate_negatives, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
         clip_grad=args.clip_grad, amp=args.amp, freeze=args.freeze, augment=args.augment,
         val_data=args.val_data, seed=args.seed, device=args.device, workers=args.workers, resume=args.resume)

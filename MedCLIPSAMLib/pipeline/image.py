@@ -1,8 +1,8 @@
 """One 2D image (or one slice of a volume) from a text prompt: the zero-shot MedCLIP-SAM pipeline.
 
 gray image -> uint8 -> pad to square -> CLIP input -> saliency (224x224) -> back onto the image's pixels
--> zero outside the body (body_only) -> post-process (CRF / KMeans, components) -> coarse mask -> SAM2 prompts -> SAM2 on the padded square
--> back onto the image's pixels.
+-> zero outside the body (body_only) -> post-process (CRF / KMeans, components) -> coarse mask -> SAM2
+prompts -> SAM2 on the padded square -> back onto the image's pixels.
 """
 
 from dataclasses import dataclass, field

@@ -5,14 +5,15 @@ background tokens, so the map's peak can sit in the corner of the image). No pro
 pipeline passes the body to post-processing as the region the mask must stay in (`body_only`, on by
 default): the saliency outside it counts as zero and KMeans fits its centres on the body's pixels.
 
-Body = the pixels of the smoothed uint8 image above the lowest three-class Otsu threshold, closed (radius 2 % of the image) so
-that thin bright rims like scalp or skin are unbroken, holes filled, specks under 0.5 % of the image
-dropped. Dark regions inside the body (lungs, ventricles, bowel gas, the skull) are enclosed by tissue and
-stay in. An image whose border is mostly tissue (no dark surround: a cropped image, many radiographs) is
-all body, and so is a flat one.
+Body = the pixels of the smoothed uint8 image above the lowest three-class Otsu threshold, closed (radius
+2 % of the image) so that thin bright rims like scalp or skin are unbroken, holes filled, specks under
+0.5 % of the image dropped. Dark regions inside the body (lungs, ventricles, bowel gas, the skull) are
+enclosed by tissue and stay in. An image whose border is mostly tissue (no dark surround: a cropped image,
+many radiographs) is all body, and so is a flat one.
 """
 
 import numpy as np
+
 
 def body_mask(gray8, min_fraction=0.005, surround=0.5):
     """HxW bool: True inside the imaged body (see the module docstring)."""

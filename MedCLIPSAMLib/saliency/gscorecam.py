@@ -55,8 +55,8 @@ def run_gscorecam(clip, images, text_embedding, topk=300, batch_size=None, autoc
 
     topk: channels kept (clamped to the layer width). batch_size: masked images per forward pass (the
     batches run over all images' masked copies); None: 64 on a GPU, 16 on a CPU, where ViT-B/16 in bf16
-    took 119 ms per image at 16 and 152 ms at 64 on a 2-core CPU. autocast: bf16 for the masked scoring (the gradient
-    pass that ranks channels stays fp32). scale: override CLIP's logit scale (softmax temperature).
+    took 119 ms per image at 16 and 152 ms at 64 on a 2-core CPU. autocast: bf16 for the masked scoring
+    (the gradient pass that ranks channels stays fp32). scale: override CLIP's logit scale (softmax temperature).
     """
     vit_trunk(clip)
     if batch_size is None:

@@ -42,7 +42,8 @@ PLOT_FILE = "metrics.png"
 WEIGHTS_FILE = "open_clip_pytorch_model.bin"
 FREEZE_CHOICES = ("none", "vision", "text")
 # options that must match when resuming (the others, e.g. epochs or device, may change)
-RESUME_FIXED = ("model", "loss", "temperature", "beta1", "beta2", "duplicate_negatives", "batch_size", "grad_accum", "freeze", "seed")
+RESUME_FIXED = ("model", "loss", "temperature", "beta1", "beta2", "duplicate_negatives", "batch_size", "grad_accum",
+                "freeze", "seed")
 
 
 @dataclass
