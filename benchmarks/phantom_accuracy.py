@@ -97,9 +97,13 @@ class Slice:
     lesion: object         # phantoms.Lesion, or None
     caption: str
 
+    def holds(self, name):
+        """Whether the structure called `name` shows in this slice."""
+        return name in self.labels and bool(self.labels[name].any())
+
     @property
     def has_tumor(self):
-        return self.lesion is not None and bool(self.labels.get("tumor", np.zeros(1)).any())
+        return self.lesion is not None and self.holds("tumor")
 
 
 def mr_caption(labels, lesion):
@@ -235,15 +239,14 @@ def eval_slices(clip, phantoms, settings, keep_maps=0):
     select = {f"{p} vs {s}": [] for p in ("brain tumor", "ventricles") for s in ("tumor", "ventricles")}
     pointing = {"brain tumor": [], "ventricles": []}
     maps = []
-    lesion_phantoms = [ph for ph in phantoms if ph.has_tumor]
+    lesion_phantoms = lesion_slices(phantoms)
     for ph in lesion_phantoms:
         gt = {"tumor": ph.labels["tumor"] > 0, "ventricles": ph.labels["ventricles"] > 0}
         for prompt, target in ((tumor_p, "tumor"), (vent_p, "ventricles")):
             if prompt is vent_p and not gt["ventricles"].any():
                 continue
             sal, masks = stages_for(seg, ph, prompt, settings)
-            peak = np.unravel_index(int(np.argmax(sal)), sal.shape)
-            pointing[prompt.text].append(bool(gt[target][peak]))
+            pointing[prompt.text].append(peak_inside(sal, gt[target]))
             for s in ("tumor", "ventricles"):
                 select[f"{prompt.text} vs {s}"].append(score(masks["+ connected components"], gt[s])[0])
             if prompt is tumor_p:
@@ -275,8 +278,7 @@ def slice_scores(clip, phantoms, prompt, target="tumor"):
     x = torch.stack([clip.preprocess_array(to_rgb(pad_to_square(ph.gray)[0])) for ph in phantoms])
     with torch.no_grad():
         s = (clip.encode_image(x) @ TextEmbeddings(clip)(prompt)).numpy()
-    pos = np.array([ph.has_tumor if target == "tumor" else bool(ph.labels.get(target, np.zeros(1)).any())
-                    for ph in phantoms])
+    pos = np.array([ph.has_tumor if target == "tumor" else ph.holds(target) for ph in phantoms])
     return s, pos
 
 
@@ -332,6 +334,11 @@ def lesion_slices(phantoms):
     return [ph for ph in phantoms if ph.has_tumor]
 
 
+def peak_inside(saliency, mask):
+    """The pointing game for one map: whether its maximum lies inside the mask."""
+    return bool(mask[np.unravel_index(int(np.argmax(saliency)), saliency.shape)])
+
+
 def map_scores(clip, phantoms, settings):
     """Dice of the tumour prompt's map > 0.5 and the pointing game on each phantom, and seconds per map."""
     from MedCLIPSAMLib.pipeline.image import ImageSegmenter
@@ -342,7 +349,7 @@ def map_scores(clip, phantoms, settings):
         gt = ph.labels["tumor"] > 0
         sal = seg.saliency_map(ph.gray, seg.text(prompts()[0]))
         dices.append(score(sal > 0.5, gt)[0])
-        hits.append(bool(gt[np.unravel_index(int(np.argmax(sal)), sal.shape)]))
+        hits.append(peak_inside(sal, gt))
     return {"dice": float(np.mean(dices)), "pointing": float(np.mean(hits)), "n": len(phantoms),
             "seconds_per_map": (time.perf_counter() - t) / max(1, len(phantoms))}
 
@@ -351,7 +358,8 @@ def compare_methods(clip, phantoms, n):
     """Each saliency method of the papers (presets fast / v1 / v2, on the papers' layers) on the first n
     held-out lesion slices: Dice of the map thresholded at 0.5 and the pointing game, for the tumour prompt."""
     lesion = lesion_slices(phantoms)[:n]
-    return {preset_settings(p).saliency: map_scores(clip, lesion, preset_settings(p)) for p in ("fast", "v1", "v2")}
+    settings = [preset_settings(p) for p in ("fast", "v1", "v2")]
+    return {st.saliency: map_scores(clip, lesion, st) for st in settings}
 
 
 def save_grid(maps, path, title=""):
