@@ -138,6 +138,8 @@ class MedCLIPSAMParameterNode:
     inputVolume - the volume to segment.
     prompts - targets, one per line.
     preset / axis / device / models - passed to `medclipsam segment`.
+    absentIf - what a slice without the target looks like ('|' between sentences): a target no slice
+        matches better gives an empty segment (`--absent-if`; empty: off).
     computeUncertainty - also load a per-voxel uncertainty volume.
     show3D - build closed surfaces so the result shows in 3D.
     outputSegmentation - segmentation to add segments to (None: a new one is created).
@@ -152,6 +154,7 @@ class MedCLIPSAMParameterNode:
     axis: Annotated[str, Choice(AXES)] = "axial"
     device: Annotated[str, Choice(DEVICES)] = "auto"
     models: str = ""
+    absentIf: str = ""
     computeUncertainty: bool = False
     show3D: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
@@ -167,7 +170,7 @@ class MedCLIPSAMParameterNode:
 
 
 # Settings kept between sessions (qt.QSettings), with their types.
-REMEMBERED_SETTINGS = {"prompts": str, "preset": str, "axis": str, "device": str, "models": str,
+REMEMBERED_SETTINGS = {"prompts": str, "preset": str, "axis": str, "device": str, "models": str, "absentIf": str,
                        "computeUncertainty": bool, "show3D": bool, "trainedModel": str,
                        "weakImageSource": str, "weakImagesFolder": str, "weakEpochs": int, "weakDims": int,
                        "weakDevice": str, "weakModelName": str, "weakOutputFolder": str}
@@ -877,7 +880,7 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
         return env
 
     def buildSegmentCommand(self, inputPath, outputPath, prompts, preset="v2", axis="axial", device="auto",
-                            models="", uncertaintyPath=None):
+                            models="", uncertaintyPath=None, absentIf=""):
         """The `medclipsam segment` command line (a list: no shell, prompts are passed verbatim)."""
         prompts = cleanPrompts(prompts)
         if not prompts:
@@ -893,6 +896,8 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
             command += ["--models", models.strip()]
         if uncertaintyPath:
             command += ["--uncertainty-output", os.fspath(uncertaintyPath)]
+        if absentIf and absentIf.strip():
+            command += ["--absent-if", absentIf.strip()]
         return command
 
     def buildPredictCommand(self, modelDir, inputPath, outputPath, device="auto", uncertaintyPath=None):
@@ -974,13 +979,14 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
     def startSegmentation(self, inputVolume, prompts, segmentationNode=None, preset="v2", axis="axial",
                           device="auto", models="", computeUncertainty=False, show3D=False,
                           progressCallback=None, logCallback=None, completedCallback=None, trainedModel=None,
-                          samples=None):
+                          samples=None, absentIf=""):
         """Write the input, start the process and return a SegmentationJob (call its poll() or wait()).
 
         trainedModel: the name of a registered trained model to use instead of the zero-shot preset. A
         weak-supervision model segments what it was trained on (its label names; prompts are not needed);
         a MedCLIPSeg model runs once per prompt (its first training prompt when none is given), the
         results merged into one segmentation. samples: MedCLIPSeg's stochastic passes (CLI default 30).
+        absentIf: sentences ('|' between) that describe a slice without the target (zero-shot only).
         """
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError(_("Select an input volume that has image data."))
@@ -994,7 +1000,8 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
         try:
             inputPath = os.path.join(tempDir, "input.nrrd")
             commands, outputs, uncertainties = self._segmentationCommands(
-                entry, inputPath, tempDir, prompts, preset, axis, device, models, computeUncertainty, samples)
+                entry, inputPath, tempDir, prompts, preset, axis, device, models, computeUncertainty, samples,
+                absentIf)
             _mrml().write_volume_node(inputVolume, inputPath)
             for command in commands:
                 logging.info("MedCLIP-SAM: running " + " ".join(command))
@@ -1012,7 +1019,7 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
                                uncertainties, show3D, progressCallback, logCallback, completedCallback)
 
     def _segmentationCommands(self, entry, inputPath, tempDir, prompts, preset, axis, device, models,
-                              computeUncertainty, samples):
+                              computeUncertainty, samples, absentIf=""):
         """(commands, output paths, uncertainty paths) for the zero-shot pipeline or a trained model."""
         def paths(k):
             output = os.path.join(tempDir, f"output-{k}.seg.nrrd")
@@ -1020,7 +1027,8 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
 
         if entry is None:
             output, uncertainty = paths(0)
-            command = self.buildSegmentCommand(inputPath, output, prompts, preset, axis, device, models, uncertainty)
+            command = self.buildSegmentCommand(inputPath, output, prompts, preset, axis, device, models, uncertainty,
+                                               absentIf)
             return [command], [output], [uncertainty] if uncertainty else []
         if entry["kind"] == "weak":
             output, uncertainty = paths(0)
@@ -1758,7 +1766,8 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     node.inputVolume, node.prompts, node.outputSegmentation, preset=node.preset, axis=node.axis,
                     device=node.device, models=node.models, computeUncertainty=node.computeUncertainty,
                     show3D=node.show3D, progressCallback=self.onProgress, logCallback=self.onLog,
-                    completedCallback=self.onCompleted, trainedModel=node.trainedModel or None)
+                    completedCallback=self.onCompleted, trainedModel=node.trainedModel or None,
+                    absentIf=node.absentIf)
             except Exception:
                 self.ui.progressBar.hide()
                 self.ui.statusLabel.text = ""

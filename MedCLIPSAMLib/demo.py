@@ -94,7 +94,7 @@ def run_demo(args):
     a.prompt, a.preset, a.sam, a.overrides, a.no_ensemble, a.seed = [prompt], "v1", None, [], False, 0
     a.models, a.clip_model, a.sam_model, a.device = f"{clip_name},{sam_name}", None, None, args.device
     a.axis, a.mode, a.window, a.no_gate, a.key_slices, a.min_size_mm3 = "axial", "auto", None, False, 3, 10.0
-    a.gate_min_similarity = None
+    a.gate_min_similarity, a.absent_if, a.absent_margin = None, None, 0.0
     a.uncertainty_output = None
     progress = ProgressReporter(args.progress)
     progress.install_signal_handlers()

@@ -13,6 +13,12 @@ def add_volume_options(p):
     p.add_argument("--no-gate", action="store_true", help="run on every slice instead of only those that match the prompt")
     p.add_argument("--gate-min-similarity", type=float,
                    help="absolute slice-prompt similarity a slice must reach (an absent target then gives an empty segment)")
+    p.add_argument("--absent-if", metavar="SENTENCES",
+                   help="what a slice WITHOUT the target looks like, sentences separated by '|' (e.g. 'a normal "
+                        "brain MRI | a head CT with no bleeding'): a target that no slice matches better than "
+                        "all of these gives an empty segment")
+    p.add_argument("--absent-margin", type=float, default=0.0,
+                   help="cosine by which a slice must match the prompt better than every --absent-if sentence")
     p.add_argument("--key-slices", type=int, default=3, help="slices that get the full 2D pipeline (propagate / carry)")
     p.add_argument("--min-size-mm3", type=float, default=10.0, help="drop 3D specks smaller than this")
     p.add_argument("--frame", type=int, help="frame of a 4D (time series) image to segment")
@@ -58,6 +64,11 @@ def _window(text):
     return text
 
 
+def _sentences(text):
+    """'a | b' -> ('a', 'b'); None or blanks -> ()."""
+    return tuple(s.strip() for s in (text or "").split("|") if s.strip())
+
+
 def _pick_axis(image, axis):
     """A single-slice volume (an X-ray or ultrasound frame) is sliced across its one-voxel axis."""
     from ..io import slicing_axis
@@ -88,6 +99,7 @@ class Session:
         self.options = VolumeOptions(axis=args.axis, mode=args.mode, window=_window(args.window), gate=not args.no_gate,
                                      key_slices=args.key_slices, min_size_mm3=args.min_size_mm3,
                                      gate_min_similarity=args.gate_min_similarity,
+                                     absent_if=_sentences(args.absent_if), absent_margin=args.absent_margin,
                                      uncertainty=bool(getattr(args, "uncertainty_output", None)))
         video = resolve_mode(args.mode, device) == "propagate"
         self.sam = load_sam2(sam_name, device, video=video) if self.settings.sam == "sam" else None

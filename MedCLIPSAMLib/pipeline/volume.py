@@ -3,7 +3,9 @@
 For each prompt:
  1. slices are taken along the patient axis asked for (slices.py), one intensity window for the volume;
  2. presence gate: every slice is embedded once (batched CLIP image encoder, shared by all prompts) and
-    scored against the prompt; only slices that can hold the target go on;
+    scored against the prompt; only slices that can hold the target go on. With `absent_if` sentences
+    (what a slice without the target looks like, e.g. "a normal brain MRI"), the target counts as absent,
+    and its segment stays empty, unless some slice is closer to the prompt than to each of them;
  3. depending on the mode:
     - "per-slice" (the papers): every kept slice gets saliency + post-processing + SAM2;
     - "propagate": a few key slices get the full 2D pipeline, then SAM2's video predictor carries their
@@ -27,7 +29,7 @@ from .image import ImageSegmenter
 from .preprocess import intensity_range, normalize_to_uint8, pad_to_square, to_rgb, unpad
 from .sam_refine import predict_mask
 from .slices import SliceView
-from .text import make_prompt
+from .text import Prompt, make_prompt
 
 MODES = ("auto", "per-slice", "propagate", "carry")
 
@@ -43,6 +45,11 @@ class VolumeOptions:
     gate_min_similarity: float = None  # absolute slice-prompt cosine below which a slice cannot hold the
                                        # target (lets an absent target give an empty segment; needs a
                                        # value calibrated on the real model, so off by default)
+    absent_if: tuple = ()              # sentences describing a slice WITHOUT the target: the segment stays
+                                       # empty unless some slice's prompt cosine beats all of theirs (CLIP
+                                       # zero-shot classification; a per-slice contrast, so no absolute
+                                       # cosine has to be calibrated per prompt)
+    absent_margin: float = 0.0         # by how much it must beat them
     key_slices: int = 3                # slices that get the full 2D pipeline in propagate / carry modes
     min_size_mm3: float = 10.0         # 3D specks smaller than this are dropped
     box_margin: int = 3                # pixels added around a carried box
@@ -131,7 +138,10 @@ class VolumeSegmenter:
         indices, feats = self.slice_embeddings()
         if len(indices) == 0:
             return indices, np.zeros(0), indices, "the volume has no non-blank slice"
-        scores = (feats.float() @ text_embedding.float().cpu()).numpy()
+        scores = self._cosines(feats, text_embedding)
+        absent = self.absent_reason(feats, scores)
+        if absent:
+            return indices[:0], scores, indices, absent
         if not self.options.gate or len(indices) == 1:
             return indices, scores, indices, "gating off" if not self.options.gate else "single slice"
         floor = self.options.gate_min_similarity
@@ -150,6 +160,26 @@ class VolumeSegmenter:
         reason = (f"slice-prompt similarity at least {self.options.gate_threshold:.2f} of the volume's range "
                   f"(+{self.options.gate_margin} neighbours)")
         return kept, scores, indices, reason
+
+    @staticmethod
+    def _cosines(feats, text_embedding):
+        return (feats.float() @ text_embedding.float().cpu()).numpy()
+
+    def absent_reason(self, feats, scores):
+        """Why the target counts as absent (None when some slice is closer to the prompt than to every
+        `absent_if` sentence by more than `absent_margin`)."""
+        sentences = tuple(self.options.absent_if or ())
+        if not sentences:
+            return None
+        # each sentence on its own: the slice must beat the closest description of "no target"
+        refs = np.stack([self._cosines(feats, self.segmenter.text(Prompt(s, (s,)))) for s in sentences])
+        lead = scores - refs.max(axis=0)
+        best = int(np.argmax(lead))
+        if lead[best] > self.options.absent_margin:
+            return None
+        closest = sentences[int(np.argmax(refs[:, best]))]
+        return (f"absent: no slice is closer to the prompt than to '{closest}' "
+                f"(best lead {lead[best]:+.3f}, needed > {self.options.absent_margin:+.3f})")
 
     def segment_prompt(self, prompt, labels, uncertainty):
         """Fill `labels` (z,y,x uint8) for one prompt; returns a report dict."""

@@ -284,17 +284,17 @@ def test_build_segment_command(mod):
     logic = mod.MedCLIPSAMLogic()
     command = logic.buildSegmentCommand("/t/in.nrrd", "/t/out.seg.nrrd", "brain tumor\nleft kidney\n", preset="fast",
                                         axis="coronal", device="cpu", models=" tiny-random ",
-                                        uncertaintyPath="/t/u.nrrd")
+                                        uncertaintyPath="/t/u.nrrd", absentIf=" a normal brain MRI | no tumor ")
     assert command[:4] == [sys.executable, "-m", "MedCLIPSAMLib", "segment"]
     assert command[4] == "/t/in.nrrd"
     args = command[5:]
     assert [args[i + 1] for i, a in enumerate(args) if a == "--prompt"] == ["brain tumor", "left kidney"]
     for flag, value in (("--output", "/t/out.seg.nrrd"), ("--preset", "fast"), ("--axis", "coronal"),
                         ("--device", "cpu"), ("--progress", "json"), ("--models", "tiny-random"),
-                        ("--uncertainty-output", "/t/u.nrrd")):
+                        ("--uncertainty-output", "/t/u.nrrd"), ("--absent-if", "a normal brain MRI | no tumor")):
         assert args[args.index(flag) + 1] == value, flag
     default = logic.buildSegmentCommand("i.nrrd", "o.seg.nrrd", ["liver"])
-    assert "--models" not in default and "--uncertainty-output" not in default
+    assert "--models" not in default and "--uncertainty-output" not in default and "--absent-if" not in default
     with pytest.raises(ValueError):
         logic.buildSegmentCommand("i.nrrd", "o.seg.nrrd", " \n ")
     with pytest.raises(ValueError):
@@ -312,11 +312,13 @@ def test_command_line_is_accepted_by_the_real_parser(mod):
         pytest.skip("`medclipsam segment` is not registered yet")
     logic = mod.MedCLIPSAMLogic()
     command = logic.buildSegmentCommand("in.nrrd", "out.seg.nrrd", "a\nb", preset="v1", axis="sagittal",
-                                        device="mps", models="tiny-random", uncertaintyPath="u.nrrd")
+                                        device="mps", models="tiny-random", uncertaintyPath="u.nrrd",
+                                        absentIf="a normal MRI | a healthy brain")
     args = parser.parse_args(command[3:])
     assert args.prompt == ["a", "b"] and args.progress == "json" and args.preset == "v1"
     assert args.axis == "sagittal" and args.device == "mps" and args.models == "tiny-random"
     assert args.uncertainty_output == "u.nrrd" and args.output == "out.seg.nrrd"
+    assert args.absent_if == "a normal MRI | a healthy brain"
 
 
 def test_prompt_suggestions_from_shipped_and_odd_files(mod, tmp_path):

@@ -266,3 +266,56 @@ def test_absolute_gate_gives_an_empty_segment_for_an_absent_target(tmp_path):
                  "--gate-min-similarity", "1.01", "--sam", "none"] + FAST) == 0
     segments, _ = read_segmentation(str(out))
     assert segments[0]["name"] == "liver" and segments[0]["mask"].sum() == 0
+
+
+def test_absent_if_keeps_a_target_only_where_a_slice_beats_every_absent_sentence(tiny_clip):
+    """The contrast test against its formula: lead = cos(slice, prompt) - max over sentences of
+    cos(slice, sentence); the target is present iff the best slice's lead exceeds the margin."""
+    import torch
+
+    from MedCLIPSAMLib.pipeline.presets import get_preset
+    from MedCLIPSAMLib.pipeline.text import make_prompt
+    from MedCLIPSAMLib.pipeline.volume import VolumeOptions, VolumeSegmenter
+
+    ph = small_phantom("lps", shape=(6, 32, 32), lesion={"side": "left", "size": "large"})
+    settings = get_preset("fast", ["sam=none", "autocast=false"])
+    prompt = make_prompt("brain tumor", ensemble=False)
+    sentences = ("a normal brain MRI", "a chest x-ray", "an MRI of the brain with no tumor")
+
+    def run(**options):
+        seg = VolumeSegmenter(tiny_clip, None, settings, VolumeOptions(mode="per-slice", **options))
+        result = seg(ph.image, [prompt])
+        return seg, result.report[0], result.segments[0]["mask"]
+
+    seg, report, _ = run()
+    indices, feats = seg.slice_embeddings()
+    f = torch.nn.functional.normalize(feats.float(), dim=1)  # already unit length: a no-op check below
+    assert torch.allclose(f, feats.float(), atol=1e-5)
+    cos = lambda texts: (f @ torch.nn.functional.normalize(tiny_clip.encode_text(list(texts)).float(), dim=1).T).numpy()
+    lead = cos([prompt.text])[:, 0] - cos(sentences).max(axis=1)
+    best = float(lead.max())
+    assert not report["reason"].startswith("absent")
+
+    _, report, mask = run(absent_if=sentences, absent_margin=best - 1e-4)
+    assert not report["reason"].startswith("absent") and report["kept"] > 0
+    _, report, mask = run(absent_if=sentences, absent_margin=best + 1e-4)
+    assert report["reason"].startswith("absent") and report["kept"] == 0 and mask.sum() == 0
+    assert f"{best:+.3f}" in report["reason"]
+    # the prompt's own words as the absent sentence: a lead of exactly 0 on every slice, so absent at margin 0
+    _, report, mask = run(absent_if=(prompt.text,))
+    assert report["reason"].startswith("absent") and mask.sum() == 0
+
+
+def test_absent_if_on_the_command_line_gives_an_empty_segment(tmp_path):
+    ph = small_phantom("lps", shape=(4, 24, 24))
+    write_volume(str(tmp_path / "in.nrrd"), ph.image)
+    out = tmp_path / "o.seg.nrrd"
+    # "liver" as written (no ensemble) against itself: never beaten, so absent
+    assert main(["segment", str(tmp_path / "in.nrrd"), "--prompt", "liver", "--no-ensemble", "--output", str(out),
+                 "--absent-if", "a normal head MRI | liver", "--sam", "none"] + FAST) == 0
+    segments, _ = read_segmentation(str(out))
+    assert segments[0]["name"] == "liver" and segments[0]["mask"].sum() == 0
+    assert main(["segment", str(tmp_path / "in.nrrd"), "--prompt", "liver", "--no-ensemble", "--output", str(out),
+                 "--absent-if", "a normal head MRI | liver", "--absent-margin", "-2", "--sam", "none"] + FAST) == 0
+    segments, _ = read_segmentation(str(out))
+    assert segments[0]["mask"].sum() > 0
