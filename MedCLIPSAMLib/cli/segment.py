@@ -13,10 +13,10 @@ def add_volume_options(p):
     p.add_argument("--no-gate", action="store_true", help="run on every slice instead of only those that match the prompt")
     p.add_argument("--gate-min-similarity", type=float,
                    help="absolute slice-prompt similarity a slice must reach (an absent target then gives an empty segment)")
-    p.add_argument("--absent-if", metavar="SENTENCES",
+    p.add_argument("--absent-if", metavar="SENTENCES", action="append",
                    help="what a slice WITHOUT the target looks like, sentences separated by '|' (e.g. 'a normal "
-                        "brain MRI | a head CT with no bleeding'): a target that no slice matches better than "
-                        "all of these gives an empty segment")
+                        "brain MRI | an MRI of a healthy brain'): a target that no slice matches better than all "
+                        "of these gives an empty segment. Once: for every prompt; or once per --prompt, in order")
     p.add_argument("--absent-margin", type=float, default=0.0,
                    help="cosine by which a slice must match the prompt better than every --absent-if sentence")
     p.add_argument("--key-slices", type=int, default=3, help="slices that get the full 2D pipeline (propagate / carry)")
@@ -64,9 +64,18 @@ def _window(text):
     return text
 
 
-def _sentences(text):
-    """'a | b' -> ('a', 'b'); None or blanks -> ()."""
-    return tuple(s.strip() for s in (text or "").split("|") if s.strip())
+def make_prompts(args, ensemble):
+    """The prompts with their absent sentences: one --absent-if for all, or one per --prompt."""
+    from ..errors import MedCLIPSAMError
+    from ..pipeline.text import make_prompt
+
+    absent = list(getattr(args, "absent_if", None) or [])
+    if len(absent) == 1:
+        absent = absent * len(args.prompt)
+    elif absent and len(absent) != len(args.prompt):
+        raise MedCLIPSAMError(f"--absent-if was given {len(absent)} times for {len(args.prompt)} prompts: give it "
+                              "once (for every prompt) or once per --prompt")
+    return [make_prompt(p, ensemble, absent[i] if absent else None) for i, p in enumerate(args.prompt)]
 
 
 def _pick_axis(image, axis):
@@ -85,12 +94,11 @@ class Session:
 
     def __init__(self, args, progress):
         from ..models import load_clip, load_sam2
-        from ..pipeline.text import make_prompt
         from ..pipeline.volume import VolumeOptions, resolve_mode
         from .options import model_names, pipeline_settings, runtime_device
 
         self.settings = pipeline_settings(args)
-        self.prompts = [make_prompt(p, self.settings.ensemble) for p in args.prompt]
+        self.prompts = make_prompts(args, self.settings.ensemble)
         device = runtime_device(args)
         clip_name, sam_name = model_names(args)
         progress.stage("load", 2, "loading models")
@@ -99,7 +107,7 @@ class Session:
         self.options = VolumeOptions(axis=args.axis, mode=args.mode, window=_window(args.window), gate=not args.no_gate,
                                      key_slices=args.key_slices, min_size_mm3=args.min_size_mm3,
                                      gate_min_similarity=args.gate_min_similarity,
-                                     absent_if=_sentences(args.absent_if), absent_margin=args.absent_margin,
+                                     absent_margin=args.absent_margin,
                                      uncertainty=bool(getattr(args, "uncertainty_output", None)))
         video = resolve_mode(args.mode, device) == "propagate"
         self.sam = load_sam2(sam_name, device, video=video) if self.settings.sam == "sam" else None

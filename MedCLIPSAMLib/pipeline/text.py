@@ -3,7 +3,8 @@
 A prompt that names a known target ("brain tumor", "liver", ...) expands to that target's ensemble of
 descriptive sentences (MedCLIPSAMLib/resources/prompt_ensembles.json); the sentences' embeddings are
 averaged and re-normalised. Any other prompt is used as written, plus a few neutral templates. A user
-can also give their own sentences separated by ' | '.
+can also give their own sentences separated by ' | '. A prompt may also carry "absent" sentences: what
+an image WITHOUT the target looks like (the presence test in volume.py).
 """
 
 import functools
@@ -46,6 +47,7 @@ class Prompt:
     text: str            # what the user typed: the segment name
     sentences: tuple     # what is embedded and averaged
     target: str = None   # the shipped ensemble used, if any
+    absent: tuple = ()   # what an image without the target looks like ("a normal brain MRI"); () : no test
 
     @property
     def color(self):
@@ -64,20 +66,30 @@ class Prompt:
                 "~^^~Anatomic codes - DICOM master list~^^~^^")
 
 
-def make_prompt(text, ensemble=True):
-    """Validate a prompt and choose the sentences it stands for."""
+def split_sentences(text):
+    """'a | b' -> ('a', 'b'); None or blanks -> (); a tuple or list is taken as the sentences."""
+    if isinstance(text, (tuple, list)):
+        return tuple(" ".join(str(s).split()) for s in text if str(s).strip())
+    return tuple(" ".join(s.split()) for s in (text or "").split("|") if s.strip())
+
+
+def make_prompt(text, ensemble=True, absent=None):
+    """Validate a prompt and choose the sentences it stands for; `absent`: sentences ('a | b' or a tuple)
+    describing an image without the target."""
     if text is None or not str(text).strip():
         raise MedCLIPSAMError("the text prompt is empty; say what to segment, e.g. --prompt 'brain tumor'")
     text = " ".join(str(text).split())
+    absent = split_sentences(absent)
     if "|" in text:  # the user's own sentences
-        sentences = tuple(s.strip() for s in text.split("|") if s.strip())
-        return Prompt(text=sentences[0], sentences=sentences)
+        sentences = split_sentences(text)
+        return Prompt(text=sentences[0], sentences=sentences, absent=absent)
     target = find_target(text) if ensemble else None
     if target:
-        return Prompt(text=text, sentences=tuple(load_ensembles()[target]["sentences"]), target=target)
+        return Prompt(text=text, sentences=tuple(load_ensembles()[target]["sentences"]), target=target,
+                      absent=absent)
     if ensemble:
-        return Prompt(text=text, sentences=tuple(t.format(text) for t in TEMPLATES))
-    return Prompt(text=text, sentences=(text,))
+        return Prompt(text=text, sentences=tuple(t.format(text) for t in TEMPLATES), absent=absent)
+    return Prompt(text=text, sentences=(text,), absent=absent)
 
 
 class TextEmbeddings:

@@ -3,9 +3,10 @@
 For each prompt:
  1. slices are taken along the patient axis asked for (slices.py), one intensity window for the volume;
  2. presence gate: every slice is embedded once (batched CLIP image encoder, shared by all prompts) and
-    scored against the prompt; only slices that can hold the target go on. With `absent_if` sentences
-    (what a slice without the target looks like, e.g. "a normal brain MRI"), the target counts as absent,
-    and its segment stays empty, unless some slice is closer to the prompt than to each of them;
+    scored against the prompt; only slices that can hold the target go on. When the prompt carries
+    "absent" sentences (what a slice without the target looks like, e.g. "a normal brain MRI"), the target
+    counts as absent, and its segment stays empty, unless on some slice one of the prompt's sentences is
+    closer than every absent sentence (CLIP zero-shot classification between the two sets);
  3. depending on the mode:
     - "per-slice" (the papers): every kept slice gets saliency + post-processing + SAM2;
     - "propagate": a few key slices get the full 2D pipeline, then SAM2's video predictor carries their
@@ -45,11 +46,8 @@ class VolumeOptions:
     gate_min_similarity: float = None  # absolute slice-prompt cosine below which a slice cannot hold the
                                        # target (lets an absent target give an empty segment; needs a
                                        # value calibrated on the real model, so off by default)
-    absent_if: tuple = ()              # sentences describing a slice WITHOUT the target: the segment stays
-                                       # empty unless some slice's prompt cosine beats all of theirs (CLIP
-                                       # zero-shot classification; a per-slice contrast, so no absolute
-                                       # cosine has to be calibrated per prompt)
-    absent_margin: float = 0.0         # by how much it must beat them
+    absent_margin: float = 0.0         # presence test (prompts with absent sentences): by how much the
+                                       # prompt's best sentence must beat the best absent sentence
     key_slices: int = 3                # slices that get the full 2D pipeline in propagate / carry modes
     min_size_mm3: float = 10.0         # 3D specks smaller than this are dropped
     box_margin: int = 3                # pixels added around a carried box
@@ -133,13 +131,13 @@ class VolumeSegmenter:
         return self._slice_embeddings
 
     # -- one prompt -------------------------------------------------------------------------------
-    def gate(self, text_embedding):
+    def gate(self, text_embedding, prompt):
         """(kept slice indices, scores of all candidate slices, candidate indices, reason)."""
         indices, feats = self.slice_embeddings()
         if len(indices) == 0:
             return indices, np.zeros(0), indices, "the volume has no non-blank slice"
         scores = self._cosines(feats, text_embedding)
-        absent = self.absent_reason(feats, scores)
+        absent = self.absent_reason(feats, prompt)
         if absent:
             return indices[:0], scores, indices, absent
         if not self.options.gate or len(indices) == 1:
@@ -165,26 +163,34 @@ class VolumeSegmenter:
     def _cosines(feats, text_embedding):
         return (feats.float() @ text_embedding.float().cpu()).numpy()
 
-    def absent_reason(self, feats, scores):
-        """Why the target counts as absent (None when some slice is closer to the prompt than to every
-        `absent_if` sentence by more than `absent_margin`)."""
-        sentences = tuple(self.options.absent_if or ())
-        if not sentences:
+    def _sentence_cosines(self, feats, sentences):
+        """[sentence, slice] cosines, each sentence embedded on its own."""
+        return np.stack([self._cosines(feats, self.segmenter.text(Prompt(s, (s,)))) for s in sentences])
+
+    def presence_lead(self, feats, prompt):
+        """Per slice: the best cosine among the prompt's sentences minus the best among its absent ones.
+        Sentences, not averages, on both sides: an averaged ensemble sits lower than any one sentence
+        that fits, so mean against max would always say absent."""
+        return (self._sentence_cosines(feats, prompt.sentences).max(axis=0)
+                - self._sentence_cosines(feats, prompt.absent).max(axis=0))
+
+    def absent_reason(self, feats, prompt):
+        """Why the target counts as absent: None when it has no absent sentences, or when on some slice
+        the prompt leads them by more than `absent_margin`."""
+        if not prompt.absent:
             return None
-        # each sentence on its own: the slice must beat the closest description of "no target"
-        refs = np.stack([self._cosines(feats, self.segmenter.text(Prompt(s, (s,)))) for s in sentences])
-        lead = scores - refs.max(axis=0)
+        lead = self.presence_lead(feats, prompt)
         best = int(np.argmax(lead))
         if lead[best] > self.options.absent_margin:
             return None
-        closest = sentences[int(np.argmax(refs[:, best]))]
-        return (f"absent: no slice is closer to the prompt than to '{closest}' "
+        closest = prompt.absent[int(np.argmax(self._sentence_cosines(feats[best:best + 1], prompt.absent)[:, 0]))]
+        return (f"absent: no slice matches the prompt better than '{closest}' "
                 f"(best lead {lead[best]:+.3f}, needed > {self.options.absent_margin:+.3f})")
 
     def segment_prompt(self, prompt, labels, uncertainty):
         """Fill `labels` (z,y,x uint8) for one prompt; returns a report dict."""
         emb = self.segmenter.text(prompt)
-        kept, scores, candidates, reason = self.gate(emb)
+        kept, scores, candidates, reason = self.gate(emb, prompt)
         report = {"prompt": prompt.text, "slices": self.view.count, "kept": int(len(kept)), "reason": reason,
                   "mode": self.mode}
         log.info("'%s': %d of %d slices kept (%s); mode %s", prompt.text, len(kept), self.view.count, reason, self.mode)

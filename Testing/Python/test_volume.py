@@ -268,9 +268,11 @@ def test_absolute_gate_gives_an_empty_segment_for_an_absent_target(tmp_path):
     assert segments[0]["name"] == "liver" and segments[0]["mask"].sum() == 0
 
 
-def test_absent_if_keeps_a_target_only_where_a_slice_beats_every_absent_sentence(tiny_clip):
-    """The contrast test against its formula: lead = cos(slice, prompt) - max over sentences of
-    cos(slice, sentence); the target is present iff the best slice's lead exceeds the margin."""
+def test_absent_sentences_keep_a_target_only_where_a_slice_matches_the_prompt_better(tiny_clip):
+    """The presence test against its formula: lead = max over the prompt's sentences of cos(slice, s)
+    - max over the absent sentences of cos(slice, a); present iff the best slice's lead > the margin."""
+    import dataclasses
+
     import torch
 
     from MedCLIPSAMLib.pipeline.presets import get_preset
@@ -279,43 +281,77 @@ def test_absent_if_keeps_a_target_only_where_a_slice_beats_every_absent_sentence
 
     ph = small_phantom("lps", shape=(6, 32, 32), lesion={"side": "left", "size": "large"})
     settings = get_preset("fast", ["sam=none", "autocast=false"])
-    prompt = make_prompt("brain tumor", ensemble=False)
-    sentences = ("a normal brain MRI", "a chest x-ray", "an MRI of the brain with no tumor")
+    absent = ("a normal brain MRI", "a chest x-ray", "an MRI of the brain with no tumor")
+    prompt = make_prompt("brain tumor | a glioma on brain MRI", absent=" | ".join(absent))
+    assert prompt.sentences == ("brain tumor", "a glioma on brain MRI") and prompt.absent == absent
 
-    def run(**options):
-        seg = VolumeSegmenter(tiny_clip, None, settings, VolumeOptions(mode="per-slice", **options))
+    def run(prompt, margin=0.0):
+        seg = VolumeSegmenter(tiny_clip, None, settings, VolumeOptions(mode="per-slice", absent_margin=margin))
         result = seg(ph.image, [prompt])
         return seg, result.report[0], result.segments[0]["mask"]
 
-    seg, report, _ = run()
-    indices, feats = seg.slice_embeddings()
-    f = torch.nn.functional.normalize(feats.float(), dim=1)  # already unit length: a no-op check below
-    assert torch.allclose(f, feats.float(), atol=1e-5)
-    cos = lambda texts: (f @ torch.nn.functional.normalize(tiny_clip.encode_text(list(texts)).float(), dim=1).T).numpy()
-    lead = cos([prompt.text])[:, 0] - cos(sentences).max(axis=1)
-    best = float(lead.max())
-    assert not report["reason"].startswith("absent")
+    seg, report, _ = run(dataclasses.replace(prompt, absent=()))
+    assert not report["reason"].startswith("absent")  # no absent sentences: no presence test
+    _, feats = seg.slice_embeddings()
 
-    _, report, mask = run(absent_if=sentences, absent_margin=best - 1e-4)
+    def cos(texts):
+        text = torch.nn.functional.normalize(tiny_clip.encode_text(list(texts)).float(), dim=1)
+        return (feats.float() @ text.T).numpy()
+
+    lead = cos(prompt.sentences).max(axis=1) - cos(absent).max(axis=1)
+    best = float(lead.max())
+    assert np.allclose(seg.presence_lead(feats, prompt), lead, atol=1e-5)
+
+    _, report, mask = run(prompt, margin=best - 1e-4)
     assert not report["reason"].startswith("absent") and report["kept"] > 0
-    _, report, mask = run(absent_if=sentences, absent_margin=best + 1e-4)
+    _, report, mask = run(prompt, margin=best + 1e-4)
     assert report["reason"].startswith("absent") and report["kept"] == 0 and mask.sum() == 0
     assert f"{best:+.3f}" in report["reason"]
-    # the prompt's own words as the absent sentence: a lead of exactly 0 on every slice, so absent at margin 0
-    _, report, mask = run(absent_if=(prompt.text,))
+    # one of the prompt's own sentences as an absent one: the lead is at most 0 everywhere, so absent
+    _, report, mask = run(dataclasses.replace(prompt, absent=("a glioma on brain MRI", "brain tumor")))
     assert report["reason"].startswith("absent") and mask.sum() == 0
 
 
-def test_absent_if_on_the_command_line_gives_an_empty_segment(tmp_path):
+def test_absent_if_on_the_command_line(tmp_path):
+    """Once for every prompt or once per prompt; "liver" (as written) against itself is never beaten."""
     ph = small_phantom("lps", shape=(4, 24, 24))
     write_volume(str(tmp_path / "in.nrrd"), ph.image)
     out = tmp_path / "o.seg.nrrd"
-    # "liver" as written (no ensemble) against itself: never beaten, so absent
-    assert main(["segment", str(tmp_path / "in.nrrd"), "--prompt", "liver", "--no-ensemble", "--output", str(out),
-                 "--absent-if", "a normal head MRI | liver", "--sam", "none"] + FAST) == 0
+    base = ["segment", str(tmp_path / "in.nrrd"), "--prompt", "liver", "--prompt", "brain", "--no-ensemble",
+            "--output", str(out), "--sam", "none"] + FAST
+    assert main(base + ["--absent-if", "a normal head MRI | liver", "--absent-if", "brain"]) == 0  # paired
     segments, _ = read_segmentation(str(out))
-    assert segments[0]["name"] == "liver" and segments[0]["mask"].sum() == 0
-    assert main(["segment", str(tmp_path / "in.nrrd"), "--prompt", "liver", "--no-ensemble", "--output", str(out),
-                 "--absent-if", "a normal head MRI | liver", "--absent-margin", "-2", "--sam", "none"] + FAST) == 0
+    assert [s["name"] for s in segments] == ["liver", "brain"]
+    assert segments[0]["mask"].sum() == 0 and segments[1]["mask"].sum() == 0
+    assert main(base + ["--absent-if", "liver | brain"]) == 0  # one set for both: each prompt meets itself
+    segments, _ = read_segmentation(str(out))
+    assert segments[0]["mask"].sum() == 0 and segments[1]["mask"].sum() == 0
+    assert main(base + ["--absent-if", "liver | brain", "--absent-margin", "-2"]) == 0
     segments, _ = read_segmentation(str(out))
     assert segments[0]["mask"].sum() > 0
+
+
+def test_absent_if_pairs_with_the_prompts_in_order():
+    from types import SimpleNamespace
+
+    from MedCLIPSAMLib.cli.segment import make_prompts
+
+    args = SimpleNamespace(prompt=["liver", "brain tumor"], absent_if=["a head MRI", "a normal brain | no mass"])
+    liver, tumor = make_prompts(args, ensemble=True)
+    assert liver.absent == ("a head MRI",) and tumor.absent == ("a normal brain", "no mass")
+    assert tumor.target == "brain tumor" and len(tumor.sentences) > 1  # the ensemble is kept
+    args.absent_if = ["a normal scan"]
+    assert [p.absent for p in make_prompts(args, ensemble=False)] == [("a normal scan",)] * 2
+    args.absent_if = None
+    assert [p.absent for p in make_prompts(args, ensemble=False)] == [(), ()]
+
+
+def test_absent_if_given_a_wrong_number_of_times_is_a_one_line_error(tmp_path, capsys):
+    ph = small_phantom("lps", shape=(4, 24, 24))
+    write_volume(str(tmp_path / "in.nrrd"), ph.image)
+    out = tmp_path / "o.seg.nrrd"
+    rc = main(["segment", str(tmp_path / "in.nrrd"), "--prompt", "a", "--prompt", "b", "--prompt", "c",
+               "--output", str(out), "--absent-if", "x", "--absent-if", "y"] + FAST)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--absent-if was given 2 times for 3 prompts" in err[0]
+    assert not out.exists()
