@@ -137,9 +137,9 @@ class VolumeSegmenter:
         if len(indices) == 0:
             return indices, np.zeros(0), indices, "the volume has no non-blank slice"
         scores = self._cosines(feats, text_embedding)
-        absent = self.absent_reason(feats, prompt)
-        if absent:
-            return indices[:0], scores, indices, absent
+        lead = self.presence_lead(feats, prompt) if prompt.absent else None
+        if lead is not None and float(lead.max()) <= self.options.absent_margin:
+            return indices[:0], scores, indices, self._absent_reason(feats, prompt, lead)
         if not self.options.gate or len(indices) == 1:
             return indices, scores, indices, "gating off" if not self.options.gate else "single slice"
         floor = self.options.gate_min_similarity
@@ -151,13 +151,21 @@ class VolumeSegmenter:
         keep = (scores - lo) / (hi - lo) >= self.options.gate_threshold
         if floor is not None:
             keep &= scores >= floor
-        kept = set(indices[keep].tolist())
-        for k in list(kept):  # a margin of neighbours: the target's edges score lower than its middle
-            kept.update(range(k - self.options.gate_margin, k + self.options.gate_margin + 1))
-        kept = np.array(sorted(kept & set(indices.tolist())), dtype=int)
+        kept = self._with_neighbours(indices[keep]) & set(indices.tolist())
         reason = (f"slice-prompt similarity at least {self.options.gate_threshold:.2f} of the volume's range "
                   f"(+{self.options.gate_margin} neighbours)")
-        return kept, scores, indices, reason
+        if lead is not None:  # and near a slice that matches the prompt better than its absent sentences
+            kept &= self._with_neighbours(indices[lead > self.options.absent_margin])
+            reason += ", near a slice that matches the prompt better than its absent sentences"
+        return np.array(sorted(kept), dtype=int), scores, indices, reason
+
+    def _with_neighbours(self, ks):
+        """The slices and gate_margin neighbours on each side (the target's edges score lower than its
+        middle)."""
+        out = set()
+        for k in ks.tolist():
+            out.update(range(k - self.options.gate_margin, k + self.options.gate_margin + 1))
+        return out
 
     @staticmethod
     def _cosines(feats, text_embedding):
@@ -174,15 +182,9 @@ class VolumeSegmenter:
         return (self._sentence_cosines(feats, prompt.sentences).max(axis=0)
                 - self._sentence_cosines(feats, prompt.absent).max(axis=0))
 
-    def absent_reason(self, feats, prompt):
-        """Why the target counts as absent: None when it has no absent sentences, or when on some slice
-        the prompt leads them by more than `absent_margin`."""
-        if not prompt.absent:
-            return None
-        lead = self.presence_lead(feats, prompt)
+    def _absent_reason(self, feats, prompt, lead):
+        """Why the target counts as absent: the absent sentence that beat the prompt on its best slice."""
         best = int(np.argmax(lead))
-        if lead[best] > self.options.absent_margin:
-            return None
         closest = prompt.absent[int(np.argmax(self._sentence_cosines(feats[best:best + 1], prompt.absent)[:, 0]))]
         return (f"absent: no slice matches the prompt better than '{closest}' "
                 f"(best lead {lead[best]:+.3f}, needed > {self.options.absent_margin:+.3f})")

@@ -304,6 +304,10 @@ def test_absent_sentences_keep_a_target_only_where_a_slice_matches_the_prompt_be
 
     _, report, mask = run(prompt, margin=best - 1e-4)
     assert not report["reason"].startswith("absent") and report["kept"] > 0
+    assert report["kept"] <= 3  # only the best slice wins: it and its neighbours can be kept
+    _, report, mask = run(prompt, margin=-2.0)  # every slice wins: the gate alone decides
+    _, plain, _ = run(dataclasses.replace(prompt, absent=()))
+    assert report["kept"] == plain["kept"]
     _, report, mask = run(prompt, margin=best + 1e-4)
     assert report["reason"].startswith("absent") and report["kept"] == 0 and mask.sum() == 0
     assert f"{best:+.3f}" in report["reason"]
