@@ -27,14 +27,20 @@ segment held-out phantoms zero-shot and score each stage, mirroring the MedCLIP-
    both with the random start (no training: the "saliency" row of the papers' table) and after DHN-NCE.
    SAM2 cannot be trained here, so `sam="none"` is the last stage.
    Selectivity: the final masks of "brain tumor" and "ventricles" are scored against each structure, and
-   a pointing game counts how often the saliency maximum falls inside the named structure. Presence AUC:
-   the slice-prompt cosine (the presence gate's score) for tumour vs no-tumour slices, for the prompt and
-   for the bare words "brain tumor". Saliency methods: GradCAM / gScoreCAM / M2IB on a few of the slices.
+   a pointing game counts how often the saliency maximum falls inside the named structure. Presence AUC
+   (tumour vs no-tumour slices, on the held-out 2D slices and on every slice of held-out volumes) of the
+   slice-prompt cosine, of the bare words "brain tumor", and of the lead the 3D run decides presence by:
+   the best cosine among the prompt's sentences minus the best among its absent sentences (what a slice
+   without the target looks like). Saliency methods: GradCAM / gScoreCAM / M2IB on a few of the slices.
    A PNG (image, tumour outline, saliency, final mask) of held-out slices goes next to the JSON.
-3. Held-out 3D volumes through VolumeSegmenter (sam none, gate on, with an absolute floor on the gate's
-   cosine chosen on the calibration slices): 3D Dice/NSD of the tumour prompt; absent targets ("liver" on
-   a head MR, the tumour prompt on lesion-free heads): the voxels returned, as a fraction of the brain, and
-   the fraction of runs that come back empty.
+3. Held-out 3D volumes through VolumeSegmenter (sam none, per-slice, gate on; each prompt carries absent
+   sentences, as `--absent-if` gives them: a target that no slice matches better than all of them comes
+   back empty). The tumour prompt's absent sentences describe a normal head (NORMAL_HEAD_SENTENCES), the
+   liver's any head slice, tumour or not (HEAD_SENTENCES: what "a brain MRI" means to this model).
+   Scored: 3D Dice/NSD of the tumour prompt on lesion volumes and how often it is found there; absent
+   targets ("liver" on every head, the tumour prompt on the lesion-free heads): how often the segment
+   comes back empty, the voxels returned as a fraction of the brain, and each volume's best presence lead
+   (the decision's margin).
 Prints tables and writes JSON. Numbers are what they are: a tiny CLIP trained for minutes on 2 CPU cores
 may not localise; the JSON and tables say so rather than hide it.
 """
@@ -58,7 +64,7 @@ DEFAULT_PRESET = "v2"
 # then falls (4.2 -> 1.2 between steps 384 and 768 in a trial run). Quick mode stops before that fall: it
 # checks that everything runs, not that the CLIP localises.
 # train: 2D MR slices; train_volumes: MR volumes whose every axial slice is added; train_ct: 2D CT slices.
-DEFAULTS = dict(train=1152, train_volumes=16, train_ct=192, epochs=10, test=24, volumes=(2, 1),
+DEFAULTS = dict(train=1152, train_volumes=16, train_ct=192, epochs=10, test=24, volumes=(4, 4),
                 shape=(20, 128, 128), methods=6)
 QUICK = dict(train=640, train_volumes=8, train_ct=64, epochs=5, test=12, volumes=(1, 1), shape=(16, 96, 96),
              methods=4)
@@ -73,18 +79,29 @@ VENTRICLE_SENTENCES = ("an MR slice of the brain showing the ventricles",)
 # the absent target of the 3D check, phrased like the CT captions (a head has no liver)
 LIVER_SENTENCES = ("an axial CT slice of the abdomen showing the liver",
                    "an axial CT slice of the abdomen showing the liver and spleen")
+# Absent sentences (the CLI's --absent-if: what a slice without the target looks like), in the captions'
+# words. For the tumour, a normal head (a radiologist would write "a normal brain MRI"); for the liver, any
+# head slice ("a brain MRI"): this small text tower only knows its captions' phrasings.
+NORMAL_HEAD_SENTENCES = ("an MR slice of the brain with no tumor",
+                         "an MR slice of the brain showing the ventricles with no tumor",
+                         "an MR slice of the head above or below the brain")
+HEAD_SENTENCES = NORMAL_HEAD_SENTENCES + tuple(
+    f"{base} with a {size} {look} tumor in the {side} hemisphere"
+    for base in ("an MR slice of the brain", "an MR slice of the brain showing the ventricles")
+    for size in ("large", "small") for look in ("bright", "dark") for side in ("left", "right"))
 
 
 def prompts():
     from MedCLIPSAMLib.pipeline.text import Prompt
 
-    return Prompt("brain tumor", TUMOR_SENTENCES), Prompt("ventricles", VENTRICLE_SENTENCES)
+    return (Prompt("brain tumor", TUMOR_SENTENCES, absent=NORMAL_HEAD_SENTENCES),
+            Prompt("ventricles", VENTRICLE_SENTENCES))
 
 
 def liver_prompt():
     from MedCLIPSAMLib.pipeline.text import Prompt
 
-    return Prompt("liver", LIVER_SENTENCES)
+    return Prompt("liver", LIVER_SENTENCES, absent=HEAD_SENTENCES)
 
 
 @dataclass
@@ -195,13 +212,13 @@ def write_dataset(slices, folder):
     return path, rows
 
 
-def train(data_csv, val_csv, output, epochs, lr, warmup, amp, temperature):
+def train(data_csv, val_csv, output, epochs, lr, warmup, amp, temperature, seed=0):
     from MedCLIPSAMLib.training.clip_finetune import FinetuneOptions, finetune
 
     opts = FinetuneOptions(data=data_csv, output=output, model="tiny-random", loss="dhn-nce", epochs=epochs,
                            temperature=temperature,
                            batch_size=BATCH, lr=lr, warmup_steps=warmup, weight_decay=0.1, device="cpu",
-                           val_data=val_csv, augment=True, seed=0, amp=amp)
+                           val_data=val_csv, augment=True, seed=seed, amp=amp)
     return finetune(opts)
 
 
@@ -268,8 +285,9 @@ def eval_slices(clip, phantoms, settings, keep_maps=0):
 
 
 def slice_scores(clip, phantoms, prompt, target="tumor"):
-    """The CLIP slice-prompt cosine (the presence gate's score) of each phantom, and whether it holds the
-    target (a label name)."""
+    """Per phantom: the CLIP slice-prompt cosine (the gate's score), the presence lead (best prompt
+    sentence minus best absent sentence, as the 3D run decides; None without absent sentences), and
+    whether it holds the target (a label name)."""
     import torch
 
     from MedCLIPSAMLib.pipeline.preprocess import pad_to_square, to_rgb
@@ -277,9 +295,12 @@ def slice_scores(clip, phantoms, prompt, target="tumor"):
 
     x = torch.stack([clip.preprocess_array(to_rgb(pad_to_square(ph.gray)[0])) for ph in phantoms])
     with torch.no_grad():
-        s = (clip.encode_image(x) @ TextEmbeddings(clip)(prompt)).numpy()
+        f = clip.encode_image(x).float()
+        s = (f @ TextEmbeddings(clip)(prompt).float()).numpy()
+        best = lambda sentences: (f @ clip.encode_text(list(sentences)).float().T).max(dim=1).values.numpy()
+        lead = best(prompt.sentences) - best(prompt.absent) if prompt.absent else None
     pos = np.array([ph.has_tumor if target == "tumor" else ph.holds(target) for ph in phantoms])
-    return s, pos
+    return s, lead, pos
 
 
 def auc(scores, positive):
@@ -290,33 +311,15 @@ def auc(scores, positive):
 
 
 def presence(clip, phantoms):
-    """Presence AUC (tumour vs no-tumour slices) of the slice-prompt similarity, for the benchmark's prompt
-    and for the bare words "brain tumor"."""
+    """Presence AUC (tumour vs no-tumour slices): the prompt's cosine, the bare words "brain tumor", and
+    the prompt's lead over its absent sentences; plus how often the lead is positive on each kind."""
     from MedCLIPSAMLib.pipeline.text import make_prompt
 
-    out = {}
-    for label, prompt in (("prompt", prompts()[0]), ("bare 'brain tumor'", make_prompt("brain tumor", False))):
-        out[label] = auc(*slice_scores(clip, phantoms, prompt))
-    return out
-
-
-def calibrate_floor(clip, mr_slices, ct_slices):
-    """The presence gate's absolute floor (VolumeOptions.gate_min_similarity), one cosine for every prompt,
-    chosen on CALIBRATION slices (their own seeds, neither training nor test): the cut that best separates
-    (slice, prompt) pairs whose target is in the slice from those whose target is not (balanced accuracy),
-    over the tumour prompt on MR slices and the liver prompt on MR and CT slices."""
-    scores, positive = [], []
-    for slices, prompt, target in ((mr_slices, prompts()[0], "tumor"), (mr_slices, liver_prompt(), "liver"),
-                                   (ct_slices, liver_prompt(), "liver")):
-        s, pos = slice_scores(clip, slices, prompt, target)
-        scores.append(s)
-        positive.append(pos)
-    s, pos = np.concatenate(scores), np.concatenate(positive)
-    cands = np.sort(s)
-    cut = (cands[1:] + cands[:-1]) / 2
-    acc = [0.5 * ((s[pos] >= c).mean() + (s[~pos] < c).mean()) for c in cut]
-    i = int(np.argmax(acc))
-    return float(cut[i]), float(acc[i])
+    cos, lead, pos = slice_scores(clip, phantoms, prompts()[0])
+    bare, _, _ = slice_scores(clip, phantoms, make_prompt("brain tumor", False))
+    return {"prompt": auc(cos, pos), "bare 'brain tumor'": auc(bare, pos), "lead over absent sentences": auc(lead, pos),
+            "lead > 0 on tumour slices": float((lead[pos] > 0).mean()) if pos.any() else None,
+            "lead > 0 on tumour-free slices": float((lead[~pos] > 0).mean()) if (~pos).any() else None}
 
 
 def preset_settings(preset):
@@ -389,13 +392,13 @@ def save_grid(maps, path, title=""):
     canvas.save(path)
 
 
-def eval_volumes(clip, settings, n_lesion, n_normal, shape, floor):
+def eval_volumes(clip, settings, n_lesion, n_normal, shape):
     from MedCLIPSAMLib.metrics import dice, normalized_surface_dice
     from MedCLIPSAMLib.phantoms import make_volume
     from MedCLIPSAMLib.pipeline.volume import VolumeOptions, VolumeSegmenter
 
     seg = VolumeSegmenter(clip, None, settings.replace(sam="none", ensemble=False),
-                          VolumeOptions(mode="per-slice", gate_min_similarity=floor))
+                          VolumeOptions(mode="per-slice"))
     present, absent = [], []
     for i in range(n_lesion + n_normal):
         lesion = {"side": ("left", "right")[i % 2], "size": "large"} if i < n_lesion else False
@@ -405,21 +408,25 @@ def eval_volumes(clip, settings, n_lesion, n_normal, shape, floor):
         result = seg(ph.image, [prompts()[0], liver_prompt()])  # no slice of a head holds a liver
         masks = {s["name"]: s["mask"] > 0 for s in result.segments}
         kept = {r["prompt"]: f"{r['kept']}/{r['slices']}" for r in result.report}
+        _, feats = seg.slice_embeddings()
+        lead = {p.text: float(seg.presence_lead(feats, p).max()) for p in (prompts()[0], liver_prompt())}
         if lesion:
             gt = ph.labels["tumor"] > 0
             present.append({"case": i, "dice": dice(masks["brain tumor"], gt),
                             "nsd": normalized_surface_dice(masks["brain tumor"], gt, spacing, 2.0),
-                            "kept": kept["brain tumor"]})
+                            "kept": kept["brain tumor"], "best_lead": lead["brain tumor"]})
         else:
             absent.append({"case": i, "prompt": "brain tumor (lesion-free)",
                            "fraction_of_brain": float(masks["brain tumor"].sum()) / brain,
-                           "empty": not masks["brain tumor"].any(), "kept": kept["brain tumor"]})
+                           "empty": not masks["brain tumor"].any(), "kept": kept["brain tumor"],
+                           "best_lead": lead["brain tumor"]})
         absent.append({"case": i, "prompt": "liver (head MR)", "fraction_of_brain": float(masks["liver"].sum()) / brain,
-                       "empty": not masks["liver"].any(), "kept": kept["liver"]})
+                       "empty": not masks["liver"].any(), "kept": kept["liver"], "best_lead": lead["liver"]})
     summary = {"present": present, "absent": absent}
     if present:
         summary["tumor_mean"] = {"dice": float(np.mean([r["dice"] for r in present])),
-                                 "nsd": float(np.mean([r["nsd"] for r in present]))}
+                                 "nsd": float(np.mean([r["nsd"] for r in present])),
+                                 "found_fraction": float(np.mean([r["best_lead"] > 0 for r in present]))}
     for name in ("brain tumor (lesion-free)", "liver (head MR)"):
         rows = [r for r in absent if r["prompt"] == name]
         if rows:
@@ -445,6 +452,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3, the released setting)")
     p.add_argument("--temperature", type=float, default=TEMPERATURE,
                    help=f"DHN-NCE tau (default {TEMPERATURE}: training from a random start)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (batch order, augmentation): repeat "
+                   "with others to see how stable the recipe is")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 (default: bf16 autocast, faster on CPU)")
     p.add_argument("--test", type=int, help=f"held-out slices (default {DEFAULTS['test']}, quick {QUICK['test']})")
     p.add_argument("--volumes", type=int, nargs=2, metavar=("LESION", "NORMAL"),
@@ -467,7 +476,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     out = {"preset": args.preset, "settings": {k: str(v) for k, v in vars(settings).items()},
            "quick": args.quick, "train_slices": n_train, "epochs": epochs, "lr": args.lr, "amp": not args.no_amp,
-           "temperature": args.temperature, "test_slices": n_test,
+           "temperature": args.temperature, "seed": args.seed, "test_slices": n_test,
            "prompts": {p.text: list(p.sentences) for p in prompts()}}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -496,7 +505,7 @@ def main(argv=None):
                   f"distinct captions, {epochs} epochs ({steps} steps of {BATCH})", flush=True)
             ckpt = args.keep or os.path.join(tmp, "clip")
             records = train(data_csv, val_csv, ckpt, epochs, args.lr, warmup=max(1, steps // 10),
-                            amp=not args.no_amp, temperature=args.temperature)
+                            amp=not args.no_amp, temperature=args.temperature, seed=args.seed)
         # with --clip, the training time of that run, from its log
         out["train_seconds"] = (sum(r.get("seconds") or 0 for r in records) if args.clip
                                 else time.perf_counter() - t)
@@ -518,12 +527,11 @@ def main(argv=None):
         t = time.perf_counter()
         out["saliency_methods"] = compare_methods(clip, test, d["methods"])
         print(f"  compared saliency methods in {time.perf_counter() - t:.0f} s", flush=True)
-        ct_calibration = ct_slices(CALIBRATION_SLICES // 2, seed=6)
-        floor, acc = calibrate_floor(clip, calibration, ct_calibration)
-        out["gate_floor"] = {"cosine": floor, "calibration_balanced_accuracy": acc,
-                             "slices": len(calibration) + len(ct_calibration)}
+        # presence on every slice of held-out volumes (seed 8: neither training nor the 3D test)
+        out["presence_volume_slices"] = presence(clip, volume_slices(n_les + n_norm, seed=8, shape=volume_shape))
+        out["absent_sentences"] = {p.text: list(p.absent) for p in (prompts()[0], liver_prompt())}
         t = time.perf_counter()
-        out["volumes"] = eval_volumes(clip, settings, n_les, n_norm, volume_shape, floor)
+        out["volumes"] = eval_volumes(clip, settings, n_les, n_norm, volume_shape)
         out["volume_seconds"] = time.perf_counter() - t
     out["total_seconds"] = time.perf_counter() - t0
     report(out)
@@ -535,6 +543,10 @@ def main(argv=None):
 
 def _f(v):
     return "   -  " if v is None else f"{100 * v:6.1f}"
+
+
+def _leads(rows):
+    return ", ".join(f"{r['best_lead']:+.3f}" for r in rows)
 
 
 def report(out):
@@ -561,22 +573,31 @@ def report(out):
         print(f"  {lab}: " + ", ".join(f"{k} {_f(v).strip()}" for k, v in s.items())
               + f"; pointing: tumor {_f(pg['brain tumor']).strip()}, ventricles {_f(pg['ventricles']).strip()}"
               + "; presence AUC " + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -"
-                                               for k, v in out["slices"][lab]["presence_auc"].items()))
+                                               for k, v in out["slices"][lab]["presence_auc"].items() if ">" not in k))
     print("\nsaliency methods on the fine-tuned CLIP (first held-out lesion slices, tumour prompt): "
           "Dice of map > 0.5 / pointing game, %")
     for m, r in out["saliency_methods"].items():
         print(f"  {m:10s} {_f(r['dice'])} / {_f(r['pointing'])}   (n {r['n']}, {r['seconds_per_map']:.1f} s per map)")
-    v, g = out["volumes"], out["gate_floor"]
-    print(f"\nheld-out 3D volumes {out['settings'].get('saliency')} (fine-tuned CLIP, sam none, gate on, floor "
-          f"cosine {g['cosine']:.3f} from {g['slices']} calibration slices, balanced accuracy "
-          f"{g['calibration_balanced_accuracy']:.2f} there):")
+    pv = out["presence_volume_slices"]
+    print("\npresence on every slice of held-out volumes (fine-tuned CLIP), tumour vs tumour-free slices: AUC "
+          + ", ".join(f"{k} {v:.2f}" for k, v in pv.items() if ">" not in k and v is not None)
+          + f"; lead > 0 on {_f(pv['lead > 0 on tumour slices']).strip()} % of tumour slices, "
+          f"{_f(pv['lead > 0 on tumour-free slices']).strip()} % of tumour-free ones")
+    v = out["volumes"]
+    print(f"\nheld-out 3D volumes {out['settings'].get('saliency')} (fine-tuned CLIP, sam none, per-slice, gate on, "
+          f"absent sentences: {len(NORMAL_HEAD_SENTENCES)} of a normal head for the tumour, {len(HEAD_SENTENCES)} "
+          "of any head slice for the liver):")
     if "tumor_mean" in v:
-        print(f"  'brain tumor' on lesion volumes: Dice {_f(v['tumor_mean']['dice'])}  NSD {_f(v['tumor_mean']['nsd'])}"
-              f"  (kept slices {', '.join(r['kept'] for r in v['present'])})")
+        print(f"  'brain tumor' on lesion volumes: found in {_f(v['tumor_mean']['found_fraction']).strip()} % of "
+              f"{len(v['present'])}, Dice {_f(v['tumor_mean']['dice'])}  NSD {_f(v['tumor_mean']['nsd'])}"
+              f"  (kept slices {', '.join(r['kept'] for r in v['present'])}; best leads "
+              f"{_leads(v['present'])})")
     for name in ("brain tumor (lesion-free)", "liver (head MR)"):
         if name in v:
+            rows = [r for r in v["absent"] if r["prompt"] == name]
             print(f"  absent target '{name}': empty in {_f(v[name]['empty_fraction']).strip()} % of {v[name]['n']} runs, "
-                  f"mask = {_f(v[name]['mean_fraction_of_brain']).strip()} % of the brain's volume on average")
+                  f"mask = {_f(v[name]['mean_fraction_of_brain']).strip()} % of the brain's volume on average "
+                  f"(best leads {_leads(rows)})")
     print(f"\ntotal {out['total_seconds']:.0f} s")
 
 
