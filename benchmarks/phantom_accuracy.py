@@ -499,6 +499,10 @@ def main(argv=None):
             ckpt, out["trained_clip"] = args.clip, args.clip
             records = read_metrics(os.path.join(args.clip, "metrics.jsonl"))
             out["epochs"] = records[-1]["epoch"]
+            options = os.path.join(args.clip, "train_options.json")
+            if os.path.exists(options):  # the seed it was trained with, not this run's --seed
+                with open(options) as f:
+                    out["seed"] = json.load(f).get("seed")
             print(f"scoring the CLIP in {args.clip} ({out['epochs']} epochs in its log)", flush=True)
         else:
             print(f"training tiny-random CLIP with DHN-NCE: {len(training)} slices, {out['distinct_captions']} "
