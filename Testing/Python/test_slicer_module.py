@@ -318,7 +318,7 @@ def test_command_line_is_accepted_by_the_real_parser(mod):
     assert args.prompt == ["a", "b"] and args.progress == "json" and args.preset == "v1"
     assert args.axis == "sagittal" and args.device == "mps" and args.models == "tiny-random"
     assert args.uncertainty_output == "u.nrrd" and args.output == "out.seg.nrrd"
-    assert args.absent_if == "a normal MRI | a healthy brain"
+    assert args.absent_if == ["a normal MRI | a healthy brain"]  # once: for every prompt
 
 
 def test_prompt_suggestions_from_shipped_and_odd_files(mod, tmp_path):
