@@ -10,6 +10,11 @@ def register(sub):
     p.add_argument("--output", required=True, help="mask PNG (0 background, 255 foreground)")
     p.add_argument("--saliency-output", help="saliency map PNG (0..255)")
     p.add_argument("--overlay-output", help="PNG of the image with the saliency and the mask drawn on it")
+    p.add_argument("--absent-if", metavar="SENTENCES",
+                   help="what the image looks like WITHOUT the target, sentences separated by '|' (e.g. 'a normal "
+                        "chest x-ray'): if one of these matches better than the prompt, the mask is empty")
+    p.add_argument("--absent-margin", type=float, default=0.0,
+                   help="cosine by which the image must match the prompt better than every --absent-if sentence")
     add_pipeline_options(p)
     add_model_options(p)
     p.set_defaults(func=run)
@@ -53,15 +58,17 @@ def run(args):
     from ..overlay import heatmap, overlay, save_png
     from ..pipeline.image import ImageSegmenter
     from ..pipeline.preprocess import normalize_to_uint8
+    from ..pipeline.text import make_prompt
     from .options import model_names, pipeline_settings, runtime_device
 
     settings = pipeline_settings(args)
+    prompt = make_prompt(args.prompt, settings.ensemble, args.absent_if)
     image = read_image_2d(args.image)
     device = runtime_device(args)
     clip_name, sam_name = model_names(args)
     clip = load_clip(clip_name, device)
     sam = load_sam2(sam_name, device) if settings.sam == "sam" else None
-    result = ImageSegmenter(clip, sam, settings)(image, args.prompt)
+    result = ImageSegmenter(clip, sam, settings)(image, prompt, absent_margin=args.absent_margin)
     save_png(args.output, result.mask.astype(np.uint8) * 255)
     if args.saliency_output:
         save_png(args.saliency_output, (result.saliency * 255).round().astype(np.uint8))
@@ -73,6 +80,8 @@ def run(args):
         save_png(args.overlay_output, overlay(gray8, [result.mask], result.saliency))
     if clip.is_random:
         print("NOTE: random-weight models were used: this mask is MEANINGLESS (a test of the flow only)")
+    if result.absent:
+        print(f"'{prompt.text}': {result.absent}; the mask is empty")
     print(f"{args.output}: {int(result.mask.sum())} foreground pixels; prompts {_describe(result.prompts)}")
     return 0
 

@@ -14,6 +14,7 @@ from ..postprocess import postprocess
 from ..postprocess.body import body_mask
 from ..runtime import autocast
 from .preprocess import normalize_to_uint8, pad_to_square, to_rgb, unpad
+from .presence import absent_reason, presence_lead
 from .presets import PipelineSettings
 from .sam_refine import make_prompts, predict_mask, shift_prompts
 from .text import TextEmbeddings, make_prompt
@@ -27,6 +28,7 @@ class ImageResult:
     prompts: dict               # SAM prompts in the image's pixel coordinates (boxes / points / labels)
     sentences: tuple = field(default_factory=tuple)
     probability: np.ndarray = None  # SAM's mask probability, HxW (None when SAM did not run)
+    absent: str = None              # why the target counted as absent (then everything is empty)
 
 
 def to_gray(image):
@@ -69,15 +71,23 @@ class ImageSegmenter:
         sal224 = compute_saliency(s.saliency, self.clip, x, text_embedding, autocast=s.autocast, **s.saliency_settings)
         return np.clip(unpad(np.asarray(sal224, np.float32), pad), 0.0, 1.0)
 
-    def __call__(self, image, prompt, value_range=None):
+    def __call__(self, image, prompt, value_range=None, absent_margin=None):
         """Segment `prompt` (text or a Prompt) in a 2D image. value_range fixes the intensity window
-        (one window for all slices of a volume); otherwise it is chosen from the image."""
+        (one window for all slices of a volume); otherwise it is chosen from the image. With absent_margin
+        set and a prompt that has absent sentences, an image that matches one of them better (presence.py)
+        gives an empty result (the volume driver decides presence itself, over all slices)."""
         s = self.settings
         prompt = make_prompt(prompt, s.ensemble) if isinstance(prompt, str) or prompt is None else prompt
         gray = to_gray(image)
         if not np.isfinite(gray).all():
             raise MedCLIPSAMError("the image contains NaN or infinite values")
         gray8 = gray if gray.dtype == np.uint8 and value_range is None else normalize_to_uint8(gray, value_range=value_range)
+        if absent_margin is not None and prompt.absent:
+            reason = self.absent_reason(gray8, prompt, absent_margin)
+            if reason:
+                empty = np.zeros(gray8.shape, bool)
+                return ImageResult(empty, np.zeros(gray8.shape, np.float32), empty,
+                                   {"boxes": None, "points": None, "labels": None}, prompt.sentences, absent=reason)
         saliency = self.saliency_map(gray8, self.text(prompt))
         region = None
         if s.body_only:
@@ -92,6 +102,16 @@ class ImageSegmenter:
         if mask is None:
             mask = np.zeros_like(coarse)
         return ImageResult(mask, saliency, coarse, prompts, prompt.sentences, probability)
+
+    def absent_reason(self, gray8, prompt, margin):
+        """None when the image matches the prompt better than its absent sentences by more than margin."""
+        import torch
+
+        x = self.clip.preprocess_array(to_rgb(pad_to_square(gray8)[0]))[None]
+        with torch.no_grad(), autocast(self.clip.device, self.settings.autocast):
+            feats = self.clip.encode_image(x).float().cpu()
+        lead = presence_lead(feats, prompt, self.text)
+        return absent_reason(feats, prompt, self.text, lead, margin) if lead[0] <= margin else None
 
     def refine(self, gray8, prompts):
         """SAM2 on the padded square of the image, prompts shifted into it; (mask, probability) cropped back."""

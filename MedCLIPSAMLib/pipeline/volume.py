@@ -30,7 +30,8 @@ from .image import ImageSegmenter
 from .preprocess import intensity_range, normalize_to_uint8, pad_to_square, to_rgb, unpad
 from .sam_refine import predict_mask
 from .slices import SliceView
-from .text import Prompt, make_prompt
+from .presence import absent_reason, presence_lead
+from .text import make_prompt
 
 MODES = ("auto", "per-slice", "propagate", "carry")
 
@@ -139,7 +140,8 @@ class VolumeSegmenter:
         scores = self._cosines(feats, text_embedding)
         lead = self.presence_lead(feats, prompt) if prompt.absent else None
         if lead is not None and float(lead.max()) <= self.options.absent_margin:
-            return indices[:0], scores, indices, self._absent_reason(feats, prompt, lead)
+            reason = absent_reason(feats, prompt, self.segmenter.text, lead, self.options.absent_margin)
+            return indices[:0], scores, indices, reason
         if not self.options.gate or len(indices) == 1:
             return indices, scores, indices, "gating off" if not self.options.gate else "single slice"
         floor = self.options.gate_min_similarity
@@ -171,23 +173,9 @@ class VolumeSegmenter:
     def _cosines(feats, text_embedding):
         return (feats.float() @ text_embedding.float().cpu()).numpy()
 
-    def _sentence_cosines(self, feats, sentences):
-        """[sentence, slice] cosines, each sentence embedded on its own."""
-        return np.stack([self._cosines(feats, self.segmenter.text(Prompt(s, (s,)))) for s in sentences])
-
     def presence_lead(self, feats, prompt):
-        """Per slice: the best cosine among the prompt's sentences minus the best among its absent ones.
-        Sentences, not averages, on both sides: an averaged ensemble sits lower than any one sentence
-        that fits, so mean against max would always say absent."""
-        return (self._sentence_cosines(feats, prompt.sentences).max(axis=0)
-                - self._sentence_cosines(feats, prompt.absent).max(axis=0))
-
-    def _absent_reason(self, feats, prompt, lead):
-        """Why the target counts as absent: the absent sentence that beat the prompt on its best slice."""
-        best = int(np.argmax(lead))
-        closest = prompt.absent[int(np.argmax(self._sentence_cosines(feats[best:best + 1], prompt.absent)[:, 0]))]
-        return (f"absent: no slice matches the prompt better than '{closest}' "
-                f"(best lead {lead[best]:+.3f}, needed > {self.options.absent_margin:+.3f})")
+        """Per slice: the prompt's lead over its absent sentences (presence.py)."""
+        return presence_lead(feats, prompt, self.segmenter.text)
 
     def segment_prompt(self, prompt, labels, uncertainty):
         """Fill `labels` (z,y,x uint8) for one prompt; returns a report dict."""

@@ -112,3 +112,34 @@ def test_segment_image_cli(tmp_path):
     assert main(["segment-image", str(tmp_path / "nope.png"), "--prompt", "x", "--output", str(tmp_path / "m2.png"),
                  "--models", "tiny-random"]) == 2
     assert not (tmp_path / "m2.png").exists()
+
+
+def test_absent_sentences_on_one_image(tiny_clip, tmp_path, capsys):
+    """2D presence against its formula: lead = best prompt sentence - best absent sentence on the image's
+    CLIP embedding; at a margin above the lead the result is empty, below it the pipeline runs."""
+    import torch
+
+    from MedCLIPSAMLib.pipeline.preprocess import pad_to_square, to_rgb
+
+    gray = blob_image(64, 80, (20, 40, 30, 60))
+    settings = get_preset("fast", ["sam=none", "autocast=false"])
+    seg = ImageSegmenter(tiny_clip, None, settings)
+    prompt = make_prompt("a bright mass | a tumor", absent="a normal scan | a chest x-ray")
+    with torch.no_grad():
+        f = tiny_clip.encode_image(tiny_clip.preprocess_array(to_rgb(pad_to_square(gray)[0]))[None]).float()
+    cos = lambda texts: (f @ torch.nn.functional.normalize(tiny_clip.encode_text(list(texts)).float(), dim=1).T)
+    lead = float(cos(prompt.sentences).max() - cos(prompt.absent).max())
+
+    empty = seg(gray, prompt, absent_margin=lead + 1e-4)
+    assert empty.absent and f"{lead:+.3f}" in empty.absent
+    assert not empty.mask.any() and not empty.saliency.any() and empty.prompts["boxes"] is None
+    ran = seg(gray, prompt, absent_margin=lead - 1e-4)
+    plain = seg(gray, prompt)  # no margin: no presence test (the volume driver decides on its own)
+    assert ran.absent is None and ran.saliency.any() and np.array_equal(ran.mask, plain.mask)
+
+    Image.fromarray(gray).save(tmp_path / "in.png")
+    out = tmp_path / "mask.png"
+    assert main(["segment-image", str(tmp_path / "in.png"), "--prompt", "liver", "--no-ensemble", "--output", str(out),
+                 "--absent-if", "a head MRI | liver", "--models", "tiny-random", "--preset", "fast",
+                 "--device", "cpu", "--sam", "none"]) == 0
+    assert not np.asarray(Image.open(out)).any() and "absent: " in capsys.readouterr().out

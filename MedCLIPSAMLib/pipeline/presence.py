@@ -1,0 +1,32 @@
+"""Is the target in the image at all? CLIP zero-shot classification between the prompt's sentences and
+its "absent" sentences (what an image without the target looks like, e.g. "a normal brain MRI").
+
+lead = max over the prompt's sentences of cos(image, s) - max over the absent sentences of cos(image, a).
+The target counts as present where the lead exceeds a margin (0 by default). Sentences, not averages, on
+both sides: an averaged ensemble sits lower than any one sentence that fits, so mean against max would
+always say absent.
+"""
+
+import numpy as np
+
+from .text import Prompt
+
+
+def sentence_cosines(features, sentences, text):
+    """[sentence, image] cosines of L2-normalised image features [N, D]; `text` is a TextEmbeddings."""
+    feats = features.float().cpu()
+    return np.stack([(feats @ text(Prompt(s, (s,))).float().cpu()).numpy() for s in sentences])
+
+
+def presence_lead(features, prompt, text):
+    """Per image: the best prompt sentence's cosine minus the best absent sentence's."""
+    return (sentence_cosines(features, prompt.sentences, text).max(axis=0)
+            - sentence_cosines(features, prompt.absent, text).max(axis=0))
+
+
+def absent_reason(features, prompt, text, lead, margin):
+    """Why the target counts as absent: the absent sentence that won on the image with the best lead."""
+    best = int(np.argmax(lead))
+    cos = sentence_cosines(features[best:best + 1], prompt.absent, text)[:, 0]
+    return (f"absent: '{prompt.absent[int(np.argmax(cos))]}' fits better than the prompt "
+            f"(best lead {float(lead[best]):+.3f}, needed > {margin:+.3f})")
