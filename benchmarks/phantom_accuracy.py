@@ -290,15 +290,16 @@ def slice_scores(clip, phantoms, prompt, target="tumor"):
     whether it holds the target (a label name)."""
     import torch
 
-    from MedCLIPSAMLib.pipeline.preprocess import pad_to_square, to_rgb
+    from MedCLIPSAMLib.pipeline.image import clip_input
+    from MedCLIPSAMLib.pipeline.presence import presence_lead
     from MedCLIPSAMLib.pipeline.text import TextEmbeddings
 
-    x = torch.stack([clip.preprocess_array(to_rgb(pad_to_square(ph.gray)[0])) for ph in phantoms])
+    text = TextEmbeddings(clip)
+    x = torch.stack([clip_input(clip, ph.gray) for ph in phantoms])
     with torch.no_grad():
         f = clip.encode_image(x).float()
-        s = (f @ TextEmbeddings(clip)(prompt).float()).numpy()
-        best = lambda sentences: (f @ clip.encode_text(list(sentences)).float().T).max(dim=1).values.numpy()
-        lead = best(prompt.sentences) - best(prompt.absent) if prompt.absent else None
+    s = (f @ text(prompt).float()).numpy()
+    lead = presence_lead(f, prompt, text) if prompt.absent else None
     pos = np.array([ph.has_tumor if target == "tumor" else ph.holds(target) for ph in phantoms])
     return s, lead, pos
 

@@ -73,7 +73,7 @@ def main(argv=None):
 
     device = select_device(args.device)
     if args.batch_size is None:
-        args.batch_size = 64 if device.type == "cuda" else 16
+        args.batch_size = gs.default_batch_size(device)
     torch.manual_seed(0)
     clip, load_s = _timed(load_clip, args.model, device)
     image = _phantom_slice(clip)

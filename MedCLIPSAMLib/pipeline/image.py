@@ -31,6 +31,11 @@ class ImageResult:
     absent: str = None              # why the target counted as absent (then everything is empty)
 
 
+def clip_input(clip, gray8):
+    """The CLIP image-encoder input [3,H,W] of a uint8 image (padded to square, as everywhere)."""
+    return clip.preprocess_array(to_rgb(pad_to_square(gray8)[0]))
+
+
 def to_gray(image):
     """HxW or HxWx3/4 array -> HxW (luminance for colour images)."""
     a = np.asarray(image)
@@ -107,7 +112,7 @@ class ImageSegmenter:
         """None when the image matches the prompt better than its absent sentences by more than margin."""
         import torch
 
-        x = self.clip.preprocess_array(to_rgb(pad_to_square(gray8)[0]))[None]
+        x = clip_input(self.clip, gray8)[None]
         with torch.no_grad(), autocast(self.clip.device, self.settings.autocast):
             feats = self.clip.encode_image(x).float().cpu()
         lead = presence_lead(feats, prompt, self.text)

@@ -4,7 +4,7 @@ A prompt that names a known target ("brain tumor", "liver", ...) expands to that
 descriptive sentences (MedCLIPSAMLib/resources/prompt_ensembles.json); the sentences' embeddings are
 averaged and re-normalised. Any other prompt is used as written, plus a few neutral templates. A user
 can also give their own sentences separated by ' | '. A prompt may also carry "absent" sentences: what
-an image WITHOUT the target looks like (the presence test in volume.py).
+an image WITHOUT the target looks like (the presence test in presence.py).
 """
 
 import functools

@@ -26,7 +26,7 @@ from ..postprocess import bounding_box
 from ..postprocess.components import fill_holes, keep_top_components, remove_small_components
 from ..progress import null_progress
 from ..runtime import autocast, log
-from .image import ImageSegmenter
+from .image import ImageSegmenter, clip_input
 from .preprocess import intensity_range, normalize_to_uint8, pad_to_square, to_rgb, unpad
 from .sam_refine import predict_mask
 from .slices import SliceView
@@ -120,7 +120,7 @@ class VolumeSegmenter:
                 g = self.gray8(k)
                 if g.max() == g.min():  # blank slice (air, padding): cannot hold anything
                     continue
-                batch.append(self.clip.preprocess_array(to_rgb(pad_to_square(g)[0])))
+                batch.append(clip_input(self.clip, g))
                 ids.append(k)
             if batch:
                 with torch.no_grad(), autocast(self.clip.device, self.settings.autocast):

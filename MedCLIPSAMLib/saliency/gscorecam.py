@@ -49,6 +49,11 @@ def gscorecam(clip, images, text_embedding, **settings):
     return run_gscorecam(clip, images, text_embedding, **settings).maps
 
 
+def default_batch_size(device):
+    """Masked images per forward pass when none is given: 64 on a GPU, 16 on a CPU (see run_gscorecam)."""
+    return 64 if str(device).startswith("cuda") else 16
+
+
 def run_gscorecam(clip, images, text_embedding, topk=300, batch_size=None, autocast=False,
                   layer=DEFAULT_LAYER, scale=None):
     """gScoreCAM of normalised images [B,3,H,W] (or [3,H,W]) for a [D] (or [B,D]) text embedding.
@@ -60,7 +65,7 @@ def run_gscorecam(clip, images, text_embedding, topk=300, batch_size=None, autoc
     """
     vit_trunk(clip)
     if batch_size is None:
-        batch_size = 64 if clip.device.type == "cuda" else 16
+        batch_size = default_batch_size(clip.device)
     if int(topk) < 1 or int(batch_size) < 1:
         raise MedCLIPSAMError("gScoreCAM needs topk >= 1 and batch_size >= 1")
     device = clip.device
