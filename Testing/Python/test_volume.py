@@ -359,3 +359,36 @@ def test_absent_if_given_a_wrong_number_of_times_is_a_one_line_error(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--absent-if was given 2 times for 3 prompts" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_mask_cleanup_on_the_bounding_box_equals_the_whole_volume(axis):
+    """The 3D clean-up works on the mask's bounding box (memory); it must give the whole-volume result:
+    holes filled slice by slice, specks dropped, key-slice components kept, at the box's edges too."""
+    from scipy import ndimage
+
+    from MedCLIPSAMLib.pipeline.volume import clean_volume_mask
+
+    rng = np.random.default_rng(axis)
+    mask = np.zeros((24, 40, 36), np.uint8)
+    blobs = ndimage.gaussian_filter(rng.random((14, 26, 22)), 1.5)
+    mask[6:20, 8:34, 10:32] = blobs > np.quantile(blobs, 0.6)     # lumpy components with holes
+    mask[14:17, 12:20, 13:21] = 1                                   # a block ...
+    mask[15, 14:18, 15:19] = 0                                      # ... with a hole enclosed in both views
+    mask[10:14, 20:24, 0:4] = 1                                     # a block on the volume's edge ...
+    mask[11, 22, 0] = 0                                             # ... with a notch open to the edge
+    mask[22, 2, 30] = 1                                             # a speck
+    spacing = (2.0, 1.0, 1.0)
+    keys = [15] if axis == 0 else [2]   # meets the inner block only / the edge block only
+    for k, largest in ((keys, 0), ((), 1), ((), 0)):
+        cropped = clean_volume_mask(mask, axis, spacing, 8.0, k, largest)
+        whole = clean_volume_mask(mask, axis, spacing, 8.0, k, largest, crop=False)
+        np.testing.assert_array_equal(cropped, whole)
+        assert cropped.dtype == bool and not cropped[22, 2, 30]     # the speck is gone
+    everything = clean_volume_mask(mask, axis, spacing, 8.0)
+    assert everything[15, 16, 16]                      # an enclosed hole is filled
+    assert everything[11, 22, 0] == (axis == 2)        # open to the edge in an axial plane, not in a sagittal one
+    kept = clean_volume_mask(mask, axis, spacing, 8.0, keys)
+    assert kept[15, 16, 16] == (axis == 0)   # the inner block, its hole filled, or dropped
+    assert kept[11, 21, 2] == (axis == 2)    # the edge block kept, or dropped
+    assert not clean_volume_mask(np.zeros_like(mask), axis, spacing, 8.0, keys).any()
