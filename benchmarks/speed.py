@@ -18,10 +18,9 @@ Full-size random-weight BiomedCLIP (ViT-B/16 + PubMedBERT) and SAM 2.1 Hiera tin
     would take hours on 2 cores).
 (c) the floor: one batched CLIP image-encoder pass + one SAM2 encoder pass per slice (bf16), x slices.
 (d) peak memory: `medclipsam segment` in a child process on a 512x512x300 MR phantom read from NRRD;
-    peak RSS of the child from resource.getrusage(RUSAGE_CHILDREN) (psutil is not installed). To keep
-    the time down it runs `--preset fast --sam none` by default (GradCAM + KMeans, per-slice on the
-    gated slices): it shows that the volume is streamed slice by slice, not how much SAM2 adds
-    (SAM2 tiny's weights are loaded either way).
+    peak RSS of the child from resource.getrusage(RUSAGE_CHILDREN) (psutil is not installed). By default
+    the CLI's own default pipeline (preset v1: gScoreCAM key slices, CRF, SAM2 carried through the gated
+    slices); `--memory-args --preset v2` for v2. About 10 min on 2 idle cores.
 Timings belong here, never in tests.
 """
 
@@ -179,9 +178,9 @@ def main(argv=None):
     p.add_argument("--measure-steps", type=int, default=3)
     p.add_argument("--memory-shape", type=int, nargs=3, default=(300, 512, 512), metavar=("Z", "Y", "X"))
     p.add_argument("--memory-args", nargs=argparse.REMAINDER,
-                   default=["--preset", "fast", "--sam", "none"],
-                   help="extra `medclipsam segment` arguments of the memory run (last option; default: "
-                        "--preset fast --sam none)")
+                   default=[],
+                   help="extra `medclipsam segment` arguments of the memory run (last option; default: none, "
+                        "i.e. the CLI's default pipeline, preset v1 with SAM2)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--only-memory", action="store_true", help="only part (d)")
     p.add_argument("--saliency-from", help="reuse part (a)'s saliency figures from an earlier JSON of this script")
