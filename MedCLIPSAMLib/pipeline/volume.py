@@ -330,8 +330,8 @@ def clean_volume_mask(mask, axis, spacing, min_size_mm3, keys=(), keep_largest=0
     if len(keys):
         components, n = ndimage.label(sub)
         support = np.zeros(n + 1, bool)
+        start, stop, _ = box[axis].indices(mask.shape[axis])  # key slice k is slice k - start of the box
         for k in keys:
-            start, stop, _ = box[axis].indices(mask.shape[axis])
             if start <= k < stop:
                 support[np.unique(np.take(components, k - start, axis=axis))] = True
         support[0] = False
