@@ -4,7 +4,10 @@ import contextlib
 import logging
 import os
 import random
+import shutil
+import sys
 import tempfile
+from pathlib import Path
 
 from .errors import MedCLIPSAMError
 
@@ -116,3 +119,65 @@ def atomic_output(path, suffix=None):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+# Scratch folders live under one known folder, named "<owner pid>-<random>", so that a process killed
+# with SIGKILL (no cleanup runs) leaves a folder the next process recognises as stale and removes.
+SCRATCH_ROOT = "medclipsam-scratch"
+
+
+def scratch_root():
+    """The folder holding every scratch folder: in the temp dir, one per user (POSIX /tmp is shared)."""
+    uid = f"-{os.getuid()}" if hasattr(os, "getuid") else ""
+    return Path(tempfile.gettempdir()) / (SCRATCH_ROOT + uid)
+
+
+def pid_alive(pid):
+    """Whether process `pid` exists (on Windows os.kill(pid, 0) would send Ctrl-C, so ask the kernel)."""
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.GetLastError() == 5  # access denied: it exists
+        code = ctypes.c_ulong()
+        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_scratch(root=None):
+    """Remove scratch folders whose owner process is gone; returns the removed paths."""
+    root = Path(root or scratch_root())
+    removed = []
+    if not root.is_dir():
+        return removed
+    for folder in root.iterdir():
+        owner = folder.name.split("-", 1)[0]
+        if owner.isdigit() and not pid_alive(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+@contextlib.contextmanager
+def scratch_folder():
+    """A private temporary folder, removed on exit; one left by a killed process is removed by the next call."""
+    root = scratch_root()
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_scratch(root)
+    folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

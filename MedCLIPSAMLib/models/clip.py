@@ -2,84 +2,19 @@
 
 A CLIP folder holds `open_clip_config.json`, the weights (`open_clip_pytorch_model.bin` or
 `open_clip_model.safetensors`), and the text tower's `config.json`, `vocab.txt` and `tokenizer_config.json`
-(in `text/` or beside the config). The hub config names its text tower by a hub repository; here it is
-pointed at the local copy in a temporary runtime folder, so loading never touches the network.
+(in `text/` or beside the config). builders.build_open_clip points the hub config's text tower at the
+local copy, so loading never touches the network.
 """
 
 import json
-import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MedCLIPSAMError
 from ..runtime import log
-from . import cache
+from . import cache, random_models
+from .builders import build_open_clip, weights_file
 from .registry import RANDOM_MODELS, get_entry
-
-WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-TEXT_FILES = ("config.json", "vocab.txt", "tokenizer_config.json")
-
-
-def _find(folder, name):
-    for candidate in (folder / name, folder / "text" / name):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def weights_file(folder):
-    for name in WEIGHT_FILES:
-        if (Path(folder) / name).is_file():
-            return Path(folder) / name
-    return None
-
-
-def build_open_clip(folder, weights="auto", device="cpu"):
-    """Create the open_clip model described by `folder` and load its weights (weights_only, no pickles).
-
-    Returns (model, tokenizer). weights=None builds random weights (used to write random checkpoints).
-    """
-    import open_clip
-    import torch
-
-    folder = Path(folder)
-    config_path = folder / "open_clip_config.json"
-    if not config_path.is_file():
-        raise MedCLIPSAMError(f"'{folder}' is not a CLIP model folder: open_clip_config.json is missing")
-    config = json.loads(config_path.read_text())
-    text_cfg = config.get("model_cfg", {}).get("text_cfg", {})
-    with tempfile.TemporaryDirectory(prefix="medclipsam-clip-") as runtime:
-        runtime = Path(runtime)
-        if "hf_model_name" in text_cfg:
-            for name in TEXT_FILES:
-                src = _find(folder, name)
-                if src is None:
-                    raise MedCLIPSAMError(f"the CLIP folder '{folder}' lacks the text tower file {name} (in text/)")
-                shutil.copy(src, runtime / name)
-            # the text tower's config and tokenizer now live in the runtime folder itself
-            text_cfg["hf_model_name"] = text_cfg["hf_tokenizer_name"] = str(runtime)
-        (runtime / "open_clip_config.json").write_text(json.dumps(config))
-        # open_clip warns on the root logger that the runtime folder has no weights: they are loaded below
-        logging.disable(logging.WARNING)
-        try:
-            model = open_clip.create_model(f"local-dir:{runtime}", pretrained_text=False, device=device)
-            tokenizer = open_clip.get_tokenizer(f"local-dir:{runtime}")
-        finally:
-            logging.disable(logging.NOTSET)
-    if weights == "auto":
-        weights = weights_file(folder)
-        if weights is None:
-            raise MedCLIPSAMError(f"the CLIP folder '{folder}' has no weights ({' or '.join(WEIGHT_FILES)})")
-    if weights is not None:
-        try:
-            open_clip.load_checkpoint(model, str(weights), weights_only=True, device=device)
-        except Exception as exc:  # unpickling / shape errors: the file is not a checkpoint of this model
-            raise MedCLIPSAMError(f"cannot load CLIP weights from '{weights}': {str(exc).splitlines()[0][:200]}") from exc
-    model.eval()
-    return model.to(device), tokenizer
-
 
 @dataclass
 class ClipBundle:
@@ -132,7 +67,6 @@ _loaded = {}
 
 def resolve_clip_folder(name):
     """(folder, is_random) for a registry name, a random model name or a folder path; verifies checksums."""
-    from . import random_models
     from .download import how_to_get, required_files
 
     if name in ("tiny-random", "random-biomedclip"):

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from . import cache
+from .builders import build_open_clip, instantiate_sam2, sam2_package_config
 
 # bump when the layout or architecture of a random model changes, so stale cached copies are not reused
 FORMAT = 2
@@ -69,8 +70,6 @@ def build_random_clip(folder, size="tiny", seed=0):
     import torch
     from transformers import BertConfig
 
-    from .clip import build_open_clip
-
     spec = CLIP_SIZES[size]
     folder = Path(folder)
     (folder / "text").mkdir(parents=True, exist_ok=True)
@@ -97,19 +96,10 @@ SAM2_VARIANTS = {
 }
 
 
-def sam2_package_config(rel):
-    import sam2
-    from omegaconf import OmegaConf
-
-    return OmegaConf.load(os.path.join(sam2.__path__[0], rel))
-
-
 def build_random_sam2(folder, variant="tiny-shrunk", seed=0):
     """Write a random SAM2 (config.yaml + model.pt as {"model": state_dict}) into `folder`."""
     import torch
     from omegaconf import OmegaConf
-
-    from .sam import instantiate_sam2
 
     cfg = sam2_package_config(SAM2_VARIANTS[variant])
     if variant == "tiny-shrunk":

@@ -5,11 +5,13 @@ A SAM2 folder holds the checkpoint ({"model": state_dict}) and, for non-registry
 instantiated directly (no hydra search path), so a config outside the package works too.
 """
 
+import warnings
 from pathlib import Path
 
 from ..errors import MedCLIPSAMError
 from ..runtime import log
-from . import cache
+from . import cache, random_models
+from .builders import instantiate_sam2, sam2_package_config
 from .registry import get_entry
 
 RANDOM_SAM2 = {
@@ -18,42 +20,11 @@ RANDOM_SAM2 = {
     "random-sam2.1-hiera-base-plus": "sam2.1_hiera_b+",
 }
 
-# the same mask post-processing that sam2.build_sam applies by default
-_POSTPROCESSING = {
-    "sam_mask_decoder_extra_args.dynamic_multimask_via_stability": True,
-    "sam_mask_decoder_extra_args.dynamic_multimask_stability_delta": 0.05,
-    "sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh": 0.98,
-}
-
-
-def instantiate_sam2(cfg, video=False, overrides=()):
-    """Build the SAM2 module a config describes (image model, or the video predictor with video=True)."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    cfg = cfg.copy()
-    for key, value in _POSTPROCESSING.items():
-        OmegaConf.update(cfg, f"model.{key}", value, force_add=True)
-    for item in overrides:
-        key, value = item.split("=", 1)
-        OmegaConf.update(cfg, f"model.{key}", OmegaConf.create({"v": _yaml_value(value)}).v, force_add=True)
-    if video:
-        cfg.model._target_ = "sam2.sam2_video_predictor.SAM2VideoPredictor"
-    OmegaConf.resolve(cfg)
-    return instantiate(cfg.model, _recursive_=True)
-
-
-def _yaml_value(text):
-    import yaml
-
-    return yaml.safe_load(text)
-
 
 def resolve_sam2(name):
     """(config, checkpoint path, overrides, is_random) for a registry name, random name or folder."""
     from omegaconf import OmegaConf
 
-    from . import random_models
     from .download import how_to_get, required_files
 
     if name in RANDOM_SAM2:
@@ -75,7 +46,7 @@ def resolve_sam2(name):
     entry = get_entry(name, kind="sam2")
     folder = cache.model_dir(entry.name)
     cache.verify(folder, required_files(entry), entry.name, how_to_get(entry))
-    return random_models.sam2_package_config(entry.sam2_config), folder / entry.sam2_checkpoint, entry.sam2_overrides, False
+    return sam2_package_config(entry.sam2_config), folder / entry.sam2_checkpoint, entry.sam2_overrides, False
 
 
 def load_sam2(name="sam2.1-hiera-tiny", device="cpu", video=False):
@@ -101,9 +72,12 @@ def load_sam2(name="sam2.1-hiera-tiny", device="cpu", video=False):
 
 def image_predictor(model):
     """sam2's SAM2ImagePredictor, with feature sizes matched to the model's input size (MedSAM2 runs at 512)."""
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
+    with warnings.catch_warnings():
+        # sam2 scripts its transforms with torch.jit.script, which torch deprecates: sam2's to fix, not ours
+        warnings.filterwarnings("ignore", r"`torch\.jit\.script` is", FutureWarning)
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    predictor = SAM2ImagePredictor(model)
+        predictor = SAM2ImagePredictor(model)
     size = model.image_size
     predictor._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
     return predictor

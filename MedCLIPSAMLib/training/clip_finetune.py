@@ -188,14 +188,14 @@ def export_clip_folder(model, source_folder, output, extra=None):
     import torch
 
     from ..models import cache
-    from ..models.clip import TEXT_FILES, _find
+    from ..models.builders import TEXT_FILES, find_text_file
 
     source_folder, output = Path(source_folder), Path(output)
     (output / "text").mkdir(parents=True, exist_ok=True)
     if source_folder.resolve() != output.resolve():
         shutil.copyfile(source_folder / "open_clip_config.json", output / "open_clip_config.json")
         for name in TEXT_FILES:
-            src = _find(source_folder, name)
+            src = find_text_file(source_folder, name)
             if src is not None:
                 shutil.copyfile(src, output / "text" / name)
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
