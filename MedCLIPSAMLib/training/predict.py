@@ -17,7 +17,9 @@ import numpy as np
 from ..errors import MedCLIPSAMError
 from ..progress import null_progress
 from ..runtime import autocast
-from .weak import CONFIG_FILE, FORMAT, build_network
+from ..trained_models import WEAK_CONFIG as CONFIG_FILE
+from ..trained_models import WEAK_FORMAT as FORMAT
+from .weak_network import build_network
 from .weak_data import from_stack, normalize, stack_view, to_stack
 
 

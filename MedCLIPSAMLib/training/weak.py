@@ -46,6 +46,7 @@ from ..runtime import atomic_output, autocast, log, seed_everything
 # the folder format is defined once, beside the registry that recognises finished models
 from ..trained_models import WEAK_CONFIG as CONFIG_FILE
 from ..trained_models import WEAK_FORMAT as FORMAT
+from .weak_network import build_network
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
@@ -128,18 +129,6 @@ def plan_network(patch, spacing, base_filters=32, max_filters=None, min_edge=4, 
         "filters": [int(min(base_filters * 2 ** i, max_filters)) for i in range(len(strides))],
         "deep_supr_num": min(len(DEEP_SUPERVISION_WEIGHTS) - 1, len(strides) - 2) if deep_supervision else 0,
     }
-
-
-def build_network(config):
-    """DynUNet from a model config (its "dims", "classes" and "network" plan)."""
-    nets = optional_import("monai.networks.nets", "train", "weak supervision")
-    plan = config["network"]
-    return nets.DynUNet(
-        spatial_dims=config["dims"], in_channels=1, out_channels=config["classes"],
-        kernel_size=plan["kernel_size"], strides=plan["strides"], upsample_kernel_size=plan["strides"][1:],
-        filters=plan["filters"], norm_name=("INSTANCE", {"affine": True}),
-        act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
-        deep_supervision=plan["deep_supr_num"] > 0, deep_supr_num=max(1, plan["deep_supr_num"]))
 
 
 # --------------------------------------------------------------------------------------------------
