@@ -20,44 +20,14 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def read_image_2d(path):
-    """A 2D image file as a numpy array (grayscale or RGB), any bit depth."""
-    import os
-
-    import numpy as np
-
-    from ..errors import MedCLIPSAMError
-
-    if not os.path.isfile(path):
-        raise MedCLIPSAMError(f"image file '{path}' does not exist")
-    try:
-        from PIL import Image
-
-        with Image.open(path) as img:
-            img.load()
-            array = np.asarray(img.convert("RGB") if img.mode in ("P", "RGBA", "LA", "CMYK") else img)
-    except Exception:
-        from ..io import read_volume
-
-        volume = read_volume(path)
-        import SimpleITK as sitk
-
-        array = sitk.GetArrayFromImage(volume)
-        if array.shape[0] != 1:
-            raise MedCLIPSAMError(f"'{path}' is a 3D volume with {array.shape[0]} slices; use 'medclipsam segment'")
-        array = array[0]
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[..., 0]
-    return array
-
-
 def run(args):
     import numpy as np
 
+    from ..io.images import read_image_2d
     from ..models import load_clip, load_sam2
-    from ..overlay import heatmap, overlay, save_png
+    from ..overlay import overlay, save_png
     from ..pipeline.image import ImageSegmenter
-    from ..pipeline.preprocess import normalize_to_uint8
+    from ..imageops import normalize_to_uint8
     from ..pipeline.text import make_prompt
     from .options import model_names, pipeline_settings, runtime_device
 

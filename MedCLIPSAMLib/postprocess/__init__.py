@@ -62,7 +62,7 @@ def postprocess(
     if image_gray is not None:
         shape = np.asarray(image_gray).shape[:2]
         if s.shape != shape:
-            from ..pipeline.preprocess import resize
+            from ..imageops import resize
 
             s = resize(s, shape, order=1)
     elif method == "crf":

@@ -36,7 +36,7 @@ def _gray_to_uint8(image_gray):
     if g.ndim == 3 and g.shape[2] == 3:  # an RGB rendering of a grey slice: take one channel
         g = g[:, :, 0]
     if g.dtype != np.uint8:
-        from ..pipeline.preprocess import normalize_to_uint8
+        from ..imageops import normalize_to_uint8
 
         g = normalize_to_uint8(g, modality="other")
     return g

@@ -47,7 +47,7 @@ def kmeans_mask(saliency, image_gray=None, resize_to=256, region=None):
         return np.zeros(s.shape, dtype=bool)
     fit_on, fit_inside = s, inside
     if resize_to and s.shape != (resize_to, resize_to):
-        from ..pipeline.preprocess import resize
+        from ..imageops import resize
 
         fit_on = resize(s, (resize_to, resize_to), order=1)
         # resample pixels wholly inside the region: at its edge the linear resample blends in the outside

@@ -303,7 +303,7 @@ def predict_file(model_dir, input_path, prompt, output, uncertainty_output=None,
     seed_everything(seed)   # the stochastic passes are reproducible
     predictor = predictor or MedCLIPSegPredictor(model_dir, device)
     if flat:
-        from ..cli.segment_image import read_image_2d
+        from ..io.images import read_image_2d
         from ..overlay import save_png
 
         gray = gray8_of(read_image_2d(input_path))

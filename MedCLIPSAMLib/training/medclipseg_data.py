@@ -69,7 +69,7 @@ def expand_inputs(entries, what):
 def gray8_of(image):
     """A 2D image array (grey or RGB, any depth) -> HxW uint8, as the zero-shot 2D pipeline does it."""
     from ..pipeline.image import to_gray
-    from ..pipeline.preprocess import normalize_to_uint8
+    from ..imageops import normalize_to_uint8
 
     gray = to_gray(image)
     if not np.isfinite(gray).all():
@@ -78,7 +78,7 @@ def gray8_of(image):
 
 
 def read_mask_2d(path):
-    from ..cli.segment_image import read_image_2d
+    from ..io.images import read_image_2d
 
     m = np.asarray(read_image_2d(path))
     return (m.any(axis=2) if m.ndim == 3 else m) != 0
@@ -108,7 +108,7 @@ def volume_gray_slices(image, axis="axial", window=None):
     """(SliceView, value range, function k -> uint8 slice k in display orientation) for a 3D image."""
     import SimpleITK as sitk
 
-    from ..pipeline.preprocess import intensity_range, normalize_to_uint8
+    from ..imageops import intensity_range, normalize_to_uint8
     from ..pipeline.slices import SliceView
 
     volume = sitk.GetArrayViewFromImage(image)
@@ -136,7 +136,7 @@ def single_slice_axis(image, axis):
 
 def load_pair(image_path, label_path):
     """Samples (one per 2D image, one per axial slice of a volume) of one image/label pair."""
-    from ..cli.segment_image import read_image_2d
+    from ..io.images import read_image_2d
     from ..io import read_volume
 
     if is_2d_image_file(image_path):
