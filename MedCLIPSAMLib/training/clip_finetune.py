@@ -109,6 +109,21 @@ def init_distributed(device_name):
     return info, device
 
 
+@contextlib.contextmanager
+def leaving_process_group():
+    """Leave, after the block and also when it fails, the process group that the block starts under
+    torchrun. A gloo group still alive at interpreter exit can abort the process while its threads are
+    torn down (SIGABRT, "terminate called without an active exception"), failing a finished run."""
+    import torch.distributed as dist
+
+    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    try:
+        yield
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # pieces of the loop --------------------------------------------------------------------------------
 
 def lr_lambda(warmup_steps, total_steps):
@@ -346,14 +361,8 @@ def finetune(opts, progress=None):
 
     Under torchrun it joins (and afterwards leaves) the process group; non-zero ranks return [].
     """
-    import torch.distributed as dist
-
-    started_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    try:
+    with leaving_process_group():
         return _finetune(opts, progress)
-    finally:
-        if started_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _finetune(opts, progress):

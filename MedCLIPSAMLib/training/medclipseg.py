@@ -424,7 +424,15 @@ def _check_options(opts):
 
 def train(opts, progress=None, samples=None, val_samples=None):
     """Train adapters + head; returns the metric records (one per epoch). `samples` / `val_samples`
-    (lists of medclipseg_data.Sample) replace opts.images/labels and opts.val_images/val_labels."""
+    (lists of medclipseg_data.Sample) replace opts.images/labels and opts.val_images/val_labels.
+    Under torchrun it joins (and afterwards leaves) the process group; non-zero ranks return []."""
+    from .clip_finetune import leaving_process_group
+
+    with leaving_process_group():
+        return _train(opts, progress, samples, val_samples)
+
+
+def _train(opts, progress, samples, val_samples):
     import torch
 
     from .clip_finetune import append_metrics, init_distributed, lr_lambda

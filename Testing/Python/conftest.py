@@ -3,7 +3,10 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 # set before anything imports torch / huggingface_hub
 os.environ.setdefault("MEDCLIPSAM_OFFLINE", "1")
@@ -31,3 +34,22 @@ def tiny_sam2():
     from MedCLIPSAMLib.models import load_sam2
 
     return load_sam2("tiny-random")
+
+
+@pytest.fixture
+def torchrun():
+    """run(args, nproc=2, env=None): `medclipsam ARGS` in nproc CPU processes under torchrun, each through
+    torchrun_worker.py (which fails a rank that leaves its process group open); returns the CompletedProcess.
+
+    --standalone: the launcher binds its rendezvous store to a free port and hands that very store to the
+    workers, so concurrent runs cannot collide on a port. One thread per rank: two ranks share two cores."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def run(args, nproc=2, env=None, timeout=300):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(Path(__file__).with_name("torchrun_worker.py")), *map(str, args)]
+        path = os.pathsep.join([str(repo)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        full_env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **(env or {})}
+        return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+    return run

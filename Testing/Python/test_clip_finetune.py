@@ -3,7 +3,6 @@
 import csv
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -225,23 +224,14 @@ def test_resume_continues_with_the_same_optimiser_state(tmp_path, small_set):
     assert (tmp_path / "split" / "metrics.png").stat().st_size > 1000
 
 
-def _run_cli(args, env_extra=None, torchrun=0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    prefix = [sys.executable]
-    if torchrun:
-        prefix += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-    return subprocess.run(prefix + ["-m", "MedCLIPSAMLib", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_two_process_ddp_matches_one_process(tmp_path, small_set):
+def test_two_process_ddp_matches_one_process(tmp_path, small_set, torchrun):
     # no dropout: every other source of randomness (order, augmentation) is the same for any world size
     model = _tiny_variant(tmp_path, "model", dropout=0.0)
     finetune(FinetuneOptions(data=str(small_set), output=str(tmp_path / "one"), model=str(model), epochs=1,
                              batch_size=4, lr=1e-4, warmup_steps=1, device="cpu"))
-    two = _run_cli(["finetune-clip", "--data", str(small_set), "--model", str(model), "--epochs", "1",
-                    "--batch-size", "4", "--lr", "1e-4", "--warmup-steps", "1", "--device", "cpu",
-                    "--progress", "none", "--output", str(tmp_path / "two")], torchrun=2)
+    two = torchrun(["finetune-clip", "--data", small_set, "--model", model, "--epochs", "1", "--batch-size", "4",
+                    "--lr", "1e-4", "--warmup-steps", "1", "--device", "cpu", "--progress", "none",
+                    "--output", tmp_path / "two"])
     assert two.returncode == 0, two.stderr[-3000:]
     m1, m2 = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert len(m1) == len(m2) == 2  # rank 0 alone wrote the log

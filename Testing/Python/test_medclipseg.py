@@ -321,7 +321,7 @@ def test_registration_imports_no_torch():
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes(tmp_path):
+def test_torchrun_two_processes(tmp_path, torchrun):
     """DistributedDataParallel on two CPU processes (gloo): rank 0 alone writes the model and metrics."""
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir()
@@ -330,15 +330,11 @@ def test_torchrun_two_processes(tmp_path):
         s = phantom_sample(700 + i, size=(64, 64))
         _write_png(images / f"c{i}.png", s.gray)
         _write_png(labels / f"c{i}.png", s.mask * 255)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(phantoms.__file__)))
     model_dir = tmp_path / "model"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "MedCLIPSAMLib", "medclipseg", "train", "--images", str(images), "--labels", str(labels),
-           "--prompts", PROMPT, "--output", str(model_dir), "--model", "tiny-random", "--epochs", "1",
-           "--batch-size", "4", "--device", "cpu", "--progress", "json"]
-    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = torchrun(["medclipseg", "train", "--images", images, "--labels", labels, "--prompts", PROMPT,
+                    "--output", model_dir, "--model", "tiny-random", "--epochs", "1", "--batch-size", "4",
+                    "--device", "cpu", "--progress", "json"])
+    assert out.returncode == 0, out.stderr[-3000:]
     finished = [json.loads(line) for line in out.stdout.splitlines() if '"finished"' in line]
     assert len(finished) == 1  # only rank 0 reports
     config = json.loads((model_dir / mcs.CONFIG_FILE).read_text())
