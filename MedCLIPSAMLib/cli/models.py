@@ -21,20 +21,29 @@ def register(sub):
     t.set_defaults(func=trained)
 
 
+def table(rows, right=()):
+    """Lines of text with each column as wide as its widest cell (columns in `right` right-aligned); the
+    last column is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(w) if i in right else cell if i == len(row) - 1 else cell.ljust(w)
+                      for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+
+
 def list_models(args):
     from ..models import cache
     from ..models.download import required_files
     from ..models.registry import RANDOM_MODELS, REGISTRY
 
-    print(f"cache: {cache.home() / 'models'}")
-    print(f"{'name':26} {'kind':5} {'size':>7}  {'licence':11} {'cached':7} source")
+    rows = [("name", "kind", "size", "licence", "cached", "source")]
     for entry in REGISTRY.values():
         folder = cache.model_dir(entry.name)
         present = all((folder / f).is_file() for f in required_files(entry))
-        source = ", ".join(s.repo for s in entry.sources)
-        print(f"{entry.name:26} {entry.kind:5} {entry.approx_size_mb:>5}MB  {entry.licence:11} {'yes' if present else 'no':7} {source}")
+        rows.append((entry.name, entry.kind, f"{entry.approx_size_mb}MB", entry.licence, "yes" if present else "no",
+                     ", ".join(s.repo for s in entry.sources)))
     for name, what in RANDOM_MODELS.items():
-        print(f"{name:26} {'-':5} {'-':>7}  {'-':11} {'-':7} built locally: {what}")
+        rows.append((name, "-", "-", "-", "-", f"built locally: {what}"))
+    print(f"cache: {cache.home() / 'models'}")
+    print("\n".join(table(rows, right={2})))
     return 0
 
 
@@ -92,7 +101,8 @@ def trained(args):
     print(f"registry: {trained_models.registry_path()}")
     if not models:
         print("no trained models registered")
-    for m in models:
-        state = "" if m["present"] else "  (folder missing or incomplete)"
-        print(f"{m['name']:24} {m['kind']:10} {', '.join(m['labels']):24} {m['date']:19} {m['folder']}{state}")
+    rows = [(m["name"], m["kind"], ", ".join(m["labels"]), m["date"],
+             m["folder"] + ("" if m["present"] else "  (folder missing or incomplete)")) for m in models]
+    if rows:
+        print("\n".join(table(rows)))
     return 0

@@ -208,3 +208,20 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(MedCLIPSAMError, match="does not exist"):
         with atomic_output(tmp_path / "nope" / "x.nrrd"):
             pass
+
+
+def test_models_list_aligns_its_columns_with_long_names(monkeypatch, capsys):
+    from MedCLIPSAMLib.cli import main
+    from MedCLIPSAMLib.models import registry
+
+    long_name = "random-" + "x" * 40
+    monkeypatch.setitem(registry.RANDOM_MODELS, long_name, "a name longer than any column width")
+    assert main(["models", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]  # after the "cache: ..." line
+    header = lines[0]
+    assert any(line.startswith(long_name + " ") for line in lines)
+    for column in ("kind", "licence", "cached", "source"):  # left-aligned: every cell starts under its title
+        at = header.index(column)
+        assert all(line[at - 1] == " " and line[at] != " " for line in lines), column
+    end = header.index("size") + len("size")  # right-aligned: every cell ends under its title
+    assert all(line[end - 1] != " " and line[end] == " " for line in lines)
