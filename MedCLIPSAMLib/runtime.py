@@ -95,7 +95,8 @@ def atomic_output(path, suffix=None):
     """Yield a temporary path beside `path`; on success it is renamed onto `path`, on any error removed.
 
     A failed or cancelled run therefore never leaves a half-written file, and an existing file is only
-    replaced once the new one is complete.
+    replaced once the new one is complete. A killed run (SIGKILL) cannot clean up: its partial file is
+    removed by the next write of the same output.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -106,7 +107,8 @@ def atomic_output(path, suffix=None):
     base = os.path.basename(path)
     # keep the full multi-part extension (.seg.nrrd, .nii.gz) so writers pick the right format
     ext = suffix if suffix is not None else base[base.find("."):] if "." in base else ""
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".part{ext}", dir=directory)
+    remove_stale(directory, f".{base}.")  # a killed run's partial file for this output
+    fd, tmp = tempfile.mkstemp(prefix=owned_prefix(f".{base}."), suffix=f".part{ext}", dir=directory)
     os.close(fd)
     try:
         yield tmp
@@ -121,8 +123,8 @@ def atomic_output(path, suffix=None):
         raise
 
 
-# Scratch folders live under one known folder, named "<owner pid>-<random>", so that a process killed
-# with SIGKILL (no cleanup runs) leaves a folder the next process recognises as stale and removes.
+# Temporary files and folders are named "<prefix><owner pid>-<random>" in a known place, so that one left
+# by a process killed with SIGKILL (no cleanup runs) is recognised as stale and removed by the next run.
 SCRATCH_ROOT = "medclipsam-scratch"
 
 
@@ -156,17 +158,28 @@ def pid_alive(pid):
     return True
 
 
-def remove_stale_scratch(root=None):
-    """Remove scratch folders whose owner process is gone; returns the removed paths."""
-    root = Path(root or scratch_root())
+def owned_prefix(prefix=""):
+    """The name prefix of this process's temporary files: remove_stale() recognises them."""
+    return f"{prefix}{os.getpid()}-"
+
+
+def remove_stale(directory, prefix=""):
+    """Remove the entries of `directory` named "<prefix><pid>-..." whose process is gone; returns their paths."""
     removed = []
-    if not root.is_dir():
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
         return removed
-    for folder in root.iterdir():
-        owner = folder.name.split("-", 1)[0]
-        if owner.isdigit() and not pid_alive(int(owner)):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+    for entry in entries:
+        owner = entry.name[len(prefix):].split("-", 1)[0] if entry.name.startswith(prefix) else ""
+        if not owner.isdigit() or pid_alive(int(owner)):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(entry.path)
+        removed.append(Path(entry.path))
     return removed
 
 
@@ -175,8 +188,8 @@ def scratch_folder():
     """A private temporary folder, removed on exit; one left by a killed process is removed by the next call."""
     root = scratch_root()
     root.mkdir(parents=True, exist_ok=True)
-    remove_stale_scratch(root)
-    folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+    remove_stale(root)
+    folder = Path(tempfile.mkdtemp(prefix=owned_prefix(), dir=root))
     try:
         yield folder
     finally:

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..runtime import owned_prefix, remove_stale
 from . import cache
 from .builders import build_open_clip, instantiate_sam2, sam2_package_config
 
@@ -125,7 +126,8 @@ def ensure_random(kind, variant, seed=0):
     if (folder / cache.MANIFEST).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    remove_stale(folder.parent, folder.name + ".")  # a build a killed process left unfinished
+    tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(folder.name + "."), dir=folder.parent))
     try:
         (build_random_clip if kind == "clip" else build_random_sam2)(tmp, variant, seed)
         try:

@@ -142,29 +142,50 @@ def test_sam2_predictor_does_not_warn(tiny_sam2):
 # scratch folders of killed processes
 
 
-def test_a_killed_process_leaves_nothing_the_next_run_keeps(tmp_path, monkeypatch):
-    from MedCLIPSAMLib.runtime import scratch_folder, scratch_root
-
+def _killed_while_holding(tmp_path, code):
+    """Run `code` (which prints a path it created, then blocks) in a real process, SIGKILL it, return the path."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    code = ("from MedCLIPSAMLib.runtime import scratch_folder\n"
-            "with scratch_folder() as f:\n"
-            "    (f / 'open_clip_config.json').write_text('{}')\n"
-            "    print(f, flush=True)\n"
-            "    input()\n")  # holds the folder until killed
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=env)
     left = Path(proc.stdout.readline().strip())
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert left.is_dir() and left.parent.parent == tmp_path  # SIGKILL: no cleanup ran
+    assert left.exists()  # SIGKILL: no cleanup ran
+    return left
 
+
+def test_a_killed_process_scratch_folder_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    from MedCLIPSAMLib.runtime import scratch_folder, scratch_root
+
+    left = _killed_while_holding(tmp_path, "from MedCLIPSAMLib.runtime import scratch_folder\n"
+                                           "with scratch_folder() as f:\n"
+                                           "    (f / 'open_clip_config.json').write_text('{}')\n"
+                                           "    print(f, flush=True)\n"
+                                           "    input()\n")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    assert scratch_root() == left.parent
+    assert left.parent == scratch_root() and scratch_root().parent == tmp_path
     alive = left.parent / f"{os.getppid()}-busy"  # a running process's folder is left alone
     alive.mkdir()
     with scratch_folder() as mine:
         assert mine.is_dir() and not left.exists() and alive.is_dir()
     assert sorted(left.parent.iterdir()) == [alive]
+
+
+def test_a_killed_process_partial_output_is_removed_by_the_next_write(tmp_path):
+    from MedCLIPSAMLib.runtime import atomic_output
+
+    out = tmp_path / "out.seg.nrrd"
+    left = _killed_while_holding(tmp_path, "from MedCLIPSAMLib.runtime import atomic_output\n"
+                                           f"with atomic_output({str(out)!r}) as tmp:\n"
+                                           "    open(tmp, 'w').write('half')\n"
+                                           "    print(tmp, flush=True)\n"
+                                           "    input()\n")
+    dead = left.name[len(".out.seg.nrrd."):].split("-")[0]
+    other = tmp_path / f".other.nrrd.{dead}-x.part.nrrd"  # another output's: left for that output's next write
+    other.write_text("")
+    with atomic_output(out) as tmp:
+        Path(tmp).write_text("whole")
+    assert not left.exists() and sorted(p.name for p in tmp_path.iterdir()) == [other.name, out.name]
 
 
 def test_loading_clip_cleans_up_its_scratch_folder(tmp_path, monkeypatch):
