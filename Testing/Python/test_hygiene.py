@@ -35,15 +35,15 @@ def _imports(name, path):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
+            if node.level:  # relative: level 1 is the module's own package
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             # "from . import cache" imports the submodule cache; "from .x import f" imports x
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
         else:
             continue
         for target in targets:
-            while target and target not in MODULES:  # "import a.b.c" of a function-less path: its module
+            while target and target not in MODULES:  # another package's name shrinks to ""
                 target = target.rpartition(".")[0]
             if target and target != name:
                 found.add(target)
