@@ -169,7 +169,8 @@ def test_2_cancel_through_a_launcher_leaves_no_process(mod, tmp_path, launcher):
     volume = mrml.volume_node_from_sitk(logic.scene, phantoms.make_volume("mr", shape=(4, 16, 16), seed=0).image, "v")
     events = []
     job = logic.startSegmentation(volume, ["brain"], progressCallback=events.append)
-    job.process.KILL_GRACE_SECONDS = 0.5
+    # the real grace periods: the defect was the pipe grace (2 s) ending before the kill deadline (3 s)
+    assert job.process.PIPE_GRACE_SECONDS < job.process.KILL_GRACE_SECONDS
     while job.poll() and not events:
         time.sleep(0.02)
     real = int((tmp_path / "real.pid").read_text())

@@ -330,6 +330,11 @@ def test_command_line_is_accepted_by_the_real_parser(mod):
     assert args.axis == "sagittal" and args.device == "mps" and args.models == "tiny-random"
     assert args.uncertainty_output == "u.nrrd" and args.output == "out.seg.nrrd"
     assert args.absent_if == ["a normal MRI | a healthy brain"]  # once: for every prompt
+    # the setup's model commands (verify, verify --adopt, download)
+    for action, extra in (("verify", ()), ("verify", ("--adopt",)), ("download", ())):
+        args = parser.parse_args(commands.models(logic.cliCommand(), action, "biomedclip", *extra)[3:])
+        assert args.command == "models" and "biomedclip" in json.dumps(vars(args), default=str)
+        assert ("--adopt" in extra) == bool(getattr(args, "adopt", False))
 
 
 def test_prompt_suggestions_from_shipped_and_odd_files(mod, tmp_path):
