@@ -77,7 +77,8 @@ class MedCLIPSAMParameterNode:
     weak* - the weak-supervision section (image source, folder, epochs, 2D/3D, device, name, output).
     """
 
-    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]
+    # None must be in a node Union (parameterNodeWrapper/util.py isNodeOrUnionOfNodes, v5.10.0)
+    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode, None]
     prompts: str = ""
     preset: Annotated[str, Choice(PRESETS)] = "v2"
     axis: Annotated[str, Choice(AXES)] = "axial"

@@ -24,6 +24,7 @@ from test_slicer_module import MODULE_FILE, REPO, UI_FILE, _alive, load_module_f
 
 from MedCLIPSAMModuleLib import dependencies, devices, modeljobs, panelstate  # noqa: E402
 from MedCLIPSAMModuleLib.process import BackgroundProcess  # noqa: E402
+from MedCLIPSAMModuleLib.setupflow import SetupFlow  # noqa: E402
 
 POSIX = pytest.mark.skipif(os.name == "nt", reason="process groups and signals are POSIX")
 
@@ -252,7 +253,10 @@ def test_5_input_selector_lists_grey_and_colour_volumes_not_labelmaps(mod):
     show = {p.get("name"): p for p in element.findall("property")}
     showChild = show["showChildNodeTypes"].findtext("bool") == "true" if "showChildNodeTypes" in show else True
     # the connector overwrites the .ui's nodeTypes with the annotation's classes
-    nodeTypes = slicer_node_types(mod.MedCLIPSAMParameterNode.__annotations__[parameter])
+    annotation = mod.MedCLIPSAMParameterNode.__annotations__[parameter]
+    # a Union of nodes must include None, or the wrapper cannot store "no volume" (util.py, v5.10.0)
+    assert typing.get_origin(annotation) is not typing.Union or type(None) in typing.get_args(annotation)
+    nodeTypes = slicer_node_types(annotation)
     listed = {name: combo_lists(node, nodeTypes, showChild) for name, node in (
         ("grey", slicer.vtkMRMLScalarVolumeNode()), ("colour", slicer.vtkMRMLVectorVolumeNode()),
         ("labelmap", slicer.vtkMRMLLabelMapVolumeNode()), ("dti", slicer.vtkMRMLDiffusionTensorVolumeNode()))}
@@ -494,3 +498,68 @@ def test_10_scene_is_watched_only_while_shown_and_only_for_volumes():
     text = MODULE_FILE.read_text()
     assert "NodeAddedEvent" not in text  # the widget itself adds no scene-wide node observer
     assert vtk is not None
+
+
+class PanelRecorder:
+    """SetupFlow's view of the panel (dialogs, labels), recording what the user would see."""
+
+    def __init__(self, answer):
+        self.answer, self.seen, self.jobs = answer, [], []
+
+    def confirm(self, text):
+        self.seen.append(("confirm", text))
+        return self.answer
+
+    def inform(self, text):
+        self.seen.append(("inform", text))
+
+    def status(self, text):
+        self.seen.append(("status", text))
+
+    def progress(self, percent, text):
+        self.seen.append(("progress", text))
+
+    def jobStarted(self, job):
+        self.jobs.append(job)
+
+    def jobEnded(self):
+        self.seen.append(("ended", ""))
+
+
+def test_8_setup_verifies_models_in_the_background_then_runs(mod, tmp_path):
+    script = tmp_path / "cli.py"
+    script.write_text(textwrap.dedent('''
+        import os, sys
+        action, name = sys.argv[2], sys.argv[3]
+        if name in os.environ.get("MISSING", "").split(","):
+            print(f"{name}: FAILED: put the weights in /cache/{name}", flush=True)
+            sys.exit(1)
+        print(f"{name}: OK", flush=True)
+    '''))
+    logic = mod.MedCLIPSAMLogic(scene=slicer.vtkMRMLScene())
+    logic.cliPrefix = [sys.executable, str(script)]
+    names = modeljobs.requiredModels("")
+    assert len(names) == 2
+
+    def drive(flow, panel):  # the panel's timer
+        ran = []
+        flow.ensure(lambda: ran.append(True), "")
+        while flow.job is not None and flow.job.poll():
+            time.sleep(0.02)
+        return ran
+
+    logic.extraEnvironment = {"MISSING": names[1]}
+    panel = PanelRecorder(answer=False)  # the user declines the download
+    flow = SetupFlow(logic, panel, missingPackages=lambda packages: [])
+    assert drive(flow, panel) == [] and len(panel.jobs) == 1
+    kinds = [kind for kind, _text in panel.seen]
+    assert "confirm" in kinds and kinds[-1] == "inform"
+    assert f"/cache/{names[1]}" in panel.seen[-1][1] and logic.verifiedModels == {names[0]}
+
+    logic.extraEnvironment = {}
+    panel = PanelRecorder(answer=True)
+    assert drive(SetupFlow(logic, panel, missingPackages=lambda packages: []), panel) == [True]
+    assert logic.verifiedModels == set(names)
+    again = PanelRecorder(answer=True)  # verified once: no process the second time
+    assert drive(SetupFlow(logic, again, missingPackages=lambda packages: []), again) == [True]
+    assert again.jobs == []

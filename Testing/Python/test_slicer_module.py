@@ -175,7 +175,7 @@ def test_ui_parameter_names_match_the_parameter_node(mod):
         kind = CONNECTABLE[widget_class]
         annotation = annotations[parameter]
         if kind == "node":
-            classes = typing.get_args(annotation) or (annotation,)
+            classes = [c for c in typing.get_args(annotation) or (annotation,) if c is not type(None)]
             assert all(isinstance(c, type) and c.__name__.startswith("vtkMRML") for c in classes), parameter
         else:
             assert (typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Annotated
