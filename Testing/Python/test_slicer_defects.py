@@ -5,11 +5,9 @@ module's real code against it; processes are real processes, the MRML scene is s
 """
 
 import ast
-import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -479,8 +477,6 @@ def test_10_settings_written_only_when_changed_and_not_on_parameter_changes(mod)
 
 
 def test_10_scene_is_watched_only_while_shown_and_only_for_volumes():
-    import vtk
-
     scene, calls = slicer.vtkMRMLScene(), []
     watcher = panelstate.SceneVolumeWatcher(lambda: calls.append(1))
     scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")  # hidden module: no work
@@ -497,7 +493,6 @@ def test_10_scene_is_watched_only_while_shown_and_only_for_volumes():
     assert len(calls) == 2 and not watcher.attached
     text = MODULE_FILE.read_text()
     assert "NodeAddedEvent" not in text  # the widget itself adds no scene-wide node observer
-    assert vtk is not None
 
 
 class PanelRecorder:

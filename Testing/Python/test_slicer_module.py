@@ -6,8 +6,8 @@ slicer.i18n (tr/translate) and slicer.parameterNodeWrapper (the decorator and Ch
 qt and ctk are not stubbed: the module must load without them (the widget imports them when it is built).
 
 Checked: the .ui file against the names and classes the code uses; loading without torch or qt; the
-logic's helpers (prompts, progress lines, output splitting, error messages, GPU query parsing, command
-line); the logic driving a stand-in CLI process end to end (progress, import, re-run into the same node,
+Qt-free helpers in MedCLIPSAM/MedCLIPSAMModuleLib/ (prompts, progress lines, output splitting, error
+messages, GPU query parsing, command lines checked by the CLI's own parser); the logic driving a stand-in CLI process end to end (progress, import, re-run into the same node,
 errors, cancel killing the process tree); the real `medclipsam segment` through the module's own
 self-test (MedCLIPSAMTest) with tiny-random models; and the extension packaging (CMake with a stand-in
 Slicer, .s4ext, the ExtensionsIndex JSON, the icon).
