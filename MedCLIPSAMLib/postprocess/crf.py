@@ -1,4 +1,4 @@
-"""Dense CRF (pydensecrf) turning a saliency map in [0, 1] into a binary mask (MedCLIP-SAM v1).
+"""Dense CRF turning a saliency map in [0, 1] into a binary mask (MedCLIP-SAM v1).
 
 Unary energies from the saliency s (as MedCLIP-SAM defines them):
     U_fg = -log(s + eps)     / (tau * sigmoid(s))
@@ -8,7 +8,18 @@ keeps log finite at s = 0 or 1). Pairwise terms: Gaussian sxy 3, compat 3; bilat
 compat 5; one mean-field iteration. The bilateral term runs on the grayscale slice itself, repeated into
 three channels because pydensecrf wants an RGB image; the released code used a colour-mapped overlay,
 which lets the saliency leak into the image term.
+
+Two backends compute the same mean-field update. "pydensecrf" (the optional extra `medclipsam[crf]`,
+pydensecrf2: published as source only, so it needs a C++ compiler) filters with a permutohedral lattice.
+"numpy" (the default when pydensecrf is absent; numpy and scipy only, installs everywhere) filters
+exactly: the Gaussian term with scipy's separable filter, the bilateral term on a bilateral grid, which
+is exact along the intensity axis because the image is 8-bit and one grey channel. Both follow
+densecrf's DenseKernel: symmetric normalisation (k_ij / sqrt(n_i n_j), n = K 1), self term included,
+Potts compatibility, Q = softmax(-U + sum_m w_m K_m Q). Agreement on the same maps is measured in
+Testing/Python/test_slicer_install.py.
 """
+
+import math
 
 import numpy as np
 
@@ -42,6 +53,15 @@ def _gray_to_uint8(image_gray):
     return g
 
 
+def available_backends():
+    """The CRF backends usable here: always "numpy"; "pydensecrf" when pydensecrf2 is installed."""
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        return ["numpy"]
+    return ["pydensecrf", "numpy"]
+
+
 def crf_refine(
     saliency,
     image_gray,
@@ -53,28 +73,96 @@ def crf_refine(
     bilateral_srgb=5,
     bilateral_compat=5,
     eps=EPSILON,
+    backend="auto",
 ):
     """Binary mask (HxW bool) from a saliency map and the grayscale image of the same HxW.
 
     image_gray: uint8 HxW (other dtypes are stretched to uint8 by robust percentiles).
+    backend: "auto" (pydensecrf when installed, else numpy), "pydensecrf" or "numpy".
     """
-    try:
-        import pydensecrf.densecrf as dcrf
-    except ImportError as exc:
-        raise MedCLIPSAMError(
-            "CRF post-processing needs the package pydensecrf2; install it with: pip install pydensecrf2"
-        ) from exc
     s = np.asarray(saliency)
     gray = _gray_to_uint8(image_gray)
     if s.ndim != 2 or gray.shape != s.shape:
         raise MedCLIPSAMError(
             f"CRF needs a 2D saliency map and an image of the same size, got {s.shape} and {gray.shape}"
         )
+    if backend == "auto":
+        backend = available_backends()[0]
+    if backend not in ("numpy", "pydensecrf"):
+        raise MedCLIPSAMError(f"unknown CRF backend '{backend}': use auto, numpy or pydensecrf")
+    unary = crf_unary(s, tau, eps)
     h, w = s.shape
+    if backend == "numpy":
+        q = _mean_field_numpy(unary.reshape(2, h, w), gray, int(iterations), gaussian_sxy, gaussian_compat,
+                              bilateral_sxy, bilateral_srgb, bilateral_compat)
+        return q[1] > q[0]
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError as exc:
+        raise MedCLIPSAMError(
+            "the pydensecrf CRF backend needs pydensecrf2 (pip install 'medclipsam[crf]', which needs a C++ "
+            "compiler); the default numpy backend needs nothing extra"
+        ) from exc
     crf = dcrf.DenseCRF2D(w, h, 2)
-    crf.setUnaryEnergy(np.ascontiguousarray(crf_unary(s, tau, eps)))
+    crf.setUnaryEnergy(np.ascontiguousarray(unary))
     crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
     rgb = np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
     crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=rgb, compat=bilateral_compat)
     q = np.asarray(crf.inference(int(iterations)))
     return (q[1] > q[0]).reshape(h, w)
+
+
+def _softmax(energy):
+    e = np.exp(energy - energy.max(axis=0, keepdims=True))
+    return e / e.sum(axis=0, keepdims=True)
+
+
+class _BilateralGrid:
+    """k(i, j) = exp(-|p_i - p_j|^2 / (2 sxy^2) - (g_i - g_j)^2 / (2 sg^2)) applied to an image, for an
+    8-bit grey image: one grid cell per grey level (exact in intensity), `step`-pixel cells in space
+    (sxy is tens of pixels, so the spatial binning moves a pixel by under a tenth of sxy)."""
+
+    def __init__(self, gray, sxy, sg):
+        from scipy import ndimage
+
+        self._ndimage = ndimage
+        self.gray = gray.astype(np.intp)
+        h, w = gray.shape
+        self.step = max(1, int(sxy // 8))
+        ys, xs = np.mgrid[0:h, 0:w]
+        self.cell = (self.gray, ys // self.step, xs // self.step)
+        self.shape = (256, -(-h // self.step), -(-w // self.step))
+        centre = (self.step - 1) / 2.0
+        self.coords = np.stack([self.gray.astype(np.float64), (ys - centre) / self.step, (xs - centre) / self.step])
+        self.sigma = (sg, sxy / self.step, sxy / self.step)
+
+    def __call__(self, values):
+        grid = np.zeros(self.shape)
+        np.add.at(grid, self.cell, values)
+        grid = self._ndimage.gaussian_filter(grid, self.sigma, mode="constant", truncate=4.0)
+        return self._ndimage.map_coordinates(grid, self.coords, order=1, mode="nearest")
+
+
+def _mean_field_numpy(unary, gray, iterations, gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb,
+                      bilateral_compat):
+    """Q (2 x H x W) after `iterations` mean-field steps, computed as densecrf does (see the top)."""
+    from scipy import ndimage
+
+    def spatial(values):
+        return ndimage.gaussian_filter(values, gaussian_sxy, mode="constant", truncate=4.0)
+
+    # the grey value is repeated into three colour channels: their distance is sqrt(3) times one channel's
+    bilateral = _BilateralGrid(gray, bilateral_sxy, bilateral_srgb / math.sqrt(3.0))
+    ones = np.ones(gray.shape)
+    kernels = []
+    for weight, apply in ((gaussian_compat, spatial), (bilateral_compat, bilateral)):
+        norm = 1.0 / np.sqrt(apply(ones) + 1e-20)
+        kernels.append((weight, apply, norm))
+    q = _softmax(-unary)
+    for _ in range(iterations):
+        energy = -unary.astype(np.float64)
+        for weight, apply, norm in kernels:
+            for label in range(q.shape[0]):
+                energy[label] += weight * norm * apply(norm * q[label])
+        q = _softmax(energy)
+    return q

@@ -6,8 +6,8 @@ slicer.i18n (tr/translate) and slicer.parameterNodeWrapper (the decorator and Ch
 qt and ctk are not stubbed: the module must load without them (the widget imports them when it is built).
 
 Checked: the .ui file against the names and classes the code uses; loading without torch or qt; the
-logic's helpers (prompts, progress lines, output splitting, error messages, GPU query parsing, command
-line); the logic driving a stand-in CLI process end to end (progress, import, re-run into the same node,
+Qt-free helpers in MedCLIPSAM/MedCLIPSAMModuleLib/ (prompts, progress lines, output splitting, error
+messages, GPU query parsing, command lines checked by the CLI's own parser); the logic driving a stand-in CLI process end to end (progress, import, re-run into the same node,
 errors, cancel killing the process tree); the real `medclipsam segment` through the module's own
 self-test (MedCLIPSAMTest) with tiny-random models; and the extension packaging (CMake with a stand-in
 Slicer, .s4ext, the ExtensionsIndex JSON, the icon).
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import typing
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -33,6 +34,10 @@ sitk = pytest.importorskip("SimpleITK")
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE_FILE = REPO / "MedCLIPSAM" / "MedCLIPSAM.py"
+sys.path.insert(0, str(MODULE_FILE.parent))  # MedCLIPSAMModuleLib, as Slicer puts the module folder on the path
+
+from MedCLIPSAMModuleLib import commands, dependencies, devices, modeljobs, process, prompts  # noqa: E402
+from MedCLIPSAMModuleLib import progress as progresslines  # noqa: E402
 UI_FILE = REPO / "Resources" / "UI" / "MedCLIPSAM.ui"
 
 # Stand-ins for the parts of the `slicer` package that only the Slicer application has. Kept minimal on
@@ -74,7 +79,11 @@ SLICER_APP_STUBS = textwrap.dedent('''
             def __init__(self, choices):
                 self.choices = tuple(choices)
 
-        _module("parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls, Choice=Choice)
+        class WithinRange:  # as Base/Python/slicer/parameterNodeWrapper/validators.py (v5.10.0)
+            def __init__(self, minimum, maximum):
+                self.minimum, self.maximum = minimum, maximum
+
+        _module("parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls, Choice=Choice, WithinRange=WithinRange)
 ''')
 
 
@@ -166,9 +175,11 @@ def test_ui_parameter_names_match_the_parameter_node(mod):
         kind = CONNECTABLE[widget_class]
         annotation = annotations[parameter]
         if kind == "node":
-            assert isinstance(annotation, type) and annotation.__name__.startswith("vtkMRML"), parameter
+            classes = [c for c in typing.get_args(annotation) or (annotation,) if c is not type(None)]
+            assert all(isinstance(c, type) and c.__name__.startswith("vtkMRML") for c in classes), parameter
         else:
-            assert annotation is kind, parameter
+            assert (typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Annotated
+                    else annotation) is kind, parameter
     # the combos (translated labels) are kept in step by the widget, with the CLI's choices
     for parameter, choices in (("preset", mod.PRESETS), ("axis", mod.AXES), ("device", mod.DEVICES),
                                ("weakImageSource", mod.IMAGE_SOURCES), ("weakDims", mod.DIMS),
@@ -197,10 +208,11 @@ def test_module_loads_without_torch_or_qt():
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         after_load = sorted(m for m in sys.modules if m.startswith("MedCLIPSAMLib"))
+        from MedCLIPSAMModuleLib import commands, prompts
         logic = mod.MedCLIPSAMLogic()
-        command = logic.buildSegmentCommand("in.nrrd", "out.seg.nrrd", "brain tumor")
-        suggestions = mod.MedCLIPSAMLogic.promptSuggestions()
-        missing = [m for m, _ in logic.missingPythonPackages()]
+        command = commands.segment(logic.cliCommand(), "in.nrrd", "out.seg.nrrd", "brain tumor")
+        suggestions = prompts.promptSuggestions()
+        missing = []
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
         print(json.dumps({{"after_load": after_load, "heavy": heavy, "missing": missing,
                           "command": command, "suggestions": suggestions}}))
@@ -210,26 +222,25 @@ def test_module_loads_without_torch_or_qt():
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["after_load"] == []  # MedCLIPSAMLib itself is only imported when used
     assert report["heavy"] == []
-    assert "torch" in report["missing"]  # the blocked packages are seen as missing, nothing crashes
     assert report["command"][report["command"].index("--prompt") + 1] == "brain tumor"
     assert "brain tumor" in report["suggestions"]
 
 
 # ------------------------------------------------------------------------------------ logic helpers
 def test_clean_prompts(mod):
-    assert mod.cleanPrompts("  brain tumor \n\n Brain  Tumor\nleft kidney\n   \nliver") == [
+    assert prompts.cleanPrompts("  brain tumor \n\n Brain  Tumor\nleft kidney\n   \nliver") == [
         "brain tumor", "left kidney", "liver"]
-    assert mod.cleanPrompts(["a", "b", "A"]) == ["a", "b"]
-    assert mod.cleanPrompts("\n \n") == []
+    assert prompts.cleanPrompts(["a", "b", "A"]) == ["a", "b"]
+    assert prompts.cleanPrompts("\n \n") == []
 
 
 def test_parse_progress_line_valid(mod):
-    p = mod.parseProgressLine('{"stage": "gate", "done": 3, "total": 12, "message": "scoring"}\n')
+    p = progresslines.parseProgressLine('{"stage": "gate", "done": 3, "total": 12, "message": "scoring"}\n')
     assert p == {"stage": "gate", "done": 3, "total": 12, "message": "scoring", "fraction": 0.25}
-    p = mod.parseProgressLine('{"stage": "finished", "done": 1, "total": 1, "message": "wrote out.seg.nrrd"}')
+    p = progresslines.parseProgressLine('{"stage": "finished", "done": 1, "total": 1, "message": "wrote out.seg.nrrd"}')
     assert p["stage"] == "finished" and p["fraction"] == 1.0
-    assert mod.parseProgressLine('{"stage": "load", "done": 0, "total": 0}')["fraction"] is None
-    assert mod.parseProgressLine('{"stage": "x", "done": 5, "total": 2, "message": 7}')["fraction"] == 1.0
+    assert progresslines.parseProgressLine('{"stage": "load", "done": 0, "total": 0}')["fraction"] is None
+    assert progresslines.parseProgressLine('{"stage": "x", "done": 5, "total": 2, "message": 7}')["fraction"] == 1.0
 
 
 @pytest.mark.parametrize("line", [
@@ -238,17 +249,17 @@ def test_parse_progress_line_valid(mod):
     '{"stage": "s", "done": true, "total": 2}', '{"stage": "s", "done": -1, "total": 2}', None, b"{}",
 ])
 def test_parse_progress_line_rejects_other_lines(mod, line):
-    assert mod.parseProgressLine(line) is None
+    assert progresslines.parseProgressLine(line) is None
 
 
 def test_line_splitter_joins_partial_chunks(mod):
-    splitter = mod.LineSplitter()
+    splitter = process.LineSplitter()
     record = '{"stage": "gate", "done": 1, "total": 2, "message": "über"}\n'.encode()
     lines = []
     for i in range(0, len(record), 7):  # cuts inside the JSON and inside the two-byte 'ü'
         lines += splitter.feed(record[i:i + 7])
     lines += splitter.feed(b"log one\r\nbar 10%|#  |\rbar 20%|##  |\r\n\nlast without newline")
-    assert lines[0] == record.decode().strip() and mod.parseProgressLine(lines[0])["message"] == "über"
+    assert lines[0] == record.decode().strip() and progresslines.parseProgressLine(lines[0])["message"] == "über"
     assert lines[1:] == ["log one", "bar 10%|#  |", "bar 20%|##  |"]
     assert splitter.flush() == ["last without newline"]
     assert splitter.flush() == []
@@ -256,33 +267,33 @@ def test_line_splitter_joins_partial_chunks(mod):
 
 def test_error_message_from_output(mod):
     stderr = ["loading", "medclipsam: error: volume 'x.nrrd' has NaN voxels", ""]
-    assert mod.errorMessageFromOutput(stderr, 2) == "volume 'x.nrrd' has NaN voxels"
+    assert progresslines.errorMessageFromOutput(stderr, 2) == "volume 'x.nrrd' has NaN voxels"
     traceback = ["Traceback (most recent call last):", '  File "a.py", line 1', "ImportError: cannot import x"]
-    assert "ImportError: cannot import x" in mod.errorMessageFromOutput(traceback, 1)
-    assert "memory" in mod.errorMessageFromOutput([], -9)
-    assert "exit code 3" in mod.errorMessageFromOutput([], 3)
+    assert "ImportError: cannot import x" in progresslines.errorMessageFromOutput(traceback, 1)
+    assert "memory" in progresslines.errorMessageFromOutput([], -9)
+    assert "exit code 3" in progresslines.errorMessageFromOutput([], 3)
     progress = {"stage": "error", "message": "no GPU"}
-    assert mod.errorMessageFromOutput([], 2, progress) == "no GPU"
+    assert progresslines.errorMessageFromOutput([], 2, progress) == "no GPU"
 
 
 def test_gpu_query_parsing_and_device_text(mod):
-    gpus = mod.parseNvidiaSmi("NVIDIA RTX A6000, 40000, 49140\nbad line\nTesla T4, 2000, 15360\n")
+    gpus = devices.parseNvidiaSmi("NVIDIA RTX A6000, 40000, 49140\nbad line\nTesla T4, 2000, 15360\n")
     assert gpus == [{"name": "NVIDIA RTX A6000", "freeMiB": 40000, "totalMiB": 49140},
                     {"name": "Tesla T4", "freeMiB": 2000, "totalMiB": 15360}]
-    text, warning = mod.describeDevice("auto", gpus)
+    text, warning = devices.describeDevice("auto", gpus)
     assert "RTX A6000" in text and not warning
-    text, warning = mod.describeDevice("cuda", gpus[1:])
+    text, warning = devices.describeDevice("cuda", gpus[1:])
     assert "T4" in text and warning
-    assert mod.describeDevice("cuda", [])[1]
-    assert not mod.describeDevice("mps", [], appleSilicon=True)[1]
-    assert mod.describeDevice("mps", [])[1]
-    assert "CPU" in mod.describeDevice("cpu", [])[0]
-    assert isinstance(mod.MedCLIPSAMLogic.queryGpus(), list)  # no nvidia-smi here: an empty list
+    assert devices.describeDevice("cuda", [])[1]
+    assert not devices.describeDevice("mps", [], appleSilicon=True)[1]
+    assert devices.describeDevice("mps", [])[1]
+    assert "CPU" in devices.describeDevice("cpu", [])[0]
+    assert isinstance(devices.queryGpus(), list)  # no nvidia-smi here: an empty list
 
 
 def test_build_segment_command(mod):
     logic = mod.MedCLIPSAMLogic()
-    command = logic.buildSegmentCommand("/t/in.nrrd", "/t/out.seg.nrrd", "brain tumor\nleft kidney\n", preset="fast",
+    command = commands.segment(logic.cliCommand(), "/t/in.nrrd", "/t/out.seg.nrrd", "brain tumor\nleft kidney\n", preset="fast",
                                         axis="coronal", device="cpu", models=" tiny-random ",
                                         uncertaintyPath="/t/u.nrrd", absentIf=" a normal brain MRI | no tumor ")
     assert command[:4] == [sys.executable, "-m", "MedCLIPSAMLib", "segment"]
@@ -293,12 +304,12 @@ def test_build_segment_command(mod):
                         ("--device", "cpu"), ("--progress", "json"), ("--models", "tiny-random"),
                         ("--uncertainty-output", "/t/u.nrrd"), ("--absent-if", "a normal brain MRI | no tumor")):
         assert args[args.index(flag) + 1] == value, flag
-    default = logic.buildSegmentCommand("i.nrrd", "o.seg.nrrd", ["liver"])
+    default = commands.segment(logic.cliCommand(), "i.nrrd", "o.seg.nrrd", ["liver"])
     assert "--models" not in default and "--uncertainty-output" not in default and "--absent-if" not in default
     with pytest.raises(ValueError):
-        logic.buildSegmentCommand("i.nrrd", "o.seg.nrrd", " \n ")
+        commands.segment(logic.cliCommand(), "i.nrrd", "o.seg.nrrd", " \n ")
     with pytest.raises(ValueError):
-        logic.buildSegmentCommand("i.nrrd", "o.seg.nrrd", "liver", preset="v9")
+        commands.segment(logic.cliCommand(), "i.nrrd", "o.seg.nrrd", "liver", preset="v9")
     env = logic.environment()
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO)  # the shipped MedCLIPSAMLib comes first
 
@@ -311,26 +322,31 @@ def test_command_line_is_accepted_by_the_real_parser(mod):
     if "segment" not in parser._subparsers._group_actions[0].choices:
         pytest.skip("`medclipsam segment` is not registered yet")
     logic = mod.MedCLIPSAMLogic()
-    command = logic.buildSegmentCommand("in.nrrd", "out.seg.nrrd", "a\nb", preset="v1", axis="sagittal",
-                                        device="mps", models="tiny-random", uncertaintyPath="u.nrrd",
+    command = commands.segment(logic.cliCommand(), "in.nrrd", "out.seg.nrrd", "a\nb", preset="v1", axis="sagittal",
+                               device="mps", models="tiny-random", uncertaintyPath="u.nrrd",
                                         absentIf="a normal MRI | a healthy brain")
     args = parser.parse_args(command[3:])
     assert args.prompt == ["a", "b"] and args.progress == "json" and args.preset == "v1"
     assert args.axis == "sagittal" and args.device == "mps" and args.models == "tiny-random"
     assert args.uncertainty_output == "u.nrrd" and args.output == "out.seg.nrrd"
     assert args.absent_if == ["a normal MRI | a healthy brain"]  # once: for every prompt
+    # the setup's model commands (verify, verify --adopt, download)
+    for action, extra in (("verify", ()), ("verify", ("--adopt",)), ("download", ())):
+        args = parser.parse_args(commands.models(logic.cliCommand(), action, "biomedclip", *extra)[3:])
+        assert args.command == "models" and "biomedclip" in json.dumps(vars(args), default=str)
+        assert ("--adopt" in extra) == bool(getattr(args, "adopt", False))
 
 
 def test_prompt_suggestions_from_shipped_and_odd_files(mod, tmp_path):
-    shipped = mod.MedCLIPSAMLogic.promptSuggestions()
+    shipped = prompts.promptSuggestions()
     assert shipped and "brain tumor" in shipped and len(shipped) == len(set(shipped))
     (tmp_path / "a.json").write_text(json.dumps({"targets": {"liver": {"sentences": ["a liver"]}}}))
     (tmp_path / "b.json").write_text(json.dumps({"spleen": ["the spleen"], "$schema": {}, "version": 1}))
     (tmp_path / "c.json").write_text(json.dumps([{"name": "lung"}, {"target": "liver"}, "x"]))
     (tmp_path / "broken.json").write_text("{not json")
     files = [str(tmp_path / n) for n in ("a.json", "b.json", "c.json", "broken.json", "missing.json")]
-    assert mod.MedCLIPSAMLogic.promptSuggestions(files) == ["liver", "spleen", "lung"]
-    assert mod.MedCLIPSAMLogic.promptSuggestions([]) == []
+    assert prompts.promptSuggestions(files) == ["liver", "spleen", "lung"]
+    assert prompts.promptSuggestions([]) == []
 
 
 def test_python_packages_cover_pyproject(mod):
@@ -339,14 +355,13 @@ def test_python_packages_cover_pyproject(mod):
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[<>=!~ \[]", d)[0].lower().replace("_", "-") for d in project["dependencies"]}
-    listed = {(req or module).split(">")[0].split("=")[0].lower().replace("_", "-")
-              for module, req in mod.MedCLIPSAMLogic.PYTHON_PACKAGES}
+    listed = {distribution.lower().replace("_", "-") for _m, distribution, _v in dependencies.PYTHON_PACKAGES}
     assert names - listed == set()
-    assert mod.MedCLIPSAMLogic().missingPythonPackages() == []  # this venv has them all
+    assert dependencies.missingPackages() == []  # this venv has them all, new enough
 
 
 def test_required_models(mod):
-    required = mod.MedCLIPSAMLogic.requiredModels
+    required = modeljobs.requiredModels
     assert required("tiny-random") == [] and required("random-biomedclip") == []
     from MedCLIPSAMLib.models import DEFAULT_CLIP, DEFAULT_SAM2
 
@@ -614,19 +629,21 @@ def _extension_fields():
 
 
 def _cmake_variable(name):
-    match = re.search(rf'set\({name} "([^"]*)"\)', (REPO / "CMakeLists.txt").read_text())
+    match = re.search(rf'set\({name} "((?:[^"\\]|\\.)*)"\)', (REPO / "CMakeLists.txt").read_text())
     return match.group(1) if match else None
 
 
 def test_extension_description_is_complete_and_consistent():
     fields = _extension_fields()
     for key in ("scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors",
-                "category", "iconurl", "status", "description", "screenshoturls", "enabled", "tier", "keywords"):
+                "category", "iconurl", "status", "description", "enabled", "tier", "keywords"):
         assert fields.get(key), f"{key} is empty in MedCLIPSAM.s4ext"
+    assert "screenshoturls" in fields  # may be empty: every URL listed must exist (test_slicer_defects)
     assert fields["scm"] == "git" and fields["depends"] == "PyTorch"
     assert fields["homepage"] == _cmake_variable("EXTENSION_HOMEPAGE")
     assert fields["iconurl"] == _cmake_variable("EXTENSION_ICONURL")
     assert fields["screenshoturls"] == _cmake_variable("EXTENSION_SCREENSHOTURLS")
+    assert fields["description"] == _cmake_variable("EXTENSION_DESCRIPTION").replace('\\"', '"')
     assert fields["category"] == _cmake_variable("EXTENSION_CATEGORY")
     assert _cmake_variable("EXTENSION_DEPENDS") == "PyTorch"
     # the icon URL points at the file in this repository
@@ -704,6 +721,8 @@ def test_cmake_configures_with_a_stand_in_slicer(tmp_path):
     library = {str(p.relative_to(REPO)) for p in (REPO / "MedCLIPSAMLib").rglob("*.py")
                if "__pycache__" not in p.parts}
     assert "MedCLIPSAM.py" in scripts and library <= scripts and "MedCLIPSAMLib/mrml.py" in scripts
+    module_lib = {str(p.relative_to(MODULE_FILE.parent)) for p in (MODULE_FILE.parent / "MedCLIPSAMModuleLib").glob("*.py")}
+    assert module_lib and module_lib <= scripts  # every file of the module's own package is registered
     assert all(not s.startswith("..") for s in scripts)  # everything lands inside the module folder
     # data files copied beside the module, where resourcePath() finds them in an installed extension
     module_dir = build / "lib" / "Slicer-5.8" / "qt-scripted-modules"

@@ -22,6 +22,8 @@ sitk = pytest.importorskip("SimpleITK")
 
 from test_slicer_module import _alive, load_module_file, register_conversion_rules  # noqa: E402
 
+from MedCLIPSAMModuleLib import commands, progress, trained, weak  # noqa: E402
+
 PROMPT = "brain tumor"
 # one thread per process: two processes with two OpenMP threads each oversubscribe a 2-core runner
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -150,8 +152,8 @@ def test_logic_registry_wrappers_and_method_labels(mod, tmp_path, home):
     logic = mod.MedCLIPSAMLogic(scene=slicer.vtkMRMLScene())
     weak = logic.registerTrainedModel(str(fake_weak_folder(tmp_path / "w")), "my net")
     seg = logic.registerTrainedModel(str(fake_medclipseg_folder(tmp_path / "s")))
-    assert logic.trainedModelLabel(weak) == "Trained: my net (weak supervision)"
-    assert logic.trainedModelLabel(seg) == "MedCLIPSeg (trained): s"
+    assert trained.label(weak) == "Trained: my net (weak supervision)"
+    assert trained.label(seg) == "MedCLIPSeg (trained): s"
     assert [m["name"] for m in logic.trainedModels()] == ["my net", "s"]
     with pytest.raises(ValueError, match="not a trained model folder"):
         logic.registerTrainedModel(str(tmp_path))
@@ -191,16 +193,16 @@ def test_training_command_lines_are_accepted_by_the_real_parser(mod):
     from MedCLIPSAMLib.cli import build_parser
 
     parser = build_parser()
-    logic = mod.MedCLIPSAMLogic()
+    cli = mod.MedCLIPSAMLogic().cliCommand()
 
-    args = parser.parse_args(logic.buildPseudoLabelCommand(["/d"], "/pl", "a\nb\nA", preset="fast", axis="coronal",
+    args = parser.parse_args(commands.pseudoLabel(cli, ["/d"], "/pl", "a\nb\nA", preset="fast", axis="coronal",
                                                            device="cpu", models="tiny-random",
                                                            extraArgs=["--sam", "none"])[3:])
     assert (args.command, args.data, args.prompt, args.output_dir) == ("pseudo-label", ["/d"], ["a", "b"], "/pl")
     assert (args.preset, args.axis, args.device, args.models, args.sam, args.progress) == (
         "fast", "coronal", "cpu", "tiny-random", "none", "json")
 
-    args = parser.parse_args(logic.buildTrainWeakCommand("/d", "/pl/labels.txt", "/m", ["liver", "spleen"], epochs=3,
+    args = parser.parse_args(commands.trainWeak(cli, "/d", "/pl/labels.txt", "/m", ["liver", "spleen"], epochs=3,
                                                          dims=3, axis="sagittal", device="cuda", batchSize=4,
                                                          baseFilters=4, samplesPerEpoch=8, patchSize=(16, 16, 8))[3:])
     assert (args.command, args.images, args.labels, args.output) == ("train-weak", ["/d"], ["/pl/labels.txt"], "/m")
@@ -209,22 +211,22 @@ def test_training_command_lines_are_accepted_by_the_real_parser(mod):
     assert args.label_name == ["liver", "spleen"] and args.patch_size == [16, 16, 8]
     assert (args.batch_size, args.base_filters, args.samples_per_epoch) == (4, 4, 8)
     with pytest.raises(ValueError):
-        logic.buildTrainWeakCommand("/d", "/l", "/m", ["x"], dims=4)
+        commands.trainWeak(cli, "/d", "/l", "/m", ["x"], dims=4)
 
-    args = parser.parse_args(logic.buildPredictCommand("/m", "in.nrrd", "o.seg.nrrd", "mps", "u.nrrd")[3:])
+    args = parser.parse_args(commands.predict(cli, "/m", "in.nrrd", "o.seg.nrrd", "mps", "u.nrrd")[3:])
     assert (args.command, args.model, args.volume, args.output, args.uncertainty_output) == (
         "predict", "/m", "in.nrrd", "o.seg.nrrd", "u.nrrd")
     assert args.device == "mps" and args.progress == "json"
-    assert "--uncertainty-output" not in logic.buildPredictCommand("/m", "i", "o.seg.nrrd")
+    assert "--uncertainty-output" not in commands.predict(cli, "/m", "i", "o.seg.nrrd")
 
-    args = parser.parse_args(logic.buildMedCLIPSegPredictCommand("/m", "in.nrrd", " liver  tumor ", "o.seg.nrrd",
+    args = parser.parse_args(commands.medclipsegPredict(cli, "/m", "in.nrrd", " liver  tumor ", "o.seg.nrrd",
                                                                  "cpu", "u.nrrd", samples=4)[3:])
     assert (args.command, args.medclipseg_command, args.model_dir, args.input) == ("medclipseg", "predict", "/m",
                                                                                    "in.nrrd")
     assert (args.prompt, args.output, args.uncertainty_output, args.samples, args.progress) == (
         "liver tumor", "o.seg.nrrd", "u.nrrd", 4, "json")
     with pytest.raises(ValueError):
-        logic.buildMedCLIPSegPredictCommand("/m", "i", " ", "o.seg.nrrd")
+        commands.medclipsegPredict(cli, "/m", "i", " ", "o.seg.nrrd")
 
 
 def test_metrics_table_and_chart(mod, logic, tmp_path):
@@ -232,10 +234,10 @@ def test_metrics_table_and_chart(mod, logic, tmp_path):
     path.write_text('{"epoch": 1, "loss": 1.5, "lr": 0.01, "val_dice": null}\nnot json\n'
                     '{"epoch": 2, "loss": 1.25, "lr": 0.005, "val_dice": 0.4}\n'
                     '{"epoch": 2, "event": "ensemble", "ensemble_val_dice": 0.5}\n{"epoch": 3, "lo')
-    records = mod.readMetricsFile(str(path))
+    records = progress.readMetricsFile(str(path))
     assert [r["epoch"] for r in records] == [1, 2]
-    table, series, chart = logic.createMetricsPlot("m")
-    logic.updateMetricsTable(table, records)
+    table, series, chart = weak.createMetricsPlot(logic.scene, "m")
+    weak.updateMetricsTable(table, records)
     assert table.GetNumberOfRows() == 2
     assert [table.GetTable().GetValueByName(i, "loss").ToDouble() for i in range(2)] == [1.5, 1.25]
     assert np.isnan(table.GetTable().GetValueByName(0, "val_dice").ToDouble())
@@ -378,7 +380,7 @@ def test_medclipseg_model_segments_through_the_logic(logic, tmp_path):
 
     entry = logic.registerTrainedModel(str(model_dir), "tiny seg")
     assert entry["kind"] == "medclipseg" and entry["labels"] == [PROMPT]
-    assert logic.trainedModelLabel(entry) == "MedCLIPSeg (trained): tiny seg"
+    assert trained.label(entry) == "MedCLIPSeg (trained): tiny seg"
 
     target = add_volume(logic.scene, phantom(5, shape=(4, 36, 30)).image, "target")
     events = []

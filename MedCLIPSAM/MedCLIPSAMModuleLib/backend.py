@@ -1,0 +1,89 @@
+"""Where segmentation runs. LocalProcessBackend: the CLI as a child process of Slicer's Python, on this
+computer. The Logic calls only startSegmentation() and mergedUncertainty(), so a backend that talks to a
+service (same signature, returning a job with poll/wait/cancel and a SegmentationResult) can replace it."""
+
+import logging
+import os
+import shutil
+
+from . import commands
+from .i18n import tr as _
+from .jobs import SegmentationJob
+from .paths import mrml
+from .process import BackgroundProcess, ProcessChain
+from .prompts import cleanPrompts
+from . import trained
+
+
+class LocalProcessBackend:
+    def __init__(self, logic):
+        self.logic = logic  # cliCommand(), environment(), temporaryDirectory(), importResult()
+
+    def startSegmentation(self, inputVolume, prompts, segmentationNode=None, preset="v2", axis="axial",
+                          device="auto", models="", computeUncertainty=False, show3D=False, progressCallback=None,
+                          logCallback=None, completedCallback=None, trainedModel=None, samples=None, absentIf=""):
+        """Write the input, start the process, return a SegmentationJob.
+
+        trainedModel: a registered model instead of the zero-shot preset. A weak-supervision model
+        segments what it was trained on (its labels; prompts are not needed); a MedCLIPSeg model runs
+        once per prompt (its first training prompt when none is given), the results merged into one
+        segmentation. samples: MedCLIPSeg's stochastic passes. absentIf: sentences ('|' between) that
+        describe a slice without the target (zero-shot only).
+        """
+        if inputVolume is None or inputVolume.GetImageData() is None:
+            raise ValueError(_("Select an input volume that has image data."))
+        prompts = cleanPrompts(prompts)
+        entry = trained.usable(trainedModel) if trainedModel else None
+        if entry is not None and entry["kind"] == "weak":
+            prompts = list(entry["labels"])
+        elif entry is not None and not prompts:
+            prompts = list(entry["labels"][:1])
+        tempDir = self.logic.temporaryDirectory()
+        try:
+            inputPath = os.path.join(tempDir, "input.nrrd")
+            chain, outputs, uncertainties = self.commands(entry, inputPath, tempDir, prompts, preset, axis, device,
+                                                          models, computeUncertainty, samples, absentIf)
+            mrml().write_volume_node(inputVolume, inputPath)
+            for command in chain:
+                logging.info("MedCLIP-SAM: running " + " ".join(command))
+            env = self.logic.environment()
+            if len(chain) == 1:
+                process = BackgroundProcess(chain[0], env=env, cwd=tempDir)
+                outputs = outputs[0]
+                uncertainties = uncertainties[0] if uncertainties else None
+            else:
+                process = ProcessChain(chain, env=env, cwd=tempDir)
+            process.start()
+        except Exception:
+            shutil.rmtree(tempDir, ignore_errors=True)
+            raise
+        return SegmentationJob(self.logic, process, tempDir, inputVolume, prompts, segmentationNode, outputs,
+                               uncertainties, show3D, progressCallback, logCallback, completedCallback)
+
+    def commands(self, entry, inputPath, tempDir, prompts, preset, axis, device, models, computeUncertainty,
+                 samples, absentIf=""):
+        """(commands, output paths, uncertainty paths) for the zero-shot pipeline or a trained model."""
+        cli = self.logic.cliCommand()
+
+        def paths(k):
+            output = os.path.join(tempDir, f"output-{k}.seg.nrrd")
+            return output, (os.path.join(tempDir, f"uncertainty-{k}.nrrd") if computeUncertainty else None)
+
+        if entry is None or entry["kind"] == "weak":
+            output, uncertainty = paths(0)
+            if entry is None:
+                command = commands.segment(cli, inputPath, output, prompts, preset, axis, device, models, uncertainty,
+                                           absentIf)
+            else:
+                command = commands.predict(cli, entry["folder"], inputPath, output, device, uncertainty)
+            return [command], [output], [uncertainty] if uncertainty else []
+        if not prompts:
+            raise ValueError(_("Enter at least one prompt (one target per line)."))
+        chain, outputs, uncertainties = [], [], []
+        for k, prompt in enumerate(prompts):
+            output, uncertainty = paths(k)
+            chain.append(commands.medclipsegPredict(cli, entry["folder"], inputPath, prompt, output, device,
+                                                    uncertainty, samples))
+            outputs.append(output)
+            uncertainties += [uncertainty] if uncertainty else []
+        return chain, outputs, uncertainties
