@@ -9,13 +9,16 @@ always say absent.
 
 import numpy as np
 
-from .text import Prompt
-
 
 def sentence_cosines(features, sentences, text):
-    """[sentence, image] cosines of L2-normalised image features [N, D]; `text` is a TextEmbeddings."""
+    """[sentence, image] cosines of L2-normalised image features [N, D]; `text` is a TextEmbeddings (its
+    per-sentence cache is shared with the prompt's ensemble, and missing sentences are encoded in one
+    batch, not one by one)."""
     feats = features.float().cpu()
-    return np.stack([(feats @ text(Prompt(s, (s,))).float().cpu()).numpy() for s in sentences])
+    # one product per sentence, all of the same shape: a sentence on both sides (prompt and absent) gets
+    # bit-identical cosines, so it can never beat itself (one matrix product per side could differ in the
+    # last bit with the number of rows)
+    return np.stack([(feats @ e).numpy() for e in text.sentences(tuple(sentences)).float().cpu()])
 
 
 def presence_lead(features, prompt, text):

@@ -93,16 +93,53 @@ def make_prompt(text, ensemble=True, absent=None):
 
 
 class TextEmbeddings:
-    """Averaged, L2-normalised ensemble embeddings, computed once per (model, sentences)."""
+    """L2-normalised text embeddings, each sentence encoded once per model.
+
+    `sentences(...)` gives one embedding per sentence; calling it on a Prompt gives the ensemble: the mean
+    of its sentences' embeddings, re-normalised. Both draw on one per-sentence cache, so the ensemble and
+    the presence test (presence.py, which needs each sentence alone) share their encodings. Sentences not
+    yet cached are encoded in one batch, without the trailing padding (below)."""
 
     def __init__(self, clip):
         self.clip = clip
-        self._cache = {}
+        self._sentences = {}   # sentence -> [D]
+        self._ensembles = {}   # sentences tuple -> [D]
+
+    def sentences(self, sentences):
+        """[S, D] embeddings of `sentences`, in order."""
+        import torch
+
+        todo = [s for s in dict.fromkeys(sentences) if s not in self._sentences]
+        if todo:
+            self._sentences.update(zip(todo, encode_sentences(self.clip, todo)))
+        return torch.stack([self._sentences[s] for s in sentences])
 
     def __call__(self, prompt):
         import torch
 
-        if prompt.sentences not in self._cache:
-            emb = self.clip.encode_text(list(prompt.sentences)).mean(dim=0)
-            self._cache[prompt.sentences] = torch.nn.functional.normalize(emb, dim=0)
-        return self._cache[prompt.sentences]
+        if prompt.sentences not in self._ensembles:
+            emb = self.sentences(prompt.sentences).mean(dim=0)
+            self._ensembles[prompt.sentences] = torch.nn.functional.normalize(emb, dim=0)
+        return self._ensembles[prompt.sentences]
+
+
+def encode_sentences(clip, sentences):
+    """L2-normalised embeddings [S, D] of a batch of sentences.
+
+    A Hugging Face text tower (BiomedCLIP's PubMedBERT) is given the tokens only up to the batch's longest
+    sentence: the tokenizer pads every sentence to the full context (256), while the ensembles' sentences
+    are under 40 tokens, and the tower masks padding out of attention and pooling (its attention mask is
+    token != pad), so the padding changes nothing but the time (measured: benchmarks/presence_speed.py).
+    Other towers get the full context, as before."""
+    import torch
+
+    text = getattr(clip.model, "text", None)
+    pad = getattr(getattr(text, "config", None), "pad_token_id", None)
+    if pad is None or type(text).__name__ != "HFTextEncoder":
+        return clip.encode_text(list(sentences))
+    tokens = clip.tokenize(list(sentences))
+    used = (tokens != pad).any(dim=0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    with torch.no_grad():
+        features = clip.model.encode_text(tokens[:, :length])
+    return torch.nn.functional.normalize(features.float(), dim=-1)
