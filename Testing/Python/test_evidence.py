@@ -51,7 +51,7 @@ def test_saliency_volume_has_the_input_grid_and_maps_only_on_slices_that_got_one
     """Oblique, anisotropic, permuted (sagittal / coronal storage) grids: each prompt's saliency file has
     the input file's exact geometry, float values in [0, 1], and is non-zero exactly on the slices the
     report says got a map (per-slice mode: the kept ones)."""
-    src, report = run_cli(tmp_path, phantom(direction).image, "--axis", axis, "--sam", "none", "--mode", "per-slice",
+    src, report = run_cli(tmp_path, phantom(direction, shape=(5, 16, 14)).image, "--axis", axis, "--sam", "none", "--mode", "per-slice",
                           prompts=("brain tumor", "ventricles"))
     original = sitk.ReadImage(str(src))
     view = SliceView(original, axis)
@@ -73,7 +73,7 @@ def test_saliency_volume_has_the_input_grid_and_maps_only_on_slices_that_got_one
 
 def test_carry_mode_has_saliency_on_the_key_slice_only(tmp_path):
     """Propagating modes run saliency on the best-scoring kept slices only: the rest stay 0."""
-    src, report = run_cli(tmp_path, phantom("oblique", shape=(5, 30, 26)).image, "--mode", "carry",
+    src, report = run_cli(tmp_path, phantom("oblique", shape=(4, 20, 18)).image, "--mode", "carry",
                           "--key-slices", "1")
     entry = report["prompts"][0]
     similarity = dict(zip(entry["scored"], entry["similarity"]))
