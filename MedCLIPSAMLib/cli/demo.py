@@ -72,8 +72,9 @@ def choose_models():
 def run_demo(args):
     import SimpleITK as sitk
 
+    from ..evidence import summary_line
     from ..progress import ProgressReporter
-    from .segment import Session, write_result
+    from .segment import Session, write_evidence, write_result
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,24 +106,29 @@ def run_demo(args):
     a.models, a.clip_model, a.sam_model, a.device = f"{clip_name},{sam_name}", None, None, args.device
     a.axis, a.mode, a.window, a.no_gate, a.key_slices, a.min_size_mm3 = "axial", "auto", None, False, 3, 10.0
     a.gate_min_similarity, a.absent_if, a.absent_margin = None, None, 0.0
+    seg_path = out / f"{name}.seg.nrrd"
+    a.volume, a.output = str(sample) if sample is not None else name, str(seg_path)
     a.uncertainty_output = None
+    a.saliency_output, a.report_output = str(out / f"{name}-saliency.nrrd"), str(out / f"{name}-report.json")
     progress = ProgressReporter(args.progress)
     progress.install_signal_handlers()
     session = Session(a, progress)
     result = session.segment(image)
-    seg_path = out / f"{name}.seg.nrrd"
     write_result(result, image, str(seg_path))
+    write_evidence(a, session, result, image, staged=str)  # each file is written atomically on its own
     png_path = out / f"{name}-overview.png"
     write_overview(png_path, image, result, session, truth, meaningless=bool(why))
     progress.finish("finished", f"wrote {seg_path}")
     for r in result.report:
-        print(f"'{r['prompt']}': {r.get('voxels', 0)} voxels; {r['kept']} of {r['slices']} slices kept ({r['reason']}); mode {r['mode']}")
+        print(f"'{r['prompt']}': {summary_line(r)} ({r['kept']} of {r['slices']} slices kept: {r['reason']}; "
+              f"mode {r['mode']})")
     if truth is not None:
         from ..metrics import dice
 
         print(f"Dice against the phantom's true tumour: {dice(result.segments[0]['mask'], truth):.3f}"
               + (" (random models: expected to be near 0)" if why else ""))
-    print(f"wrote {seg_path}\nwrote {png_path}")
+    print(f"wrote {seg_path}\nwrote {a.saliency_output} (saliency maps)\nwrote {a.report_output} (report)"
+          f"\nwrote {png_path}")
     return 0
 
 

@@ -33,6 +33,12 @@ def register(sub):
     p.add_argument("volume", help="NRRD, NIfTI, MHA/MHD, a DICOM series folder, or a 2D image file")
     p.add_argument("--output", required=True, help="OUT.seg.nrrd (segments named by prompt), or a .nrrd/.nii.gz labelmap")
     p.add_argument("--uncertainty-output", help="write a per-voxel uncertainty volume (entropy of the mask probability)")
+    p.add_argument("--saliency-output", metavar="S.nrrd",
+                   help="write the saliency maps (float in [0, 1] on the input's grid, 0 on slices without a map): "
+                        "S.nrrd for one prompt, S_<prompt>.nrrd per prompt for several")
+    p.add_argument("--report-output", metavar="R.json",
+                   help="write a JSON report per prompt: slices scored and kept, similarity and lead per slice, key "
+                        "slices, found / not found and why, volume in ml, mean uncertainty, mode and models")
     add_volume_options(p)
     p.set_defaults(func=run)
 
@@ -101,6 +107,7 @@ class Session:
         self.prompts = make_prompts(args, self.settings.ensemble)
         device = runtime_device(args)
         clip_name, sam_name = model_names(args)
+        self.model_names = (clip_name, sam_name if self.settings.sam == "sam" else None)
         progress.stage("load", 2, "loading models")
         self.clip = load_clip(clip_name, device)
         progress.advance(1)
@@ -108,7 +115,10 @@ class Session:
                                      key_slices=args.key_slices, min_size_mm3=args.min_size_mm3,
                                      gate_min_similarity=args.gate_min_similarity,
                                      absent_margin=args.absent_margin,
-                                     uncertainty=bool(getattr(args, "uncertainty_output", None)))
+                                     # the report gives the mean uncertainty inside each mask
+                                     uncertainty=bool(getattr(args, "uncertainty_output", None)
+                                                      or getattr(args, "report_output", None)),
+                                     saliency=bool(getattr(args, "saliency_output", None)))
         video = resolve_mode(args.mode, device) == "propagate"
         self.sam = load_sam2(sam_name, device, video=video) if self.settings.sam == "sam" else None
         progress.advance(1)
@@ -141,10 +151,29 @@ def write_result(result, image, output, uncertainty_output=None):
         write_volume(uncertainty_output, image_from_array(result.uncertainty, image))
 
 
+def write_evidence(args, session, result, image, staged):
+    """The saliency volumes and the report (evidence.py); staged(path) gives the temporary path to write."""
+    from .. import evidence
+
+    files = None
+    if args.saliency_output:
+        files = evidence.saliency_paths(args.saliency_output, [r["prompt"] for r in result.report])
+        evidence.write_saliency([staged(f) for f in files], result.saliency, image)
+    if args.report_output:
+        clip_name, sam_name = session.model_names
+        models = {"clip": clip_name, "sam": sam_name, "random": session.random}
+        document = evidence.report_document(result.report, models, files, source=args.volume, output=args.output)
+        evidence.write_report(staged(args.report_output), document)
+
+
 def run(args):
+    import contextlib
+
+    from ..evidence import summary_line
     from ..io import read_volume
     from ..pipeline.text import make_prompt
     from ..progress import ProgressReporter
+    from ..runtime import atomic_output
 
     progress = ProgressReporter(args.progress)
     progress.install_signal_handlers()
@@ -153,18 +182,30 @@ def run(args):
     _check_output(args.output, (".seg.nrrd", ".nrrd", ".nii.gz", ".nii"))
     if args.uncertainty_output:
         _check_output(args.uncertainty_output, (".nrrd", ".nii.gz", ".nii", ".mha"))
+    if args.saliency_output:
+        _check_output(args.saliency_output, (".nrrd", ".nii.gz", ".nii", ".mha"))
+    if args.report_output:
+        _check_output(args.report_output, (".json",))
 
     def work():
         image = read_volume(args.volume, frame=args.frame)
         session = Session(args, progress)
         result = session.segment(image)
         progress.stage("write", 1, "writing the segmentation")
-        write_result(result, image, args.output, args.uncertainty_output)
+        # every file goes to a temporary path and all are renamed together at the end: an error or a
+        # cancel while writing leaves none of them
+        with contextlib.ExitStack() as outputs:
+            def staged(path):
+                return outputs.enter_context(atomic_output(path)) if path else None
+
+            write_result(result, image, staged(args.output), staged(args.uncertainty_output))
+            write_evidence(args, session, result, image, staged)
+            progress.check_cancelled()
         progress.advance(1)
         return session, result
 
     session, result = progress.run(work)
-    summary = "; ".join(f"{r['prompt']}: {r.get('voxels', 0)} voxels from {r['kept']}/{r['slices']} slices" for r in result.report)
+    summary = "; ".join(f"{r['prompt']}: {summary_line(r)}" for r in result.report)
     if session.random:
         summary = "RANDOM-WEIGHT MODELS (meaningless output): " + summary
     progress.finish("finished", f"wrote {args.output}: {summary}")

@@ -27,9 +27,14 @@ def presence_lead(features, prompt, text):
             - sentence_cosines(features, prompt.absent, text).max(axis=0))
 
 
-def absent_reason(features, prompt, text, lead, margin):
-    """Why the target counts as absent: the absent sentence that won on the image with the best lead."""
+def winning_absent(features, prompt, text, lead):
+    """The absent sentence closest to the image where the prompt leads most (the one that beat it)."""
     best = int(np.argmax(lead))
     cos = sentence_cosines(features[best:best + 1], prompt.absent, text)[:, 0]
-    return (f"absent: '{prompt.absent[int(np.argmax(cos))]}' fits better than the prompt "
-            f"(best lead {float(lead[best]):+.3f}, needed > {margin:+.3f})")
+    return prompt.absent[int(np.argmax(cos))]
+
+
+def absent_reason(features, prompt, text, lead, margin):
+    """Why the target counts as absent: the absent sentence that won on the image with the best lead."""
+    return (f"absent: '{winning_absent(features, prompt, text, lead)}' fits better than the prompt "
+            f"(best lead {float(np.max(lead)):+.3f}, needed > {margin:+.3f})")

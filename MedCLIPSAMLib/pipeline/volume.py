@@ -30,7 +30,7 @@ from .image import ImageSegmenter, clip_input
 from .preprocess import intensity_range, normalize_to_uint8, pad_to_square, to_rgb, unpad
 from .sam_refine import predict_mask
 from .slices import SliceView
-from .presence import absent_reason, presence_lead
+from .presence import absent_reason, presence_lead, winning_absent
 from .text import make_prompt
 
 MODES = ("auto", "per-slice", "propagate", "carry")
@@ -54,13 +54,16 @@ class VolumeOptions:
     box_margin: int = 3                # pixels added around a carried box
     batch_size: int = 16               # slices per CLIP image-encoder batch
     uncertainty: bool = False
+    saliency: bool = False             # keep each prompt's saliency maps as a volume (VolumeResult.saliency)
 
 
 @dataclass
 class VolumeResult:
     segments: list                                  # [{"name", "mask" (z,y,x uint8), "color", "terminology"}]
     uncertainty: np.ndarray = None                  # float32 (z,y,x) or None
-    report: list = field(default_factory=list)      # per prompt: what was kept and why (also logged)
+    report: list = field(default_factory=list)      # per prompt: the numbers the driver used and its decision
+    saliency: list = None                           # per prompt: float32 (z,y,x) in [0, 1], 0 on slices
+                                                    # without a map (options.saliency), else None
 
 
 def resolve_mode(mode, device):
@@ -133,23 +136,25 @@ class VolumeSegmenter:
 
     # -- one prompt -------------------------------------------------------------------------------
     def gate(self, text_embedding, prompt):
-        """(kept slice indices, scores of all candidate slices, candidate indices, reason)."""
+        """(kept slice indices, scores of all candidate slices, candidate indices, reason, lead over the
+        absent sentences per candidate or None, the absent sentence that won or None)."""
         indices, feats = self.slice_embeddings()
         if len(indices) == 0:
-            return indices, np.zeros(0), indices, "the volume has no non-blank slice"
+            return indices, np.zeros(0), indices, "the volume has no non-blank slice", None, None
         scores = self._cosines(feats, text_embedding)
         lead = self.presence_lead(feats, prompt) if prompt.absent else None
         if lead is not None and float(lead.max()) <= self.options.absent_margin:
             reason = absent_reason(feats, prompt, self.segmenter.text, lead, self.options.absent_margin)
-            return indices[:0], scores, indices, reason
+            winner = winning_absent(feats, prompt, self.segmenter.text, lead)
+            return indices[:0], scores, indices, reason, lead, winner
         if not self.options.gate or len(indices) == 1:
-            return indices, scores, indices, "gating off" if not self.options.gate else "single slice"
+            return indices, scores, indices, "gating off" if not self.options.gate else "single slice", lead, None
         floor = self.options.gate_min_similarity
         if floor is not None and float(scores.max()) < floor:
-            return indices[:0], scores, indices, f"no slice reaches the minimum similarity {floor:.3f}"
+            return indices[:0], scores, indices, f"no slice reaches the minimum similarity {floor:.3f}", lead, None
         lo, hi = float(scores.min()), float(scores.max())
         if hi - lo < 1e-6:
-            return indices, scores, indices, "all slices score the same"
+            return indices, scores, indices, "all slices score the same", lead, None
         keep = (scores - lo) / (hi - lo) >= self.options.gate_threshold
         if floor is not None:
             keep &= scores >= floor
@@ -159,7 +164,7 @@ class VolumeSegmenter:
         if lead is not None:  # and near a slice that matches the prompt better than its absent sentences
             kept &= self._with_neighbours(indices[lead > self.options.absent_margin])
             reason += ", near a slice that matches the prompt better than its absent sentences"
-        return np.array(sorted(kept), dtype=int), scores, indices, reason
+        return np.array(sorted(kept), dtype=int), scores, indices, reason, lead, None
 
     def _with_neighbours(self, ks):
         """The slices and gate_margin neighbours on each side (the target's edges score lower than its
@@ -178,14 +183,21 @@ class VolumeSegmenter:
         return presence_lead(feats, prompt, self.segmenter.text)
 
     def segment_prompt(self, prompt, labels, uncertainty):
-        """Fill `labels` (z,y,x uint8) for one prompt; returns a report dict."""
+        """Fill `labels` (z,y,x uint8) for one prompt; returns a report dict with the numbers used: the
+        scored slices and their similarity and lead, the slices kept, the key slices, the slices that got a
+        saliency map (their maps in self.saliency_maps), and the decision."""
         emb = self.segmenter.text(prompt)
-        kept, scores, candidates, reason = self.gate(emb, prompt)
-        report = {"prompt": prompt.text, "slices": self.view.count, "kept": int(len(kept)), "reason": reason,
-                  "mode": self.mode}
+        kept, scores, candidates, reason, lead, winner = self.gate(emb, prompt)
+        self.saliency_maps = {}
+        report = {"prompt": prompt.text, "sentences": list(prompt.sentences), "absent": list(prompt.absent),
+                  "axis": self.view.view, "slices": self.view.count, "scored": candidates.tolist(),
+                  "similarity": [float(v) for v in scores],
+                  "lead": None if lead is None else [float(v) for v in lead],
+                  "kept": int(len(kept)), "kept_slices": kept.tolist(), "key_slices": [], "saliency_slices": [],
+                  "reason": reason, "absent_winner": winner, "mode": self.mode}
         log.info("'%s': %d of %d slices kept (%s); mode %s", prompt.text, len(kept), self.view.count, reason, self.mode)
         if len(kept) == 0:
-            return report
+            return self._decide(report, labels)
         order = np.argsort(-scores)
         kept_set = set(kept.tolist())
         ranked = [int(candidates[i]) for i in order if candidates[i] in kept_set]
@@ -201,10 +213,31 @@ class VolumeSegmenter:
                     self._propagate(keys, lo, hi, labels, uncertainty)
                 else:
                     self._carry(keys, lo, hi, labels, uncertainty)
-        report["key_slices"] = sorted(keys)
+        report["key_slices"] = sorted(int(k) for k in keys)
+        report["saliency_slices"] = sorted(self.saliency_maps)
         self._cleanup(labels, keys)
-        report["voxels"] = int(labels.sum())
+        return self._decide(report, labels)
+
+    def _decide(self, report, labels):
+        """The outcome: voxels, volume, slices with mask, and found / not found with the reason why."""
+        voxels = int(np.count_nonzero(labels))
+        other = tuple(a for a in range(3) if a != self.view.axis)
+        report["voxels"] = voxels
+        report["volume_ml"] = voxels * float(np.prod(self.image.GetSpacing())) / 1000.0
+        report["mask_slices"] = np.flatnonzero(np.any(labels, axis=other)).tolist() if voxels else []
+        report["found"] = voxels > 0
+        if voxels or not report["kept"]:
+            report["why"] = report["reason"]  # found: how the slices were chosen; not found: why none was kept
+        elif not report["key_slices"]:
+            report["why"] = f"the saliency and SAM gave no mask on the {len(report['saliency_slices'])} slices tried"
+        else:
+            report["why"] = (f"the 3D clean-up removed every component (each under {self.options.min_size_mm3:g} "
+                             "mm^3 or not meeting a key slice's mask)")
         return report
+
+    def _keep_saliency(self, k, result):
+        """Remember the map a slice got (only the slice numbers when the maps are not asked for)."""
+        self.saliency_maps[int(k)] = result.saliency if self.options.saliency else None
 
     def _store(self, k, result_mask, probability, labels, uncertainty):
         self.view.put(labels, k, result_mask.astype(np.uint8))
@@ -217,6 +250,7 @@ class VolumeSegmenter:
         keys = []
         for k in kept:
             result = self.segmenter(self.gray8(int(k)), prompt)
+            self._keep_saliency(k, result)
             prob = result.probability if result.probability is not None else result.saliency
             self._store(int(k), result.mask, prob, labels, uncertainty)
             if result.mask.any():
@@ -231,6 +265,7 @@ class VolumeSegmenter:
         keys = {}
         for k in wanted:
             result = self.segmenter(self.gray8(k), prompt)
+            self._keep_saliency(k, result)
             if result.mask.any():
                 keys[k] = result.mask
                 self._store(k, result.mask, result.probability, labels, uncertainty)
@@ -295,16 +330,25 @@ class VolumeSegmenter:
             raise MedCLIPSAMError("the same prompt was given twice")
         shape = self.volume.shape
         uncertainty = np.zeros(shape, np.float32) if self.options.uncertainty else None
-        segments, reports = [], []
+        segments, reports, saliency = [], [], [] if self.options.saliency else None
         for prompt in prompts:
             labels = np.zeros(shape, np.uint8)
             per_prompt_unc = np.zeros(shape, np.float32) if uncertainty is not None else None
-            reports.append(self.segment_prompt(prompt, labels, per_prompt_unc))
+            report = self.segment_prompt(prompt, labels, per_prompt_unc)
+            report["mean_uncertainty"] = None
             if uncertainty is not None:
+                if report["voxels"]:
+                    report["mean_uncertainty"] = float(per_prompt_unc[labels > 0].mean())
                 np.maximum(uncertainty, per_prompt_unc, out=uncertainty)
+            if saliency is not None:
+                volume = np.zeros(shape, np.float32)
+                for k, plane in self.saliency_maps.items():
+                    self.view.put(volume, k, plane)  # back onto the slice's own voxels
+                saliency.append(volume)
+            reports.append(report)
             segments.append({"name": prompt.text, "mask": labels, "color": prompt.color,
                              "terminology": prompt.terminology})
-        return VolumeResult(segments, uncertainty, reports)
+        return VolumeResult(segments, uncertainty, reports, saliency)
 
 
 def clean_volume_mask(mask, axis, spacing, min_size_mm3, keys=(), keep_largest=0, crop=True):
