@@ -115,6 +115,11 @@ class SlicePrompt:
         return out
 
 
+def _checked(points, frame):
+    to_lps(points, frame)  # validates shape, finiteness and frame
+    return np.atleast_2d(np.asarray(points, dtype=float))
+
+
 def _plane_tilt(image, sv, normal_lps):
     """How far (in slices) a view plane with this normal drifts off one slice across the volume's extent."""
     m = index_to_lps_matrix(image)[:3, :3]
@@ -139,8 +144,9 @@ def slice_prompt(image, view="axial", positive=(), negative=(), box=None, frame=
     the normal of the slice view they were placed in; a view not aligned with the volume's slices is refused
     even for a single point (Slicer: the slice node's SliceToRAS third column)."""
     sv = slice_view or SliceView(image, view)
-    groups = [np.zeros((0, 3)) if len(g) == 0 else to_lps(g, frame) for g in (positive, negative)]
-    corners = np.zeros((0, 3)) if box is None else to_lps(box, frame)
+    # kept in the caller's frame, so an error names the point as it was given
+    groups = [np.zeros((0, 3)) if len(g) == 0 else _checked(g, frame) for g in (positive, negative)]
+    corners = np.zeros((0, 3)) if box is None else _checked(box, frame)
     if box is not None and len(corners) != 2:
         raise MedCLIPSAMError(f"a box is given by two opposite corners, got {len(corners)} points")
     everything = np.concatenate(groups + [corners])
@@ -153,7 +159,7 @@ def slice_prompt(image, view="axial", positive=(), negative=(), box=None, frame=
         if _plane_tilt(image, sv, normal) >= 0.5:
             raise MedCLIPSAMError(f"the view the points were placed in is not aligned with the volume's {view} "
                                   f"slices; place them in {where}")
-    px = map_points(image, everything, frame="LPS", slice_view=sv)
+    px = map_points(image, everything, frame=frame, slice_view=sv)
     if len(set(px.slice_index.tolist())) > 1:
         raise MedCLIPSAMError(
             f"the points fall on different {view} slices ({', '.join(map(str, sorted(set(px.slice_index.tolist()))))}), "

@@ -26,6 +26,7 @@ bookkeeping and the never-overwrite / undo rules, not quality.
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -63,6 +64,15 @@ def slice_pad(view):
     """The PadInfo of the view's slices in SAM2's square (all slices of a view share it)."""
     h, w = (view.shape[a] for a in (view.row_axis, view.col_axis))
     return pad_to_square(np.zeros((h, w), np.uint8))[1]
+
+
+class SliceEncoder(Protocol):
+    """What refinement needs from an encoding cache (the session implements it over its own cache)."""
+
+    autocast: object        # the autocast setting the encodings were made under (the decoder runs under it)
+
+    def predictor_for(self, k: int):
+        """A SAM2ImagePredictor whose image is slice k's padded square (pad_to_square(stack.gray8(k)))."""
 
 
 class CachedEncoder:
@@ -180,7 +190,7 @@ class RefineResult:
 class Refiner:
     """Refines segments of one stack (a volume along one axis) from clicks, on an encoder's encodings."""
 
-    def __init__(self, stack, encoder, mask_threshold=0.5, box_margin=3, undo_depth=10):
+    def __init__(self, stack, encoder: SliceEncoder, mask_threshold=0.5, box_margin=3, undo_depth=10):
         self.stack = stack
         self.view = stack.view
         self.encoder = encoder

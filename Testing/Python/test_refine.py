@@ -357,7 +357,9 @@ def test_bad_requests_are_one_sentence_and_change_nothing(tiny_sam2, case):
         match = "a box or at least one positive point"
     with pytest.raises(MedCLIPSAMError, match=match) as exc:
         refiner.refine_points(seg, **kwargs)
-    _one_sentence(exc)
+    msg = _one_sentence(exc)
+    if case == "outside":  # named as given, in the caller's frame
+        assert "(" + ", ".join(f"{v:.1f}" for v in kwargs["positive"][1]) + ") RAS" in msg
     assert rec.calls == [] and rec.images == []
     np.testing.assert_array_equal(segment.mask, mask)
     assert not segment.can_undo and segment.corrected == frozenset()
