@@ -142,7 +142,8 @@ def main(argv=None):
             row["propagate_20"]["slices_carried"] = len(carried)
             row["propagate_20"]["stops"] = res.stops
             row["carry_per_slice_s"] = (statistics.median(props) - statistics.median(clicks)) / max(1, len(carried))
-            print(f"[{label}] click + propagation through {len(carried)} cached slices {statistics.median(props):.3f} s "
+            print(f"[{label}] click + propagation through {len(carried)} cached slices "
+                  f"{statistics.median(props):.3f} s "
                   f"(min {min(props):.3f}); stops {res.stops}", flush=True)
         else:
             fresh = []

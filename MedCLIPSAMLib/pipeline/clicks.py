@@ -160,9 +160,10 @@ def slice_prompt(image, view="axial", positive=(), negative=(), box=None, frame=
             raise MedCLIPSAMError(f"the view the points were placed in is not aligned with the volume's {view} "
                                   f"slices; place them in {where}")
     px = map_points(image, everything, frame=frame, slice_view=sv)
-    if len(set(px.slice_index.tolist())) > 1:
+    slices = sorted(set(px.slice_index.tolist()))
+    if len(slices) > 1:
         raise MedCLIPSAMError(
-            f"the points fall on different {view} slices ({', '.join(map(str, sorted(set(px.slice_index.tolist()))))}), "
+            f"the points fall on different {view} slices ({', '.join(map(str, slices))}), "
             f"as from a view not aligned with the volume; place them in {where}")
     xy = np.stack([px.cols, px.rows], axis=1).astype(np.float32)
     n_pos, n_neg = len(groups[0]), len(groups[1])

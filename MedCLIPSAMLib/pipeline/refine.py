@@ -228,7 +228,8 @@ class Refiner:
         corrected = segment.corrected | {(sv.view, k)}
         stops = {}
         for step in (1, -1):
-            stops[step] = self._carry(segment, new, k, step, corrected, max_distance) if propagate else "this slice only"
+            stops[step] = (self._carry(segment, new, k, step, corrected, max_distance) if propagate
+                           else "this slice only")
         # bookkeeping: only slices that really change; their old planes (exact copies) for undo
         axis, previous, changed = sv.axis, {}, {}
         for j, plane in sorted(new.items()):
