@@ -1,0 +1,1 @@
+"""Qt-free helpers of the MedCLIPSAM Slicer module, one concern per file."""
