@@ -62,6 +62,9 @@ def read_upload(data, folder):
         try:
             return read_volume(path)
         except MedCLIPSAMError as exc:     # its sentences name the temporary file: say "the upload" instead
-            raise MedCLIPSAMError(str(exc).replace(f"'{path}'", "the upload").replace(path, "the upload")) from None
+            text = str(exc)
+            if text.startswith(f"cannot read '{path}'"):   # ITK's own words may be long: not passed on
+                text = "the upload could not be read as a volume (corrupt or truncated file)"
+            raise MedCLIPSAMError(text.replace(f"'{path}'", "the upload").replace(path, "the upload")) from None
     finally:
         os.remove(path)
