@@ -10,9 +10,7 @@ import signal
 import stat
 import sys
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import numpy as np
