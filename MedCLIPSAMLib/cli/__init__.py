@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "demo",
     "segment",
     "segment_image",
+    "serve",
     "models",
     "phantoms",
     "training",

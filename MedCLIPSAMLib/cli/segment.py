@@ -61,77 +61,53 @@ def _check_output(path, suffixes):
         raise MedCLIPSAMError(f"cannot write '{path}': folder '{folder}' does not exist or is not writable")
 
 
-def _window(text):
-    if not text:
-        return None
-    if "," in text:
-        level, width = (float(v) for v in text.split(","))
-        return (level, width)
-    return text
+def request_from_args(args):
+    """The library's SegmentRequest from `segment` / `segment-batch` arguments (the service builds the same
+    request from JSON)."""
+    from ..pipeline.session import SegmentRequest
+
+    return SegmentRequest(
+        prompts=list(args.prompt), preset=args.preset, overrides=list(args.overrides), sam=args.sam,
+        no_ensemble=args.no_ensemble, seed=args.seed, axis=args.axis, mode=args.mode, window=args.window,
+        no_gate=args.no_gate, gate_min_similarity=args.gate_min_similarity,
+        absent_if=getattr(args, "absent_if", None), absent_margin=args.absent_margin, key_slices=args.key_slices,
+        min_size_mm3=args.min_size_mm3,
+        # the report gives the mean uncertainty inside each mask
+        uncertainty=bool(getattr(args, "uncertainty_output", None) or getattr(args, "report_output", None)),
+        saliency=bool(getattr(args, "saliency_output", None)))
 
 
 def make_prompts(args, ensemble):
     """The prompts with their absent sentences: one --absent-if for all, or one per --prompt."""
-    from ..errors import MedCLIPSAMError
-    from ..pipeline.text import make_prompt
+    from ..pipeline.session import SegmentRequest
 
-    absent = list(getattr(args, "absent_if", None) or [])
-    if len(absent) == 1:
-        absent = absent * len(args.prompt)
-    elif absent and len(absent) != len(args.prompt):
-        raise MedCLIPSAMError(f"--absent-if was given {len(absent)} times for {len(args.prompt)} prompts: give it "
-                              "once (for every prompt) or once per --prompt")
-    return [make_prompt(p, ensemble, absent[i] if absent else None) for i, p in enumerate(args.prompt)]
-
-
-def _pick_axis(image, axis):
-    """A single-slice volume (an X-ray or ultrasound frame) is sliced across its one-voxel axis."""
-    from ..io import slicing_axis
-
-    size = list(reversed(image.GetSize()))
-    if 1 not in size:
-        return axis
-    flat = size.index(1)
-    return next(view for view in ("axial", "coronal", "sagittal") if slicing_axis(image, view) == flat)
+    return SegmentRequest(list(args.prompt), absent_if=getattr(args, "absent_if", None)).make_prompts(ensemble)
 
 
 class Session:
-    """Models and settings loaded once, for one volume or a batch."""
+    """The command line's segmentation session: the request from the arguments, and a pipeline Session
+    (models loaded once) that segments each volume given to segment()."""
 
     def __init__(self, args, progress):
-        from ..models import load_clip, load_sam2
-        from ..pipeline.volume import VolumeOptions, resolve_mode
-        from .options import model_names, pipeline_settings, runtime_device
+        from ..pipeline import session
+        from ..pipeline.volume import resolve_mode
+        from .options import model_names, runtime_device
 
-        self.settings = pipeline_settings(args)
-        self.prompts = make_prompts(args, self.settings.ensemble)
+        self.prompts, self.settings, self.options = request_from_args(args).validate()
         device = runtime_device(args)
         clip_name, sam_name = model_names(args)
         self.model_names = (clip_name, sam_name if self.settings.sam == "sam" else None)
-        progress.stage("load", 2, "loading models")
-        self.clip = load_clip(clip_name, device)
-        progress.advance(1)
-        self.options = VolumeOptions(axis=args.axis, mode=args.mode, window=_window(args.window), gate=not args.no_gate,
-                                     key_slices=args.key_slices, min_size_mm3=args.min_size_mm3,
-                                     gate_min_similarity=args.gate_min_similarity,
-                                     absent_margin=args.absent_margin,
-                                     # the report gives the mean uncertainty inside each mask
-                                     uncertainty=bool(getattr(args, "uncertainty_output", None)
-                                                      or getattr(args, "report_output", None)),
-                                     saliency=bool(getattr(args, "saliency_output", None)))
-        video = resolve_mode(args.mode, device) == "propagate"
-        self.sam = load_sam2(sam_name, device, video=video) if self.settings.sam == "sam" else None
-        progress.advance(1)
+        self.pipeline = session.Session(clip_name, sam_name if self.settings.sam == "sam" else None, device,
+                                        video=resolve_mode(args.mode, device) == "propagate", progress=progress)
         self.progress = progress
-        self.random = self.clip.is_random or bool(getattr(self.sam, "medclipsam_is_random", False))
+        self.random = self.pipeline.random
 
     def segment(self, image):
-        from dataclasses import replace
-
-        from ..pipeline.volume import VolumeSegmenter
-
-        options = replace(self.options, axis=_pick_axis(image, self.options.axis))
-        return VolumeSegmenter(self.clip, self.sam, self.settings, options, self.progress)(image, self.prompts)
+        volume_id = self.pipeline.add_volume(image)
+        try:
+            return self.pipeline.segment(volume_id, self.prompts, self.settings, self.options, self.progress)
+        finally:
+            self.pipeline.forget(volume_id)   # a batch goes through many volumes: keep memory flat
 
 
 def write_result(result, image, output, uncertainty_output=None):

@@ -49,11 +49,12 @@ def to_gray(image):
 class ImageSegmenter:
     """Holds the models and the text-embedding cache; call it on images (or slices) with a prompt."""
 
-    def __init__(self, clip, sam_model=None, settings=None):
+    def __init__(self, clip, sam_model=None, settings=None, text=None, predictor=None):
+        """text, predictor: a session's shared TextEmbeddings and (caching) SAM2 image predictor."""
         self.clip = clip
         self.settings = settings or PipelineSettings()
-        self.text = TextEmbeddings(clip)
-        self._predictor = None
+        self.text = text or TextEmbeddings(clip)
+        self._predictor = predictor
         self.sam_model = sam_model
         if self.settings.sam == "sam" and sam_model is None:
             raise MedCLIPSAMError("the SAM stage needs a SAM2 model; pass one or use sam='none'")

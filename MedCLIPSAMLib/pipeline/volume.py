@@ -75,13 +75,17 @@ def resolve_mode(mode, device):
 
 
 class VolumeSegmenter:
-    def __init__(self, clip, sam_model, settings, options=None, progress=None):
+    def __init__(self, clip, sam_model, settings, options=None, progress=None, cache=None):
+        """cache: a session's VolumeCache (pipeline/session.py) whose text embeddings, SAM2 predictor and
+        slice embeddings are reused; None computes everything here."""
         self.clip = clip
         self.sam_model = sam_model
         self.settings = settings
         self.options = options or VolumeOptions()
         self.progress = progress or null_progress()
-        self.segmenter = ImageSegmenter(clip, sam_model, settings)
+        self.cache = cache
+        self.segmenter = ImageSegmenter(clip, sam_model, settings, text=cache and cache.text,
+                                        predictor=cache and cache.predictor)
         self.mode = resolve_mode(self.options.mode, clip.device)
         if settings.sam == "none":
             self.mode = "per-slice"  # without SAM there is nothing to propagate with
@@ -110,10 +114,15 @@ class VolumeSegmenter:
 
     def slice_embeddings(self):
         """(indices of non-empty slices, their L2-normalised CLIP image embeddings): one batched pass."""
+        if self._slice_embeddings is None:
+            key = (self.options.axis, self.value_range, self.options.batch_size, self.settings.autocast)
+            compute = self._embed_slices
+            self._slice_embeddings = self.cache.slice_embeddings(key, compute) if self.cache else compute()
+        return self._slice_embeddings
+
+    def _embed_slices(self):
         import torch
 
-        if self._slice_embeddings is not None:
-            return self._slice_embeddings
         n, bs = self.view.count, self.options.batch_size
         self.progress.stage("gate", n, "scoring slices against the prompts")
         indices, features = [], []
@@ -131,8 +140,7 @@ class VolumeSegmenter:
                 indices += ids
             self.progress.advance(min(bs, n - start))
         feats = torch.cat(features) if features else torch.zeros((0, 1))
-        self._slice_embeddings = (np.array(indices, dtype=int), feats)
-        return self._slice_embeddings
+        return np.array(indices, dtype=int), feats
 
     # -- one prompt -------------------------------------------------------------------------------
     def gate(self, text_embedding, prompt):

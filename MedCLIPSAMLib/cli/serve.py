@@ -1,0 +1,63 @@
+"""`medclipsam serve`: the segmentation service (models and encodings kept warm between requests)."""
+
+DESCRIPTION = """\
+Run the segmentation service: models load once, and each volume's CLIP and SAM2 encodings are kept (within
+--cache-mb) so a second prompt on the same volume costs seconds and a repeated one returns the kept result.
+HTTP API (every request needs 'Authorization: Bearer TOKEN'): GET /info; POST /volumes (NRRD/NIfTI bytes);
+DELETE /volumes/ID; POST /jobs (JSON: volume_id, prompts, preset, ...); GET /jobs/ID (progress);
+POST /jobs/ID/cancel; GET /jobs/ID/result (.seg.nrrd); GET /jobs/ID/uncertainty.
+
+Local use (the default; what the Slicer module does by itself): the service listens on 127.0.0.1 only, makes
+a random token and writes it to a file only you can read (printed at start; --token-file to choose it).
+  medclipsam serve --port 8765
+
+Remote use (a GPU machine serving a laptop's Slicer): listen on the network and give the Slicer module the
+URL and the token ("Setup and advanced"). The token is then the only protection: use TLS, either uvicorn's
+own (--ssl-keyfile/--ssl-certfile) or an HTTPS reverse proxy in front; or keep 127.0.0.1 and use an SSH
+tunnel (ssh -L 8765:127.0.0.1:8765 gpu-box).
+  medclipsam serve --host 0.0.0.0 --port 8765 --ssl-keyfile key.pem --ssl-certfile cert.pem
+"""
+
+
+def register(sub):
+    import argparse
+
+    from .options import add_model_options
+
+    p = sub.add_parser("serve", help="run the segmentation service (HTTP, token; used by the Slicer module)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (0: a free one, written to --ready-file)")
+    p.add_argument("--token-file", help="file holding the token; made with a new token (mode 0600) when absent "
+                                        "(default: MEDCLIPSAM_HOME/service/token-PORT)")
+    p.add_argument("--cache-mb", type=float, default=2048,
+                   help="memory budget of the encoding and result cache, in MB (default 2048)")
+    p.add_argument("--max-volumes", type=int, default=8, help="volumes held at once; the least recently used is forgotten")
+    p.add_argument("--max-upload-mb", type=float, default=1024, help="largest volume upload accepted, in MB")
+    p.add_argument("--idle-exit", type=float, metavar="SECONDS", help="stop after this long without a request")
+    p.add_argument("--parent-pid", type=int, help="stop when this process exits (the Slicer that started it)")
+    p.add_argument("--ready-file", help="write {url, pid, token_file} as JSON here once listening")
+    p.add_argument("--ssl-keyfile", help="TLS private key (with --ssl-certfile: serve HTTPS)")
+    p.add_argument("--ssl-certfile", help="TLS certificate chain")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args):
+    from ..errors import MedCLIPSAMError
+    from ..pipeline.session import Session
+    from ..service.server import serve
+    from .options import model_names, runtime_device
+
+    if args.cache_mb <= 0 or args.max_upload_mb <= 0 or args.max_volumes < 1:
+        raise MedCLIPSAMError("--cache-mb, --max-upload-mb and --max-volumes must be positive")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise MedCLIPSAMError("the service needs fastapi and uvicorn: pip install 'medclipsam[serve]'") from None
+    clip, sam = model_names(args)
+    session = Session(clip, sam, runtime_device(args), cache_bytes=int(args.cache_mb * 1024**2),
+                      max_volumes=args.max_volumes)
+    return serve(session, args.host, args.port, args.token_file, int(args.max_upload_mb * 1024**2),
+                 args.parent_pid, args.idle_exit, args.ready_file, args.ssl_keyfile, args.ssl_certfile)

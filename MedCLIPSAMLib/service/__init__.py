@@ -1,0 +1,16 @@
+"""`medclipsam serve`: an HTTP service over one segmentation Session (pipeline/session.py).
+
+FastAPI on uvicorn. Every request carries `Authorization: Bearer TOKEN`; everything is JSON except volume
+uploads (raw NRRD / NIfTI bytes) and results (.seg.nrrd / .nrrd bytes).
+
+  GET    /info                       version, device, models, memory, cache use, queue
+  POST   /volumes                    body: the volume file's bytes -> {"volume_id", "size", "spacing", ...}
+  DELETE /volumes/{id}               forget a volume and its cached encodings
+  POST   /jobs                       {"volume_id", "prompts": [...], "preset", ...} -> {"job_id", "state", ...}
+  GET    /jobs/{id}                  state (queued / running / done / failed / cancelled), progress, queue place
+  POST   /jobs/{id}/cancel           cancel a queued or running job (no result is kept)
+  GET    /jobs/{id}/result           the .seg.nrrd of a finished job
+  GET    /jobs/{id}/uncertainty      its uncertainty volume (.nrrd), when the job asked for one
+
+One job runs at a time (the models and the device are shared); the others wait in order and say where.
+"""

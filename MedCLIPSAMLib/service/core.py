@@ -1,0 +1,122 @@
+"""The service without HTTP: one Session (models loaded once, caches), the uploaded volumes, the job queue."""
+
+import os
+import sys
+import tempfile
+import time
+
+from .. import __version__
+from ..errors import MedCLIPSAMError
+from .jobs import JobQueue
+from .uploads import read_upload
+
+
+class NotFound(MedCLIPSAMError):
+    """An unknown volume or job id (HTTP 404)."""
+
+
+class Conflict(MedCLIPSAMError):
+    """A request that does not fit the job's state, e.g. the result of a running job (HTTP 409)."""
+
+
+def memory_info():
+    """This process's resident memory now and at its peak (bytes), and the GPU's, when there is one."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        out["rss_bytes"] = int(fields["VmRSS"].split()[0]) * 1024
+        out["peak_rss_bytes"] = int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):   # not Linux: the peak only
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_rss_bytes"] = int(peak if sys.platform == "darwin" else peak * 1024)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        out["gpu_allocated_bytes"] = int(torch.cuda.memory_allocated())
+        out["gpu_total_bytes"] = int(torch.cuda.get_device_properties(0).total_memory)
+    return out
+
+
+class Service:
+    def __init__(self, session, max_upload_bytes):
+        self.session = session
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.jobs = JobQueue()
+        self.workdir = tempfile.mkdtemp(prefix="medclipsam-serve-")   # mode 0700: uploads and results
+        self.started = time.time()
+
+    def info(self):
+        return {"version": __version__, "device": str(self.session.device),
+                "models": {"clip": self.session.clip_name, "sam": self.session.sam_name,
+                           "random_weights": self.session.random},
+                "memory": memory_info(), "cache": self.session.info()["cache"],
+                "sam2_cache_dtype": self.session.info()["sam2_storage"],
+                "volumes": len(self.session.volume_ids()), "queue": self.jobs.queue_info(),
+                "max_upload_bytes": self.max_upload_bytes, "uptime_s": round(time.time() - self.started, 1)}
+
+    def add_volume(self, data):
+        image = read_upload(data, self.workdir)
+        volume_id = self.session.add_volume(image)
+        return {"volume_id": volume_id, "size": list(image.GetSize()), "spacing": list(image.GetSpacing()),
+                "origin": list(image.GetOrigin()), "direction": list(image.GetDirection()),
+                "pixel_type": image.GetPixelIDTypeAsString()}
+
+    def check_volume(self, volume_id):
+        if volume_id not in self.session.volume_ids():
+            raise NotFound(f"unknown volume '{volume_id}': it was never uploaded here or was forgotten; upload it again")
+
+    def submit(self, volume_id, request):
+        request.validate()                         # a bad preset or prompt: 4xx now, not a failed job
+        self.check_volume(volume_id)
+        return self.jobs.submit(volume_id, request, self._run)
+
+    def job(self, job_id):
+        try:
+            return self.jobs.get(job_id)
+        except KeyError:
+            raise NotFound(f"unknown job '{job_id}'") from None
+
+    def _run(self, job):
+        from ..io import image_from_array, write_segmentation, write_volume
+
+        prompts, settings, options = job.request.validate()
+        result = self.session.segment(job.volume_id, prompts, settings, options, job.progress)
+        image = self.session.volume(job.volume_id)
+        job.progress.stage("write", 1, "writing the segmentation")
+        seg = self._bytes_of(lambda path: write_segmentation(path, result.segments, image), ".seg.nrrd")
+        uncertainty = None
+        if options.uncertainty and result.uncertainty is not None:
+            unc_image = image_from_array(result.uncertainty, image)
+            uncertainty = self._bytes_of(lambda path: write_volume(path, unc_image), ".nrrd")
+        job.progress.advance(1)
+        return {"result": seg, "uncertainty": uncertainty, "report": result.report}
+
+    def _bytes_of(self, write, suffix):
+        fd, path = tempfile.mkstemp(dir=self.workdir, suffix=suffix)
+        os.close(fd)
+        try:
+            write(path)
+            with open(path, "rb") as f:
+                return f.read()
+        finally:
+            if os.path.exists(path):
+                os.remove(path)
+
+    def result(self, job_id, kind="result"):
+        job = self.job(job_id)
+        if job.state != "done":
+            why = "was cancelled and has no result" if job.state in ("cancelled", "cancelling") else \
+                f"is {job.state}" + (f": {job.error}" if job.error else "; ask again when it is done")
+            raise Conflict(f"job '{job_id}' {why}")
+        data = job.output.get(kind)
+        if data is None:
+            raise NotFound(f"job '{job_id}' has no uncertainty volume (ask for one with \"uncertainty\": true)")
+        return data
+
+    def close(self):
+        import shutil
+
+        self.jobs.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
