@@ -233,8 +233,8 @@ def predict(args):
         result = predict_volume(model, image, args.threshold, args.amp, progress)
         progress.stage("write", 1, "writing the segmentation")
         segments = [{"name": name, "mask": (result.labels == k).astype("uint8")} for k, name in enumerate(names, 1)]
-        write_result(VolumeResult(segments, result.uncertainty), image, args.output, args.uncertainty_output)
-        progress.advance(1)
+        write_result(VolumeResult(segments, result.uncertainty), image, args.output, args.uncertainty_output,
+                     progress)
         return segments, len(model.networks)
 
     segments, n = progress.run(run)

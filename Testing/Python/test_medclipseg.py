@@ -211,6 +211,25 @@ def test_uncertainty_is_higher_on_wrong_pixels(trained):
     assert all(0.0 <= h.min() and h.max() <= 1.0 for _, h in results)
 
 
+def test_sampling_is_on_in_prediction_and_off_with_zero_samples(trained):
+    """samples > 0 draws the adapters' values (each pass differs); samples=0 is one deterministic pass."""
+    runs, held_out = trained
+    predictor = runs["all"][2]
+    grays = [s.gray for s in held_out[:2]]
+
+    def once(samples, seed):
+        torch.manual_seed(seed)
+        return np.stack([p for p, _ in predictor(grays, PROMPT, samples=samples)])
+
+    deterministic = once(0, 0)
+    np.testing.assert_array_equal(once(0, 1), deterministic)
+    draws = [once(1, seed) for seed in (0, 1)]
+    print(f"\nsampling: one draw vs another differs by up to {np.abs(draws[0] - draws[1]).max():.3f}, "
+          f"a draw vs the deterministic pass by {np.abs(draws[0] - deterministic).max():.3f}")
+    assert np.abs(draws[0] - draws[1]).max() > 0.01
+    assert np.abs(draws[0] - deterministic).max() > 0.01
+
+
 # --------------------------------------------------------------------------------------------------
 # volumes, files and the command line
 

@@ -8,12 +8,15 @@ DynUNet on them and checks that the network is better than its own training labe
 
 import contextlib
 import io
+import itertools
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -150,6 +153,25 @@ def test_network_trained_on_weak_labels_beats_them(weak_data, trained):
     assert np.median(wrong) > np.median(right)
 
 
+def test_ensemble_is_the_mean_of_every_snapshot_and_its_entropy(weak_data, trained):
+    """The ensemble's probabilities are the mean over all snapshots (not the last one), and its uncertainty
+    is the normalised entropy of that mean (not of one snapshot), both worked out here from the snapshots."""
+    from MedCLIPSAMLib.training.predict import load_model, predict_volume
+
+    model = load_model(trained["model"], "cpu")
+    image = read_volume(sorted((weak_data["root"] / "test").iterdir())[0])
+    with one_thread():
+        ensemble = predict_volume(model, image)
+        alone = [predict_volume(model.snapshot(i), image).probabilities for i in range(len(model.networks))]
+    # the snapshots really differ, so a mean over fewer of them (or the last one alone) would show
+    assert min(np.abs(a - b).max() for a, b in itertools.combinations(alone, 2)) > 1e-3
+    mean = np.mean(alone, axis=0)
+    np.testing.assert_allclose(ensemble.probabilities, mean, atol=1e-5)
+    p = np.clip(mean, 1e-7, 1.0)
+    np.testing.assert_allclose(ensemble.uncertainty, -(p * np.log(p)).sum(0) / np.log(len(mean)), atol=1e-5)
+    assert np.array_equal(ensemble.labels, (mean[1] >= model.config["threshold"]).astype(np.uint8))
+
+
 def test_model_folder_progress_and_metrics(trained):
     import torch
 
@@ -265,13 +287,25 @@ def _predict_keeps_the_grid(trained, tmp_path):
 
 
 def _bad(*args):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code, _ = run_cli(*args)
-    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    """Bad input: exit 2 and one sentence on the whole of stderr. In-process, log records reach pytest's
+    handlers instead of stderr, so they are collected too: any the CLI would print fails the check."""
+    err, records = io.StringIO(), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        with contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code, _ = run_cli(*args)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    printed = [r.getMessage() for r in records
+               if r.levelno >= (logging.INFO if r.name.startswith("medclipsam") else logging.WARNING)]
+    printed += [str(w.message) for w in caught]
     assert code == 2, err.getvalue()
-    assert "Traceback" not in err.getvalue() and lines[-1].startswith("medclipsam: error: ")
-    return lines[-1]
+    text = err.getvalue().strip()
+    assert text.startswith("medclipsam: error: ") and "\n" not in text and not printed, (text, printed)
+    return text
 
 
 def test_predict_and_train_bad_inputs_get_one_sentence(trained, weak_data, tmp_path):
