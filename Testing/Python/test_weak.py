@@ -375,30 +375,41 @@ def test_evaluate_matches_direct_metrics_with_anisotropic_spacing_and_2d(tmp_pat
     write_labelmap(pred / "empty.nrrd", empty, e_img)
     write_labelmap(gt / "missed.nrrd", empty + 1, e_img)
     write_labelmap(pred / "missed.nrrd", empty, e_img)
-    write_labelmap(gt / "unpredicted.nrrd", empty, e_img)           # no prediction: left out, reported
+    write_labelmap(gt / "unpredicted.nrrd", empty + 1, e_img)       # no prediction: scored as empty, counted
 
     csv_path = tmp_path / "scores.csv"
     code, out = run_cli("evaluate", "--pred", pred, "--gt", gt, "--csv", csv_path, "--tolerance-mm", "2")
-    assert code == 0 and "mean" in out and "unpredicted" in out
+    assert code == 0 and "mean" in out and "1 reference case(s) had no prediction" in out and "unpredicted" in out
     rows = {r.split(",")[0]: r.split(",")[1:] for r in csv_path.read_text().splitlines()[1:]}
+    assert rows["unpredicted"][2] == "missing" and rows["vol"][2] == "found"
     spacing3 = tuple(reversed(sitk.ReadImage(str(gt / "vol.nii.gz")).GetSpacing()))   # as NIfTI stored it
     expected = {
         "vol": (dice(guess, truth), normalized_surface_dice(guess, truth, spacing3, 2.0)),
         "flat": (dice(g2, t2), normalized_surface_dice(g2, t2, (0.6, 1.4), 2.0)),
         "empty": (1.0, 1.0),
         "missed": (0.0, 0.0),
+        "unpredicted": (0.0, 0.0),
     }
     assert set(rows) == set(expected) | {"mean"}
     for name, (d, n) in expected.items():
         assert float(rows[name][0]) == pytest.approx(d, abs=1e-6) and float(rows[name][1]) == pytest.approx(n, abs=1e-6)
     assert 0 < expected["vol"][1] < 1 and 0 < expected["flat"][1] < 1
     assert float(rows["mean"][0]) == pytest.approx(np.mean([v[0] for v in expected.values()]), abs=1e-6)
-    # a segment picked by name; shapes that do not match are an error
+    # a segment picked by name (the labelmap's name from its data set's nnU-Net label table); shapes that do
+    # not match are an error
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "ventricles": 1}}))
     code, out = run_cli("evaluate", "--pred", pred / "vol.seg.nrrd", "--gt", gt / "vol.nii.gz", "--label", "ventricles")
     assert code == 0
     assert "no segment 'liver'" in _bad("evaluate", "--pred", pred / "vol.seg.nrrd", "--gt", gt / "vol.nii.gz",
                                          "--label", "liver")
     assert "shape" in _bad("evaluate", "--pred", pred / "flat.nrrd", "--gt", gt / "empty.nrrd")
+    # a label name no label table defines is an error, not every non-zero voxel
+    assert "not one of its labels" in _bad("evaluate", "--pred", pred / "flat.nrrd", "--gt", gt / "flat.nrrd",
+                                           "--label", "liver")
+    # a prediction on another grid (same shape, other spacing) is an error, not a warning
+    (tmp_path / "moved").mkdir()
+    write_labelmap(tmp_path / "moved" / "flat.nrrd", g2[None], image_2d(flat.image, spacing=(0.6, 1.5)))
+    assert "not on the grid" in _bad("evaluate", "--pred", tmp_path / "moved" / "flat.nrrd", "--gt", gt / "flat.nrrd")
 
 
 # --------------------------------------------------------------------------------------------------
