@@ -5,7 +5,9 @@ A small JSON file, MEDCLIPSAM_HOME/trained_models.json, lists model folders made
 
     {"models": [{"name", "kind", "folder", "labels", "date"}, ...]}
 
-labels are the weak model's label names or the MedCLIPSeg training prompts. The kind is read from the
+labels are the weak model's label names or the MedCLIPSeg training prompts. A damaged file (not JSON, not
+this layout) is an error that names it, and is never overwritten; every write replaces the file atomically
+and keeps the previous version as trained_models.json.bak. The kind is read from the
 folder's files, never taken from the caller, and a folder that is not a complete model (no snapshot, no
 weights, a foreign config) is refused with one sentence. Only the standard library: it runs in Slicer's
 process, where torch must not be imported.
@@ -14,6 +16,7 @@ process, where torch must not be imported.
 import datetime
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -76,13 +79,34 @@ def describe_folder(folder):
                           f"{MEDCLIPSEG_CONFIG} from medclipseg train)")
 
 
+def _read_registry():
+    """The registry's entries as stored (a missing file is an empty registry). A file that cannot be read
+    or is not {"models": [...]} raises one sentence: it is the user's list, so nothing may replace it."""
+    path = registry_path()
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        reason = f"not valid JSON: {exc}" if isinstance(exc, ValueError) else f"unreadable: {exc}"
+        raise MedCLIPSAMError(f"the trained-model registry '{path}' is damaged ({reason}); repair it or move it "
+                              f"away (the previous version, if any, is '{path}.bak')") from None
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise MedCLIPSAMError(f"the trained-model registry '{path}' is damaged (no \"models\" list); repair it or "
+                              f"move it away (the previous version, if any, is '{path}.bak')")
+    return data["models"]
+
+
+def _usable(entry):
+    return isinstance(entry, dict) and {"name", "kind", "folder"} <= set(entry) and entry["kind"] in KINDS
+
+
 def list_models():
     """The registered models, each with 'present': whether its folder still holds a complete model."""
-    data = _read_json(registry_path()) or {}
     models = []
-    for entry in data.get("models") or []:
-        if not isinstance(entry, dict) or not {"name", "kind", "folder"} <= set(entry) or entry["kind"] not in KINDS:
-            continue  # a hand-edited or foreign line: skip it rather than fail the panel
+    for entry in _read_registry():
+        if not _usable(entry):
+            continue  # a hand-edited or foreign entry: not listed, but kept in the file
         try:
             present = describe_folder(entry["folder"])["kind"] == entry["kind"]
         except MedCLIPSAMError:
@@ -98,15 +122,19 @@ def get(name):
     raise MedCLIPSAMError(f"no trained model named '{name}' is registered")
 
 
-def _write(models):
+def _write(entries):
+    """Replace the registry atomically (temp file, fsync, rename); the old file becomes the .bak."""
     path = registry_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    keep = [{k: v for k, v in m.items() if k != "present"} for m in models]
     fd, tmp = tempfile.mkstemp(prefix=".trained_models-", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"models": keep}, f, indent=2)
+            json.dump({"models": entries}, f, indent=2)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            shutil.copy2(path, str(path) + ".bak")
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -117,24 +145,24 @@ def add(folder, name=None):
     """Register a model folder (again: its entry is updated); returns the entry. The name defaults to the
     folder's name; a name taken by another folder gets a suffix (-2, -3...)."""
     info = describe_folder(folder)
-    models = list_models()
-    models = [m for m in models if Path(m["folder"]) != Path(info["folder"])]
+    entries = [e for e in _read_registry()
+               if not (_usable(e) and Path(e["folder"]) == Path(info["folder"]))]
     base = " ".join((name or Path(info["folder"]).name).split())
     if not base:
         raise MedCLIPSAMError("the model name is empty")
-    taken = {m["name"] for m in models}
+    taken = {e["name"] for e in entries if _usable(e)}
     unique, k = base, 2
     while unique in taken:
         unique, k = f"{base}-{k}", k + 1
     entry = {"name": unique, **info, "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    _write(models + [entry])
+    _write(entries + [entry])
     return {**entry, "present": True}
 
 
 def remove(name):
     """Forget a registered model (its folder is left alone)."""
-    models = list_models()
-    kept = [m for m in models if m["name"] != name]
-    if len(kept) == len(models):
+    entries = _read_registry()
+    kept = [e for e in entries if not (_usable(e) and e["name"] == name)]
+    if len(kept) == len(entries):
         raise MedCLIPSAMError(f"no trained model named '{name}' is registered")
     _write(kept)

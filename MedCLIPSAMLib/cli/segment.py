@@ -110,21 +110,32 @@ class Session:
             self.pipeline.forget(volume_id)   # a batch goes through many volumes: keep memory flat
 
 
-def write_result(result, image, output, uncertainty_output=None):
+def write_result(result, image, output, uncertainty_output=None, progress=None):
+    """Write the outputs to temporary files, then rename them into place. With `progress`, the write is
+    reported and a cancel that came in by then (e.g. a SIGTERM while writing) removes the temporary
+    files before anything is renamed: cancelled means nothing written. After the rename the run is done."""
+    import contextlib
+
     import numpy as np
 
     from ..io import write_labelmap, write_segmentation, write_volume
     from ..io.geometry import image_from_array
+    from ..runtime import atomic_output
 
-    if output.endswith(".seg.nrrd"):
-        write_segmentation(output, result.segments, image)
-    else:
-        labels = np.zeros(result.segments[0]["mask"].shape, np.uint8)
-        for value, seg in enumerate(result.segments, start=1):
-            labels[seg["mask"] > 0] = value
-        write_labelmap(output, labels, image)
-    if uncertainty_output and result.uncertainty is not None:
-        write_volume(uncertainty_output, image_from_array(result.uncertainty, image))
+    with contextlib.ExitStack() as outputs:
+        tmp = outputs.enter_context(atomic_output(output))
+        if output.endswith(".seg.nrrd"):
+            write_segmentation(tmp, result.segments, image)
+        else:
+            labels = np.zeros(result.segments[0]["mask"].shape, np.uint8)
+            for value, seg in enumerate(result.segments, start=1):
+                labels[seg["mask"] > 0] = value
+            write_labelmap(tmp, labels, image)
+        if uncertainty_output and result.uncertainty is not None:
+            write_volume(outputs.enter_context(atomic_output(uncertainty_output)),
+                         image_from_array(result.uncertainty, image))
+        if progress is not None:
+            progress.advance(1)  # raises Cancelled if a cancel came in: the temporary files are removed
 
 
 def write_evidence(args, session, result, image, staged):

@@ -233,8 +233,8 @@ def predict(args):
         result = predict_volume(model, image, args.threshold, args.amp, progress)
         progress.stage("write", 1, "writing the segmentation")
         segments = [{"name": name, "mask": (result.labels == k).astype("uint8")} for k, name in enumerate(names, 1)]
-        write_result(VolumeResult(segments, result.uncertainty), image, args.output, args.uncertainty_output)
-        progress.advance(1)
+        write_result(VolumeResult(segments, result.uncertainty), image, args.output, args.uncertainty_output,
+                     progress)
         return segments, len(model.networks)
 
     segments, n = progress.run(run)
@@ -259,10 +259,15 @@ def evaluate(args):
     if args.csv:
         write_csv(args.csv, summary)
     mean = summary["mean"]
-    message = f"{summary['count']} case(s): mean Dice {mean['dice']:.4f}, mean NSD {mean['nsd']:.4f}"
+    message = (f"{summary['count']} case(s) ({len(summary['missing'])} without prediction, scored as empty): "
+               f"mean Dice {mean['dice']:.4f}, mean NSD {mean['nsd']:.4f}")
     progress.finish("finished", message)
     if args.progress != "json":
         print(format_table(summary))
         if summary["missing"]:
-            print(f"no prediction for: {', '.join(summary['missing'])}")
+            print(f"{len(summary['missing'])} reference case(s) had no prediction, scored as empty and counted "
+                  f"in the mean: {', '.join(summary['missing'])}")
+        if summary["extra"]:
+            print(f"{len(summary['extra'])} prediction(s) without a reference, not scored: "
+                  f"{', '.join(summary['extra'])}")
     return 0

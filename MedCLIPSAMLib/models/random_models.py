@@ -122,6 +122,8 @@ def build_random_sam2(folder, variant="tiny-shrunk", seed=0):
 
 def ensure_random(kind, variant, seed=0):
     """Return the cached folder of a random model, building it once (atomically) if needed."""
+    import torch
+
     folder = cache.home() / "random" / f"{kind}-{variant}-seed{seed}-v{FORMAT}"
     if (folder / cache.MANIFEST).is_file():
         return folder
@@ -129,7 +131,9 @@ def ensure_random(kind, variant, seed=0):
     remove_stale(folder.parent, folder.name + ".")  # a build a killed process left unfinished
     tmp = Path(tempfile.mkdtemp(prefix=owned_prefix(folder.name + "."), dir=folder.parent))
     try:
-        (build_random_clip if kind == "clip" else build_random_sam2)(tmp, variant, seed)
+        # fork_rng: building seeds torch; a caller's seeded run must not depend on whether this ran first
+        with torch.random.fork_rng(devices=[]):
+            (build_random_clip if kind == "clip" else build_random_sam2)(tmp, variant, seed)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished first: keep theirs

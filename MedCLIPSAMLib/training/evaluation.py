@@ -6,8 +6,12 @@ millimetres on anisotropic grids; one-voxel axes (2D images stored as one-slice 
 2D cases get 2D surfaces. Empty vs empty scores 1 and empty vs non-empty 0 (metrics.py).
 
 Which voxels count as the target: `label` is a segment name (.seg.nrrd) or a label value (labelmaps; a
-name works for labelmaps too when the data set's pseudo_labels.json / dataset.json names it, and means
-every non-zero voxel otherwise); without it, every non-zero voxel (every segment) counts.
+name works for labelmaps too when the data set's pseudo_labels.json / dataset.json names it; a name nothing
+defines is an error); without it, every non-zero voxel (every segment) counts.
+
+Nothing is dropped silently: a prediction must lie on its reference's grid (origin, spacing, direction;
+else an error: resample it first), and a reference case with no prediction is scored as an empty
+prediction (0 where the reference has the target), counted in the means and marked "missing".
 """
 
 import csv
@@ -49,13 +53,12 @@ def load_mask(path, label=None):
     array = sitk.GetArrayFromImage(image)
     if label is None:
         return array != 0, image
-    value = _label_value(path, label)
-    return (array == value) if value is not None else (array != 0), image
+    return array == _label_value(path, label), image
 
 
 def _label_value(path, label):
     """The value of `label` in a labelmap: a number as given, a name through the data set's label table
-    (pseudo_labels.json / nnU-Net dataset.json beside the labels folder); None: every non-zero voxel."""
+    (pseudo_labels.json / nnU-Net dataset.json beside the labels folder); an error for any other name."""
     from .weak_data import names_beside
 
     try:
@@ -65,8 +68,9 @@ def _label_value(path, label):
     names = names_beside(path) or []
     if str(label) in names:
         return float(names.index(str(label)) + 1)
-    log.info("'%s' is a labelmap without a name for label '%s': every non-zero voxel counts", path, label)
-    return None
+    known = f"it names {', '.join(repr(n) for n in names)}" if names else "no label table names its values"
+    raise MedCLIPSAMError(f"'{path}' is a labelmap and '{label}' is not one of its labels ({known}); "
+                          "give --label as a label value or a name from the data set's label table")
 
 
 def _squeeze(mask, spacing):
@@ -95,30 +99,40 @@ def evaluate_files(pred, gt, tolerance_mm=2.0, label=None, progress=None):
     from ..io import geometry_equal
     from ..metrics import summarize
     from ..progress import null_progress
-    from .weak_data import list_inputs
+    from .weak_data import by_case, list_inputs
 
     if not tolerance_mm > 0:
         raise MedCLIPSAMError(f"the NSD tolerance must be positive, got {tolerance_mm} mm")
-    pairs, missing, extra = match_cases(list_inputs(pred, "predictions", False), list_inputs(gt, "references", False))
+    gt_paths = list_inputs(gt, "references", False)
+    pairs, missing, extra = match_cases(list_inputs(pred, "predictions", False), gt_paths)
+    references = {name: g_path for name, _, g_path in pairs}
     if missing:
-        log.warning("%d reference case(s) have no prediction and are left out: %s", len(missing),
-                    ", ".join(missing[:5]))
+        references.update({n: p for n, p in by_case(gt_paths, "references").items() if n in missing})
     progress = progress or null_progress()
-    progress.stage("evaluate", len(pairs), "Dice and NSD per case")
+    progress.stage("evaluate", len(references), "Dice and NSD per case")
+    predictions = {name: p_path for name, p_path, _ in pairs}
     cases = []
-    for name, p_path, g_path in pairs:
-        p, p_ref = load_mask(p_path, label)
+    for name in sorted(references):
+        g_path, p_path = references[name], predictions.get(name)
+        if p_path is not None:
+            p, p_ref = load_mask(p_path, label)
         g, g_ref = load_mask(g_path, label)
-        if p.shape != g.shape:
-            raise MedCLIPSAMError(f"case '{name}': prediction '{p_path}' has shape {p.shape} but the reference "
-                                  f"'{g_path}' has {g.shape} (z, y, x)")
-        if not geometry_equal(p_ref, g_ref, tol=1e-3):
-            log.warning("case '%s': the prediction's origin / spacing / direction differ from the reference's; "
-                        "the reference's spacing is used", name)
+        if p_path is None:  # no prediction: scored as an empty one, not left out of the mean
+            p = np.zeros_like(g)
+        else:
+            if p.shape != g.shape:
+                raise MedCLIPSAMError(f"case '{name}': prediction '{p_path}' has shape {p.shape} but the reference "
+                                      f"'{g_path}' has {g.shape} (z, y, x)")
+            if not geometry_equal(p_ref, g_ref, tol=1e-3):
+                raise MedCLIPSAMError(f"case '{name}': prediction '{p_path}' is not on the grid of its reference "
+                                      f"'{g_path}' (origin, spacing or direction differ); resample it onto the "
+                                      "reference first")
         g2, spacing = _squeeze(g, list(reversed(g_ref.GetSpacing())))
         cases.append((name, p.reshape(g2.shape), g2, spacing))
         progress.advance(1, name)
     summary = summarize(cases, tolerance_mm)
+    for row in summary["cases"]:
+        row["prediction"] = "missing" if row["name"] in missing else "found"
     summary.update(missing=missing, extra=extra, tolerance_mm=tolerance_mm)
     return summary
 
@@ -126,12 +140,12 @@ def evaluate_files(pred, gt, tolerance_mm=2.0, label=None, progress=None):
 def to_csv(summary):
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["case", "dice", "nsd"])
+    writer.writerow(["case", "dice", "nsd", "prediction"])
     for r in summary["cases"]:
-        writer.writerow([r["name"], f"{r['dice']:.6f}", f"{r['nsd']:.6f}"])
+        writer.writerow([r["name"], f"{r['dice']:.6f}", f"{r['nsd']:.6f}", r.get("prediction", "found")])
     mean = summary["mean"]
     if summary["count"]:
-        writer.writerow(["mean", f"{mean['dice']:.6f}", f"{mean['nsd']:.6f}"])
+        writer.writerow(["mean", f"{mean['dice']:.6f}", f"{mean['nsd']:.6f}", ""])
     return buf.getvalue()
 
 
@@ -144,7 +158,9 @@ def format_table(summary):
     width = max([4] + [len(r["name"]) for r in summary["cases"]])
     nsd = f"NSD@{summary['tolerance_mm']:g}mm"
     lines = [f"{'case':<{width}}  {'Dice':>7}  {nsd:>10}"]
-    lines += [f"{r['name']:<{width}}  {r['dice']:7.4f}  {r['nsd']:10.4f}" for r in summary["cases"]]
+    lines += [f"{r['name']:<{width}}  {r['dice']:7.4f}  {r['nsd']:10.4f}"
+              + ("  (no prediction: scored as empty)" if r.get("prediction") == "missing" else "")
+              for r in summary["cases"]]
     if summary["count"]:
         lines.append(f"{'mean':<{width}}  {summary['mean']['dice']:7.4f}  {summary['mean']['nsd']:10.4f}")
     return "\n".join(lines)

@@ -344,10 +344,17 @@ def test_bad_segments_are_rejected_before_writing(tmp_path, phantoms):
         mio.read_segmentation(tmp_path / "junk.seg.nrrd")
 
 
-def slicer_segments(path, reference):
-    """Load a .seg.nrrd with slicer-core and export every segment onto `reference`'s grid.
+def _matrix(vtk_matrix):
+    return np.array([[vtk_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
-    Returns ({name: (color, mask z/y/x)}, reference-geometry conversion parameter, IJK-to-RAS matrices ok).
+
+def slicer_segments(path, reference_file):
+    """Load a .seg.nrrd with slicer-core and export every segment onto the grid of the input volume,
+    which Slicer reads from `reference_file` itself (so the expected geometry is the file's, as Slicer
+    sees it, not something this package computed).
+
+    Returns ({name: (color, mask z/y/x)}, reference-geometry conversion parameter, the input's IJK-to-RAS,
+    [the IJK-to-RAS of each exported labelmap]).
     """
     slicer = pytest.importorskip("slicer")
     import vtk
@@ -366,21 +373,16 @@ def slicer_segments(path, reference):
     storage.SetFileName(str(path))
     assert storage.ReadData(seg_node)
 
-    # the reference volume node is built from the SimpleITK geometry (LPS -> RAS), not read from a file
     ref_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
-    data = vtk.vtkImageData()
-    data.SetDimensions(*reference.GetSize())
-    data.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    ref_node.SetAndObserveImageData(data)
-    ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ mio.index_to_lps_matrix(reference)
+    ref_storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    ref_storage.SetFileName(str(reference_file))
+    assert ref_storage.ReadData(ref_node)
     matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, ijk_to_ras[r, c])
-    ref_node.SetIJKToRASMatrix(matrix)
+    ref_node.GetIJKToRASMatrix(matrix)
+    ijk_to_ras = _matrix(matrix)
 
     segmentation = seg_node.GetSegmentation()
-    out, grids_ok = {}, True
+    out, grids = {}, []
     for i in range(segmentation.GetNumberOfSegments()):
         segment_id = segmentation.GetNthSegmentID(i)
         segment = segmentation.GetSegment(segment_id)
@@ -393,29 +395,53 @@ def slicer_segments(path, reference):
         mask = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
         got = vtk.vtkMatrix4x4()
         labelmap.GetIJKToRASMatrix(got)
-        grids_ok &= np.allclose([[got.GetElement(r, c) for c in range(4)] for r in range(4)], ijk_to_ras, atol=1e-6)
+        grids.append(_matrix(got))
         out[segment.GetName()] = (segment.GetColor(), mask != 0)
     geometry = segmentation.GetConversionParameter("Reference image geometry")
-    return out, geometry, grids_ok
+    return out, geometry, ijk_to_ras, grids
+
+
+def _on_slicer_grid(mask, image, ijk_to_ras, shape):
+    """`mask` (z, y, x on `image`'s grid) resampled, by nearest voxel centre, onto the grid Slicer uses
+    (`ijk_to_ras`, `shape` z/y/x); the image's geometry is taken from its own origin, spacing and
+    direction. Slicer stores a left-handed file's slices reversed, so its grid may be the same voxels in
+    another index order."""
+    index_to_lps = np.eye(4)
+    index_to_lps[:3, :3] = np.reshape(image.GetDirection(), (3, 3)) * np.asarray(image.GetSpacing())
+    index_to_lps[:3, 3] = image.GetOrigin()
+    k, j, i = np.indices(shape).reshape(3, -1)
+    ras = ijk_to_ras @ np.stack([i, j, k, np.ones_like(i)])
+    ijk = np.linalg.solve(index_to_lps, np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras)[:3]
+    nearest = np.rint(ijk).astype(int)
+    assert np.abs(ijk - nearest).max() < 1e-4, "Slicer's grid is not the input's voxel grid"
+    return mask[nearest[2], nearest[1], nearest[0]].reshape(shape)
 
 
 @pytest.mark.parametrize("direction", ["oblique", "oblique-flipped", "ras", "sagittal"])
 def test_seg_nrrd_loads_in_slicer_with_names_colours_and_masks(tmp_path, phantoms, direction):
     ph = phantoms[direction]
     segments = ph.segments()
+    # the input volume as a file written by SimpleITK itself: Slicer reads the geometry every check expects
+    reference_file = tmp_path / "input.nrrd"
+    sitk.WriteImage(ph.image, str(reference_file))
     path = mio.write_segmentation(tmp_path / "gt.seg.nrrd", segments, ph.image)
-    loaded, geometry, grids_ok = slicer_segments(path, ph.image)
+    loaded, geometry, ijk_to_ras, grids = slicer_segments(path, reference_file)
     assert list(loaded) == [s["name"] for s in segments]
-    assert grids_ok
+    for got in grids:
+        np.testing.assert_allclose(got, ijk_to_ras, atol=1e-6)
     for s in segments:
         color, mask = loaded[s["name"]]
         assert color == pytest.approx(s["color"], abs=1e-6)
-        np.testing.assert_array_equal(mask, s["mask"] > 0)
-    # Slicer also sees the reference grid (IJK-to-RAS, then the extent)
+        np.testing.assert_array_equal(mask, _on_slicer_grid(s["mask"] > 0, ph.image, ijk_to_ras, mask.shape))
+    # the segmentation's own reference grid (IJK-to-RAS, then the extent) holds the input's voxels
     values = [float(v) for v in geometry.strip(";").split(";")]
-    ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ mio.index_to_lps_matrix(ph.image)
-    np.testing.assert_allclose(np.reshape(values[:16], (4, 4)), ijk_to_ras, atol=1e-9)
-    assert values[16:] == [0, ph.image.GetSize()[0] - 1, 0, ph.image.GetSize()[1] - 1, 0, ph.image.GetSize()[2] - 1]
+    size = ph.image.GetSize()
+    assert values[16:] == [0, size[0] - 1, 0, size[1] - 1, 0, size[2] - 1]
+    own = np.reshape(values[:16], (4, 4))
+    corners = np.array([[x, y, z, 1] for x in (0, size[0] - 1) for y in (0, size[1] - 1) for z in (0, size[2] - 1)]).T
+    in_input = np.linalg.solve(ijk_to_ras, own @ corners)
+    np.testing.assert_allclose(in_input, np.rint(in_input), atol=1e-4)
+    assert {tuple(c) for c in np.rint(in_input).astype(int).T} == {tuple(c) for c in corners.T}
 
 
 # --------------------------------------------------------------------------------------------------

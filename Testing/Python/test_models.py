@@ -83,17 +83,41 @@ def test_registry_clip_loads_offline_after_adopt(cached_biomedclip):
     assert torch.allclose(bundle.encode_text(["liver"]), reference.encode_text(["liver"]))
 
 
-def test_checksum_mismatch_is_refused_before_loading(cached_biomedclip):
+class _LeavesATrace:
+    """Unpickling this writes a file: a checkpoint holding it shows whether anything unpickled it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_checksum_mismatch_is_refused_before_loading(cached_biomedclip, tmp_path):
+    import torch
+
     from MedCLIPSAMLib.cli import main
 
     assert main(["models", "verify", "--adopt", "biomedclip"]) == 0
     weights = cached_biomedclip / "open_clip_pytorch_model.bin"
-    data = bytearray(weights.read_bytes())
-    data[-100] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    # one byte changed inside a tensor's data: the zip and the pickle stay intact, the file still loads
+    state = torch.load(weights, weights_only=True)
+    name, tensor = next((k, v) for k, v in state.items() if v.numel() > 1000)
+    raw = weights.read_bytes()
+    needle = tensor.contiguous().numpy().tobytes()[:64]
+    offset = raw.index(needle) + 1
+    weights.write_bytes(raw[:offset] + bytes([raw[offset] ^ 0x01]) + raw[offset + 1:])
+    changed = torch.load(weights, weights_only=True)
+    assert not torch.equal(changed[name], tensor) and changed.keys() == state.keys()
     with pytest.raises(MedCLIPSAMError, match="checksum mismatch.*open_clip_pytorch_model.bin"):
         load_clip("biomedclip", reuse=False)
     assert main(["models", "verify", "biomedclip"]) == 1
+    # a swapped checkpoint whose unpickling would leave a trace: refused by checksum, never unpickled
+    marker = tmp_path / "unpickled"
+    torch.save({**state, "trace": _LeavesATrace(marker)}, weights)
+    with pytest.raises(MedCLIPSAMError, match="checksum mismatch.*open_clip_pytorch_model.bin"):
+        load_clip("biomedclip", reuse=False)
+    assert not marker.exists()
 
 
 def test_missing_file_names_the_file_the_folder_and_the_source(cached_biomedclip):

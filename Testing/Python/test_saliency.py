@@ -99,6 +99,25 @@ def test_gscorecam_all_channels_equals_pytorch_grad_cam_scorecam(small_clip, ful
     np.testing.assert_allclose(ours.maps[0], reference, atol=1e-5)
 
 
+def _mean_gradient_by_hand(clip, image, text, layer):
+    """The paper's channel ranking computed here, not by the library: the gradient of CLIP's image-text
+    logit with respect to the layer's output tokens, averaged over the tokens -> [C]."""
+    store = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        store["tokens"] = output
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        x = image[None].clone().requires_grad_(True)
+        _LogitModel(clip, text)(x).sum().backward()
+    finally:
+        handle.remove()
+        clip.model.zero_grad(set_to_none=True)
+    return store["tokens"].grad[0].mean(dim=0)
+
+
 def test_gscorecam_topk_equals_full_formula_restricted_to_kept_channels(small_clip, full_gscorecam):
     from MedCLIPSAMLib.saliency.common import minmax, upsample
     from MedCLIPSAMLib.saliency.gscorecam import run_gscorecam
@@ -108,13 +127,19 @@ def test_gscorecam_topk_equals_full_formula_restricted_to_kept_channels(small_cl
     small = run_gscorecam(small_clip, image, text, topk=k, batch_size=64)
     # the ranking is the mean gradient over the layer's tokens; at norm2 of the last block only the CLS
     # token has a gradient, and it must not be zero (or the top k would be arbitrary)
-    assert full.ranking.abs().max() > 0
-    assert torch.equal(small.channels[0], full.ranking[0].topk(k).indices)
+    by_hand = _mean_gradient_by_hand(small_clip, image, text, small_clip.model.visual.trunk.blocks[11].norm2)
+    assert by_hand.abs().max() > 0
+    torch.testing.assert_close(small.ranking[0], by_hand, rtol=1e-4, atol=1e-7)
+    expected_channels = by_hand.topk(k).indices  # the largest mean gradients: the channels that raise the logit
+    # the test can tell the paper's ranking from the likely slips (lowest or largest absolute gradient)
+    for wrong in (-by_hand, by_hand.abs()):
+        assert set(wrong.topk(k).indices.tolist()) != set(expected_channels.tolist())
+    assert torch.equal(small.channels[0], expected_channels)
     # full formula (all channels scored once) with a channel mask: dropped channels get zero weight
     scores = torch.zeros(full.ranking.shape[1])
     scores[full.channels[0]] = full.scores[0]
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep[small.channels[0]] = True
+    keep[expected_channels] = True
     weights = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=0)
     cam = torch.relu((weights[:, None, None] * full.activations[0]).sum(0))
     expected = minmax(upsample(cam[None, None], image.shape[-2:])[:, 0])[0].numpy()
@@ -150,6 +175,30 @@ def test_gradcam_equals_pytorch_grad_cam(tiny_clip, image):
     np.testing.assert_allclose(ours[0], reference, atol=1e-5)
     # at norm2 of the last block the patch tokens get no gradient (CLS pooling): GradCAM is empty there
     assert np.all(gradcam(tiny_clip, image, text, layer=NORM2) == 0)
+
+
+def test_m2ib_capacity_is_the_closed_form_kl():
+    """KL(N(lambda r, (1 - lambda)^2) || N(0, 1)) = 0.5 (lambda^2 r^2 + (1 - lambda)^2 - 1) - log(1 - lambda),
+    r = (x - mean) / std, checked on values worked out by hand and against torch.distributions."""
+    from MedCLIPSAMLib.saliency.m2ib import capacity
+
+    # alpha 0 -> lambda 1/2; x 2, mean 0, std 1 -> r 2: 0.5 (1 + 1/4 - 1) + log 2 = 0.125 + 0.693147 = 0.818147
+    # alpha 0, x 3, mean 1, std 2 -> r 1: 0.5 (1/4 + 1/4 - 1) + log 2 = -0.25 + 0.693147 = 0.443147
+    # alpha log 3 -> lambda 3/4; x 2, mean 0, std 1: 0.5 (9/4 + 1/16 - 1) + log 4 = 0.65625 + 1.386294 = 2.042544
+    alpha = torch.tensor([[[0.0, 0.0, float(np.log(3.0))]]])
+    feats = torch.tensor([[[2.0, 3.0, 2.0]]])
+    mean = torch.tensor([[[0.0, 1.0, 0.0]]])
+    std = torch.tensor([[[1.0, 2.0, 1.0]]])
+    torch.testing.assert_close(capacity(alpha, feats, mean, std), torch.tensor([[[0.818147, 0.443147, 2.042544]]]),
+                               rtol=0, atol=1e-5)
+    # and on random values, against the Gaussian KL of torch.distributions
+    g = torch.Generator().manual_seed(0)
+    alpha, feats = torch.randn(2, 5, 7, generator=g) * 3, torch.randn(2, 5, 7, generator=g) * 4
+    mean, std = torch.randn(2, 1, 7, generator=g), torch.rand(2, 1, 7, generator=g) + 0.5
+    lam = torch.sigmoid(alpha)
+    q = torch.distributions.Normal(lam * (feats - mean) / std, 1 - lam)
+    expected = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0))
+    torch.testing.assert_close(capacity(alpha, feats, mean, std), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_m2ib_loss_decreases_and_cached_prefix_equals_full_recomputation(small_clip, small_image):

@@ -8,12 +8,15 @@ DynUNet on them and checks that the network is better than its own training labe
 
 import contextlib
 import io
+import itertools
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -150,6 +153,25 @@ def test_network_trained_on_weak_labels_beats_them(weak_data, trained):
     assert np.median(wrong) > np.median(right)
 
 
+def test_ensemble_is_the_mean_of_every_snapshot_and_its_entropy(weak_data, trained):
+    """The ensemble's probabilities are the mean over all snapshots (not the last one), and its uncertainty
+    is the normalised entropy of that mean (not of one snapshot), both worked out here from the snapshots."""
+    from MedCLIPSAMLib.training.predict import load_model, predict_volume
+
+    model = load_model(trained["model"], "cpu")
+    image = read_volume(sorted((weak_data["root"] / "test").iterdir())[0])
+    with one_thread():
+        ensemble = predict_volume(model, image)
+        alone = [predict_volume(model.snapshot(i), image).probabilities for i in range(len(model.networks))]
+    # the snapshots really differ, so a mean over fewer of them (or the last one alone) would show
+    assert min(np.abs(a - b).max() for a, b in itertools.combinations(alone, 2)) > 1e-3
+    mean = np.mean(alone, axis=0)
+    np.testing.assert_allclose(ensemble.probabilities, mean, atol=1e-5)
+    p = np.clip(mean, 1e-7, 1.0)
+    np.testing.assert_allclose(ensemble.uncertainty, -(p * np.log(p)).sum(0) / np.log(len(mean)), atol=1e-5)
+    assert np.array_equal(ensemble.labels, (mean[1] >= model.config["threshold"]).astype(np.uint8))
+
+
 def test_model_folder_progress_and_metrics(trained):
     import torch
 
@@ -265,13 +287,25 @@ def _predict_keeps_the_grid(trained, tmp_path):
 
 
 def _bad(*args):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code, _ = run_cli(*args)
-    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    """Bad input: exit 2 and one sentence on the whole of stderr. In-process, log records reach pytest's
+    handlers instead of stderr, so they are collected too: any the CLI would print fails the check."""
+    err, records = io.StringIO(), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        with contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code, _ = run_cli(*args)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    printed = [r.getMessage() for r in records
+               if r.levelno >= (logging.INFO if r.name.startswith("medclipsam") else logging.WARNING)]
+    printed += [str(w.message) for w in caught]
     assert code == 2, err.getvalue()
-    assert "Traceback" not in err.getvalue() and lines[-1].startswith("medclipsam: error: ")
-    return lines[-1]
+    text = err.getvalue().strip()
+    assert text.startswith("medclipsam: error: ") and "\n" not in text and not printed, (text, printed)
+    return text
 
 
 def test_predict_and_train_bad_inputs_get_one_sentence(trained, weak_data, tmp_path):
@@ -341,30 +375,41 @@ def test_evaluate_matches_direct_metrics_with_anisotropic_spacing_and_2d(tmp_pat
     write_labelmap(pred / "empty.nrrd", empty, e_img)
     write_labelmap(gt / "missed.nrrd", empty + 1, e_img)
     write_labelmap(pred / "missed.nrrd", empty, e_img)
-    write_labelmap(gt / "unpredicted.nrrd", empty, e_img)           # no prediction: left out, reported
+    write_labelmap(gt / "unpredicted.nrrd", empty + 1, e_img)       # no prediction: scored as empty, counted
 
     csv_path = tmp_path / "scores.csv"
     code, out = run_cli("evaluate", "--pred", pred, "--gt", gt, "--csv", csv_path, "--tolerance-mm", "2")
-    assert code == 0 and "mean" in out and "unpredicted" in out
+    assert code == 0 and "mean" in out and "1 reference case(s) had no prediction" in out and "unpredicted" in out
     rows = {r.split(",")[0]: r.split(",")[1:] for r in csv_path.read_text().splitlines()[1:]}
+    assert rows["unpredicted"][2] == "missing" and rows["vol"][2] == "found"
     spacing3 = tuple(reversed(sitk.ReadImage(str(gt / "vol.nii.gz")).GetSpacing()))   # as NIfTI stored it
     expected = {
         "vol": (dice(guess, truth), normalized_surface_dice(guess, truth, spacing3, 2.0)),
         "flat": (dice(g2, t2), normalized_surface_dice(g2, t2, (0.6, 1.4), 2.0)),
         "empty": (1.0, 1.0),
         "missed": (0.0, 0.0),
+        "unpredicted": (0.0, 0.0),
     }
     assert set(rows) == set(expected) | {"mean"}
     for name, (d, n) in expected.items():
         assert float(rows[name][0]) == pytest.approx(d, abs=1e-6) and float(rows[name][1]) == pytest.approx(n, abs=1e-6)
     assert 0 < expected["vol"][1] < 1 and 0 < expected["flat"][1] < 1
     assert float(rows["mean"][0]) == pytest.approx(np.mean([v[0] for v in expected.values()]), abs=1e-6)
-    # a segment picked by name; shapes that do not match are an error
+    # a segment picked by name (the labelmap's name from its data set's nnU-Net label table); shapes that do
+    # not match are an error
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "ventricles": 1}}))
     code, out = run_cli("evaluate", "--pred", pred / "vol.seg.nrrd", "--gt", gt / "vol.nii.gz", "--label", "ventricles")
     assert code == 0
     assert "no segment 'liver'" in _bad("evaluate", "--pred", pred / "vol.seg.nrrd", "--gt", gt / "vol.nii.gz",
                                          "--label", "liver")
     assert "shape" in _bad("evaluate", "--pred", pred / "flat.nrrd", "--gt", gt / "empty.nrrd")
+    # a label name no label table defines is an error, not every non-zero voxel
+    assert "not one of its labels" in _bad("evaluate", "--pred", pred / "flat.nrrd", "--gt", gt / "flat.nrrd",
+                                           "--label", "liver")
+    # a prediction on another grid (same shape, other spacing) is an error, not a warning
+    (tmp_path / "moved").mkdir()
+    write_labelmap(tmp_path / "moved" / "flat.nrrd", g2[None], image_2d(flat.image, spacing=(0.6, 1.5)))
+    assert "not on the grid" in _bad("evaluate", "--pred", tmp_path / "moved" / "flat.nrrd", "--gt", gt / "flat.nrrd")
 
 
 # --------------------------------------------------------------------------------------------------
