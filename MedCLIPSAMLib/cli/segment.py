@@ -31,7 +31,8 @@ def add_volume_options(p):
 def register(sub):
     p = sub.add_parser("segment", help="segment a 3D volume (file or DICOM folder) from text prompts into a .seg.nrrd")
     p.add_argument("volume", help="NRRD, NIfTI, MHA/MHD, a DICOM series folder, or a 2D image file")
-    p.add_argument("--output", required=True, help="OUT.seg.nrrd (segments named by prompt), or a .nrrd/.nii.gz labelmap")
+    p.add_argument("--output", required=True, help="OUT.seg.nrrd (segments named by prompt), a .nrrd/.nii.gz labelmap, or "
+                                                "OUT.dcm: a DICOM SEG (input: a DICOM series folder)")
     p.add_argument("--uncertainty-output", help="write a per-voxel uncertainty volume (entropy of the mask probability)")
     add_volume_options(p)
     p.set_defaults(func=run)
@@ -124,13 +125,18 @@ class Session:
         return VolumeSegmenter(self.clip, self.sam, self.settings, options, self.progress)(image, self.prompts)
 
 
-def write_result(result, image, output, uncertainty_output=None):
+def write_result(result, image, output, uncertainty_output=None, dicom=None):
+    """dicom: write_dicom_seg's source_folder, method, models and random, for a .dcm output."""
     import numpy as np
 
     from ..io import write_labelmap, write_segmentation, write_volume
     from ..io.geometry import image_from_array
 
-    if output.endswith(".seg.nrrd"):
+    if output.endswith(".dcm"):
+        from ..io.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(output, result.segments, image, **dicom)
+    elif output.endswith(".seg.nrrd"):
         write_segmentation(output, result.segments, image)
     else:
         labels = np.zeros(result.segments[0]["mask"].shape, np.uint8)
@@ -139,6 +145,15 @@ def write_result(result, image, output, uncertainty_output=None):
         write_labelmap(output, labels, image)
     if uncertainty_output and result.uncertainty is not None:
         write_volume(uncertainty_output, image_from_array(result.uncertainty, image))
+
+
+def _dicom_info(args, session):
+    from .options import model_names
+
+    clip, sam = model_names(args)
+    return {"source_folder": args.volume, "method": f"MedCLIP-SAM zero-shot, preset {args.preset}",
+            "models": {"clip": clip, "sam": sam if session.settings.sam == "sam" else "none"},
+            "random": session.random}
 
 
 def run(args):
@@ -150,7 +165,11 @@ def run(args):
     progress.install_signal_handlers()
     for p in args.prompt:  # cheap checks first: no model loading for a bad command line
         make_prompt(p)
-    _check_output(args.output, (".seg.nrrd", ".nrrd", ".nii.gz", ".nii"))
+    _check_output(args.output, (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".dcm"))
+    if args.output.endswith(".dcm"):
+        from ..io.dicom_seg import check_input
+
+        check_input(args.volume)
     if args.uncertainty_output:
         _check_output(args.uncertainty_output, (".nrrd", ".nii.gz", ".nii", ".mha"))
 
@@ -159,7 +178,7 @@ def run(args):
         session = Session(args, progress)
         result = session.segment(image)
         progress.stage("write", 1, "writing the segmentation")
-        write_result(result, image, args.output, args.uncertainty_output)
+        write_result(result, image, args.output, args.uncertainty_output, _dicom_info(args, session))
         progress.advance(1)
         return session, result
 

@@ -93,7 +93,8 @@ def register(sub):
                     "the entropy of the mean (0..1) as uncertainty. Outputs lie on the input's exact grid.")
     r.add_argument("model", metavar="MODEL_DIR")
     r.add_argument("volume", help="NRRD, NIfTI, MHA/MHD, a DICOM folder, or a 2D image file")
-    r.add_argument("--output", required=True, help="OUT.seg.nrrd, or a .nrrd / .nii.gz labelmap")
+    r.add_argument("--output", required=True,
+                   help="OUT.seg.nrrd, a .nrrd / .nii.gz labelmap, or OUT.dcm: a DICOM SEG (input: a DICOM series folder)")
     r.add_argument("--uncertainty-output", help="entropy of the ensemble mean, a float volume (.nrrd, .nii.gz, .mha)")
     r.add_argument("--threshold", type=float, help="foreground probability threshold (default: the model's, 0.2)")
     r.add_argument("--prompt-name", action="append", help="segment name(s) (default: the model's label names)")
@@ -249,6 +250,8 @@ def train_weak_nnunet(args):
 
 
 def predict(args):
+    from pathlib import Path
+
     from ..errors import MedCLIPSAMError
     from ..io import read_volume
     from ..pipeline.volume import VolumeResult
@@ -258,7 +261,11 @@ def predict(args):
 
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise MedCLIPSAMError(f"--threshold must lie between 0 and 1, got {args.threshold}")
-    _check_output(args.output, (".seg.nrrd", ".nrrd", ".nii.gz", ".nii"))
+    _check_output(args.output, (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".dcm"))
+    if args.output.endswith(".dcm"):
+        from ..io.dicom_seg import check_input
+
+        check_input(args.volume)
     if args.uncertainty_output:
         _check_output(args.uncertainty_output, (".nrrd", ".nii.gz", ".nii", ".mha"))
     config = read_config(args.model)
@@ -277,7 +284,9 @@ def predict(args):
         result = predict_volume(model, image, args.threshold, args.amp, progress)
         progress.stage("write", 1, "writing the segmentation")
         segments = [{"name": name, "mask": (result.labels == k).astype("uint8")} for k, name in enumerate(names, 1)]
-        write_result(VolumeResult(segments, result.uncertainty), image, args.output, args.uncertainty_output)
+        dicom = {"source_folder": args.volume, "method": f"MedCLIP-SAM weak supervision, {config.get('trainer', 'dynunet')}",
+                 "models": {"model": Path(args.model).resolve().name}, "random": False}
+        write_result(VolumeResult(segments, result.uncertainty), image, args.output, args.uncertainty_output, dicom)
         progress.advance(1)
         return segments, len(model.networks)
 
