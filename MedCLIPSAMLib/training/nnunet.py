@@ -64,8 +64,8 @@ class NnUNetOptions:
     workers: int = 0                  # nnU-Net's data-augmentation processes (nnUNet_n_proc_DA)
 
 
-def require_nnunet():
-    return optional_import("nnunetv2", EXTRA, "train-weak --trainer nnunetv2")
+def require_nnunet(feature="train-weak --trainer nnunetv2"):
+    return optional_import("nnunetv2", EXTRA, feature)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,7 +356,7 @@ def load_model(folder, config, device):
     """(network, predictor, snapshot state dicts) of an nnunetv2 model folder."""
     import torch
 
-    require_nnunet()
+    require_nnunet(f"the nnU-Net model in '{folder}'")
     folder = Path(folder)
     info = config.get("nnunet") or {}
     results = folder / str(info.get("results", ""))
