@@ -41,7 +41,10 @@ def series_files(folder):
 
 
 def check_input(path):
-    """Refuse early (before any model loads) an input a DICOM SEG cannot reference."""
+    """Refuse early (before any model loads) an input a DICOM SEG cannot reference, or a missing extra."""
+    from ..errors import optional_import
+
+    optional_import("highdicom", "dicom", "DICOM SEG output")
     series_files(path)
 
 
