@@ -6,6 +6,8 @@ Labels from probabilities: a voxel gets the foreground class with the highest me
 probability reaches the threshold, else background. With one foreground class this is p(fg) >= threshold.
 Uncertainty: entropy of the mean class distribution divided by log(classes), so it lies in [0, 1]
 (1 = all classes equally likely). It is high where the snapshots disagree or each is unsure.
+A folder trained with --trainer nnunetv2 gets each snapshot's probabilities from nnU-Net's own predictor
+(training/nnunet.py); the mean, threshold and entropy are the same.
 """
 
 import json
