@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from MedCLIPSAMLib.cli import main
-from MedCLIPSAMLib.io import geometry_equal, read_segmentation, write_labelmap, write_volume
+from MedCLIPSAMLib.io import geometry_equal, read_segmentation, read_volume, write_labelmap, write_volume
 from MedCLIPSAMLib.phantoms import make_image, make_volume
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,12 +51,13 @@ def subprocess_env(**extra):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """An nnU-Net raw data set as pseudo-label --nnunet-dataset writes it: 6 one-slice MR phantoms."""
+    """An nnU-Net raw data set as pseudo-label --nnunet-dataset writes it: 6 one-slice MR phantoms, small
+    enough (32 x 32) that nnU-Net plans a 4-stage network: a CPU trains and predicts it in seconds."""
     root = tmp_path_factory.mktemp("nnunet") / "Dataset501_Brain"
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     for i in range(6):
-        ph = make_image("mr", size=(48, 48), seed=i, lesion={"size": "large"})
+        ph = make_image("mr", size=(32, 32), seed=i, lesion={"size": "large"})
         img = sitk.GetImageFromArray(ph.image[None])
         img.SetSpacing((0.9, 0.9, 1.0))
         write_volume(root / "imagesTr" / f"case{i:02d}_0000.nii.gz", img)
@@ -127,6 +128,21 @@ def test_nnunet_trains_in_its_own_folders_and_predicts_on_the_exact_grid(trained
     np.testing.assert_array_equal(pred.labels, (pred.probabilities[1] >= 0.2).astype(np.uint8))
     np.testing.assert_allclose(pred.uncertainty, entropy(pred.probabilities), atol=1e-6)
     np.testing.assert_array_equal(segments[0]["mask"] > 0, pred.labels > 0)
+
+    # a DICOM series in, a DICOM SEG out: the same masks as the .seg.nrrd, the trainer named
+    pytest.importorskip("highdicom")
+    from test_dicom_seg import read_back, write_series
+
+    uids, _ = write_series(ph.image, tmp_path / "series")
+    dcm = tmp_path / "out.dcm"
+    assert run_cli("predict", model, tmp_path / "series", "--output", dcm, "--progress", "none",
+                   "--device", "cpu")[0] == 0
+    ds, _, masks = read_back(str(dcm), uids, 1)
+    series = read_volume(str(tmp_path / "series"))
+    np.testing.assert_array_equal(masks[..., 0], predict_volume(loaded, series).labels > 0)
+    algorithm = ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "MedCLIP-SAM weak supervision, nnunetv2"
+    assert "model=model" in algorithm.AlgorithmParameters and "random_weights=no" in algorithm.AlgorithmParameters
 
     # the registry takes it as a train-weak model, like a DynUNet folder
     monkeypatch.setenv("MEDCLIPSAM_HOME", str(tmp_path / "home"))
