@@ -31,7 +31,8 @@ def add_volume_options(p):
 def register(sub):
     p = sub.add_parser("segment", help="segment a 3D volume (file or DICOM folder) from text prompts into a .seg.nrrd")
     p.add_argument("volume", help="NRRD, NIfTI, MHA/MHD, a DICOM series folder, or a 2D image file")
-    p.add_argument("--output", required=True, help="OUT.seg.nrrd (segments named by prompt), or a .nrrd/.nii.gz labelmap")
+    p.add_argument("--output", required=True, help="OUT.seg.nrrd (segments named by prompt), a .nrrd/.nii.gz labelmap, or "
+                                                "OUT.dcm: a DICOM SEG (input: a DICOM series folder)")
     p.add_argument("--uncertainty-output", help="write a per-voxel uncertainty volume (entropy of the mask probability)")
     p.add_argument("--saliency-output", metavar="S.nrrd",
                    help="write the saliency maps (float in [0, 1] on the input's grid, 0 on slices without a map): "
@@ -110,32 +111,43 @@ class Session:
             self.pipeline.forget(volume_id)   # a batch goes through many volumes: keep memory flat
 
 
-def write_result(result, image, output, uncertainty_output=None, progress=None):
+def write_result(result, image, output, uncertainty_output=None, progress=None, dicom=None):
     """Write the outputs to temporary files, then rename them into place. With `progress`, the write is
     reported and a cancel that came in by then (e.g. a SIGTERM while writing) removes the temporary
-    files before anything is renamed: cancelled means nothing written. After the rename the run is done."""
+    files before anything is renamed: cancelled means nothing written. After the rename the run is done.
+    dicom: write_dicom_seg's source_folder, method, models and random, for a .dcm output."""
     import contextlib
 
+    from ..runtime import atomic_output
+
+    with contextlib.ExitStack() as outputs:
+        staged_uncertainty = outputs.enter_context(atomic_output(uncertainty_output)) \
+            if uncertainty_output and result.uncertainty is not None else None
+        write_outputs(result, image, outputs.enter_context(atomic_output(output)), staged_uncertainty, dicom)
+        if progress is not None:
+            progress.advance(1)  # raises Cancelled if a cancel came in: the temporary files are removed
+
+
+def write_outputs(result, image, output, uncertainty_output=None, dicom=None):
+    """Write the segmentation (and uncertainty) to these paths as they are (the caller stages them)."""
     import numpy as np
 
     from ..io import write_labelmap, write_segmentation, write_volume
     from ..io.geometry import image_from_array
-    from ..runtime import atomic_output
 
-    with contextlib.ExitStack() as outputs:
-        tmp = outputs.enter_context(atomic_output(output))
-        if output.endswith(".seg.nrrd"):
-            write_segmentation(tmp, result.segments, image)
-        else:
-            labels = np.zeros(result.segments[0]["mask"].shape, np.uint8)
-            for value, seg in enumerate(result.segments, start=1):
-                labels[seg["mask"] > 0] = value
-            write_labelmap(tmp, labels, image)
-        if uncertainty_output and result.uncertainty is not None:
-            write_volume(outputs.enter_context(atomic_output(uncertainty_output)),
-                         image_from_array(result.uncertainty, image))
-        if progress is not None:
-            progress.advance(1)  # raises Cancelled if a cancel came in: the temporary files are removed
+    if output.endswith(".dcm"):
+        from ..io.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(output, result.segments, image, **dicom)
+    elif output.endswith(".seg.nrrd"):
+        write_segmentation(output, result.segments, image)
+    else:
+        labels = np.zeros(result.segments[0]["mask"].shape, np.uint8)
+        for value, seg in enumerate(result.segments, start=1):
+            labels[seg["mask"] > 0] = value
+        write_labelmap(output, labels, image)
+    if uncertainty_output and result.uncertainty is not None:
+        write_volume(uncertainty_output, image_from_array(result.uncertainty, image))
 
 
 def write_evidence(args, session, result, image, staged):
@@ -153,6 +165,15 @@ def write_evidence(args, session, result, image, staged):
         evidence.write_report(staged(args.report_output), document)
 
 
+def _dicom_info(args, session):
+    from .options import model_names
+
+    clip, sam = model_names(args)
+    return {"source_folder": args.volume, "method": f"MedCLIP-SAM zero-shot, preset {args.preset}",
+            "models": {"clip": clip, "sam": sam if session.settings.sam == "sam" else "none"},
+            "random": session.random}
+
+
 def run(args):
     import contextlib
 
@@ -166,7 +187,11 @@ def run(args):
     progress.install_signal_handlers()
     for p in args.prompt:  # cheap checks first: no model loading for a bad command line
         make_prompt(p)
-    _check_output(args.output, (".seg.nrrd", ".nrrd", ".nii.gz", ".nii"))
+    _check_output(args.output, (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".dcm"))
+    if args.output.endswith(".dcm"):
+        from ..io.dicom_seg import check_input
+
+        check_input(args.volume)
     if args.uncertainty_output:
         _check_output(args.uncertainty_output, (".nrrd", ".nii.gz", ".nii", ".mha"))
     if args.saliency_output:
@@ -185,7 +210,8 @@ def run(args):
             def staged(path):
                 return outputs.enter_context(atomic_output(path)) if path else None
 
-            write_result(result, image, staged(args.output), staged(args.uncertainty_output))
+            uncertainty = args.uncertainty_output if result.uncertainty is not None else None
+            write_outputs(result, image, staged(args.output), staged(uncertainty), _dicom_info(args, session))
             write_evidence(args, session, result, image, staged)
             progress.check_cancelled()
         progress.advance(1)

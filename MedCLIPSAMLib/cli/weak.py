@@ -30,16 +30,27 @@ def register(sub):
     p.set_defaults(func=pseudo_label)
 
     t = sub.add_parser(
-        "train-weak", help="train a segmentation network (DynUNet, nnU-Net configuration) on (pseudo-)labels",
+        "train-weak", help="train a segmentation network (DynUNet, or nnU-Net v2 itself) on (pseudo-)labels",
         description="Train MONAI's DynUNet in the nnU-Net configuration on images and labels matched by case "
                     "name (<case>.nrrd, <case>_0000.nii.gz...). 2D by default (slices along --axis), --dims 3 for "
                     "patches of whole volumes. DiceCE loss, cyclic (snapshot ensemble) or cosine learning rate, "
                     "snapshots saved at several points of training and averaged by 'predict'. MODEL_DIR gets "
                     "config.json, snapshot-K.pt, metrics.jsonl (one line per epoch) and metrics.png. Under "
-                    "'torchrun --nproc_per_node N' it trains with DistributedDataParallel.")
-    t.add_argument("--images", nargs="+", required=True, help="image folder(s), list files or files")
-    t.add_argument("--labels", nargs="+", required=True,
-                   help="label folder(s), list files (e.g. pseudo-label's labels.txt) or files: labelmaps or .seg.nrrd")
+                    "'torchrun --nproc_per_node N' it trains with DistributedDataParallel. --trainer nnunetv2 runs nnU-Net v2 "
+                    "itself (its planning, preprocessing and trainer; --dims 2: 2d, 3: 3d_fullres) on --dataset, "
+                    "with its folders inside MODEL_DIR and the same snapshot ensemble for 'predict'.")
+    t.add_argument("--trainer", choices=("dynunet", "nnunetv2"), default="dynunet",
+                   help="dynunet: MONAI DynUNet, light, no extra package (default); nnunetv2: nnU-Net v2 itself "
+                        "(planning, preprocessing, training) on an nnU-Net raw data set (--dataset), needs "
+                        "pip install 'medclipsam[nnunet]'")
+    t.add_argument("--images", nargs="+", help="image folder(s), list files or files (dynunet)")
+    t.add_argument("--labels", nargs="+",
+                   help="label folder(s), list files (e.g. pseudo-label's labels.txt) or files: labelmaps or .seg.nrrd "
+                        "(dynunet)")
+    t.add_argument("--dataset", metavar="DatasetNNN_Name",
+                   help="nnU-Net raw data set folder, e.g. pseudo-label's OUTPUT_DIR/nnUNet_raw/Dataset501_X (nnunetv2)")
+    t.add_argument("--iterations-per-epoch", type=int, default=250,
+                   help="nnunetv2: training batches per epoch (nnU-Net's 250); its batch size and patch are planned")
     t.add_argument("--output", required=True, metavar="MODEL_DIR")
     t.add_argument("--dims", type=int, choices=(2, 3), default=2)
     t.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"), help="slicing axis for 2D")
@@ -82,7 +93,8 @@ def register(sub):
                     "the entropy of the mean (0..1) as uncertainty. Outputs lie on the input's exact grid.")
     r.add_argument("model", metavar="MODEL_DIR")
     r.add_argument("volume", help="NRRD, NIfTI, MHA/MHD, a DICOM folder, or a 2D image file")
-    r.add_argument("--output", required=True, help="OUT.seg.nrrd, or a .nrrd / .nii.gz labelmap")
+    r.add_argument("--output", required=True,
+                   help="OUT.seg.nrrd, a .nrrd / .nii.gz labelmap, or OUT.dcm: a DICOM SEG (input: a DICOM series folder)")
     r.add_argument("--uncertainty-output", help="entropy of the ensemble mean, a float volume (.nrrd, .nii.gz, .mha)")
     r.add_argument("--threshold", type=float, help="foreground probability threshold (default: the model's, 0.2)")
     r.add_argument("--prompt-name", action="append", help="segment name(s) (default: the model's label names)")
@@ -176,8 +188,14 @@ def pseudo_label(args):
 
 
 def train_weak(args):
+    from ..errors import MedCLIPSAMError
     from ..progress import ProgressReporter
     from ..training.weak import WeakOptions, train_weak as train
+
+    if args.trainer == "nnunetv2":
+        return train_weak_nnunet(args)
+    if not (args.images and args.labels):
+        raise MedCLIPSAMError("train-weak needs --images and --labels (or --trainer nnunetv2 with --dataset)")
 
     lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "sgd" else 1e-3)
     opts = WeakOptions(
@@ -204,7 +222,36 @@ def train_weak(args):
     return 0
 
 
+def train_weak_nnunet(args):
+    from ..errors import MedCLIPSAMError
+    from ..progress import ProgressReporter
+    from ..training.nnunet import NnUNetOptions, require_nnunet, train_nnunet
+
+    require_nnunet()     # before any other check: a missing extra is the first thing to fix
+    if not args.dataset:
+        raise MedCLIPSAMError("train-weak --trainer nnunetv2 needs --dataset, an nnU-Net raw data set folder "
+                              "(pseudo-label --nnunet-dataset writes one)")
+    opts = NnUNetOptions(
+        dataset=args.dataset, output=args.output, dims=args.dims, epochs=args.epochs,
+        iterations_per_epoch=args.iterations_per_epoch, snapshots=args.snapshots, schedule=args.schedule,
+        lr=args.lr if args.lr is not None else 0.01, mirror=args.mirror, threshold=args.threshold,
+        label_names=args.label_name, val_fraction=args.val_fraction, device=args.device, seed=args.seed,
+        workers=args.workers)
+    progress = ProgressReporter(args.progress)
+    progress.install_signal_handlers()
+    records = progress.run(lambda: train_nnunet(opts, progress))
+    seconds = sum(r["seconds"] for r in records)
+    message = (f"nnU-Net model in {args.output}: {len(records)} epochs, final loss {records[-1]['loss']:.4f}, "
+               f"validation pseudo-Dice {records[-1]['val_dice']:.3f}, {seconds:.0f} s of training")
+    progress.finish("finished", message)
+    if args.progress != "json":
+        print(message)
+    return 0
+
+
 def predict(args):
+    from pathlib import Path
+
     from ..errors import MedCLIPSAMError
     from ..io import read_volume
     from ..pipeline.volume import VolumeResult
@@ -214,7 +261,11 @@ def predict(args):
 
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise MedCLIPSAMError(f"--threshold must lie between 0 and 1, got {args.threshold}")
-    _check_output(args.output, (".seg.nrrd", ".nrrd", ".nii.gz", ".nii"))
+    _check_output(args.output, (".seg.nrrd", ".nrrd", ".nii.gz", ".nii", ".dcm"))
+    if args.output.endswith(".dcm"):
+        from ..io.dicom_seg import check_input
+
+        check_input(args.volume)
     if args.uncertainty_output:
         _check_output(args.uncertainty_output, (".nrrd", ".nii.gz", ".nii", ".mha"))
     config = read_config(args.model)
@@ -233,8 +284,10 @@ def predict(args):
         result = predict_volume(model, image, args.threshold, args.amp, progress)
         progress.stage("write", 1, "writing the segmentation")
         segments = [{"name": name, "mask": (result.labels == k).astype("uint8")} for k, name in enumerate(names, 1)]
+        dicom = {"source_folder": args.volume, "method": f"MedCLIP-SAM weak supervision, {config.get('trainer', 'dynunet')}",
+                 "models": {"model": Path(args.model).resolve().name}, "random": False}
         write_result(VolumeResult(segments, result.uncertainty), image, args.output, args.uncertainty_output,
-                     progress)
+                     progress, dicom)
         return segments, len(model.networks)
 
     segments, n = progress.run(run)

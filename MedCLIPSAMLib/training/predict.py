@@ -6,6 +6,8 @@ Labels from probabilities: a voxel gets the foreground class with the highest me
 probability reaches the threshold, else background. With one foreground class this is p(fg) >= threshold.
 Uncertainty: entropy of the mean class distribution divided by log(classes), so it lies in [0, 1]
 (1 = all classes equally likely). It is high where the snapshots disagree or each is unsure.
+A folder trained with --trainer nnunetv2 gets each snapshot's probabilities from nnU-Net's own predictor
+(training/nnunet.py); the mean, threshold and entropy are the same.
 """
 
 import json
@@ -26,9 +28,10 @@ from .weak_data import from_stack, normalize, stack_view, to_stack
 @dataclass
 class WeakModel:
     config: dict
-    networks: list          # one network per snapshot, in eval mode, on `device`
+    networks: list          # one network per snapshot, in eval mode, on `device` (nnunetv2: state dicts)
     device: object
     folder: str
+    predictor: object = None   # nnunetv2 folders: nnU-Net's predictor, run once per snapshot
 
     @property
     def label_names(self):
@@ -73,6 +76,11 @@ def load_model(folder, device="auto"):
     device = select_device(device) if isinstance(device, str) else device
     if not config.get("snapshots"):
         raise MedCLIPSAMError(f"model folder '{folder}' holds no snapshot yet (training stopped before the first one)")
+    if config.get("trainer") == "nnunetv2":
+        from . import nnunet
+
+        predictor, states = nnunet.load_model(folder, config, device)
+        return WeakModel(config, states, device, str(folder), predictor)
     networks = []
     for snap in config["snapshots"]:
         path = Path(folder) / snap["file"]
@@ -149,10 +157,16 @@ def predict_volume(model, image, threshold=None, amp=None, progress=None):
     threshold = config["threshold"] if threshold is None else float(threshold)
     if not 0.0 < threshold < 1.0:
         raise MedCLIPSAMError(f"the threshold must lie between 0 and 1, got {threshold}")
+    progress = progress or null_progress()
+    if model.predictor is not None:   # nnU-Net: its own preprocessing and resampling, on the array grid
+        from .nnunet import mean_probabilities
+
+        progress.stage("predict", len(model.networks), f"ensemble of {len(model.networks)} nnU-Net snapshot(s)")
+        mean = mean_probabilities(model.predictor, model.networks, image, progress)
+        return Prediction(labels_from_probabilities(mean, threshold), mean, entropy(mean))
     amp = (model.device.type == "cuda") if amp is None else amp
     view = stack_view(image, config["axis"])
     stack = normalize(to_stack(sitk.GetArrayViewFromImage(image), view), config["normalization"])
-    progress = progress or null_progress()
     chunks = -(-stack.shape[0] // 8) if config["dims"] == 2 else 1
     progress.stage("predict", chunks * len(model.networks), f"ensemble of {len(model.networks)} snapshot(s)")
     mean = infer_stack(model.networks, stack, config["dims"], config["patch_size"], model.device, amp,
