@@ -69,7 +69,7 @@ def segment_codes(name):
     """(category, type) coded concepts of a segment named by its prompt; generic codes for an unknown one."""
     import highdicom as hd
 
-    from ..pipeline.text import CATEGORIES, find_target, load_ensembles
+    from ..terminology import CATEGORIES, find_target, load_ensembles
 
     target = find_target(name)
     term = load_ensembles()[target].get("terminology") if target else None

@@ -7,39 +7,12 @@ can also give their own sentences separated by ' | '. A prompt may also carry "a
 an image WITHOUT the target looks like (the presence test in presence.py).
 """
 
-import functools
-import json
 from dataclasses import dataclass
-from importlib import resources
 
 from ..errors import MedCLIPSAMError
+from ..terminology import CATEGORIES, TERMINOLOGY_CONTEXT, find_target, known_targets, load_ensembles  # noqa: F401
 
 TEMPLATES = ("{}", "a medical image showing {}", "the {} in a medical scan", "a radiology image of the {}")
-TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-CATEGORIES = {
-    "anatomy": ("123037004", "Anatomical Structure"),
-    "morphology": ("49755003", "Morphologically Altered Structure"),
-}
-
-
-@functools.lru_cache(maxsize=1)
-def load_ensembles():
-    """{target name: {"aliases", "sentences", "terminology", "color"}} of the shipped ensembles."""
-    text = resources.files("MedCLIPSAMLib").joinpath("resources/prompt_ensembles.json").read_text()
-    return json.loads(text)["targets"]
-
-
-def known_targets():
-    return sorted(load_ensembles())
-
-
-def find_target(prompt):
-    """The ensemble key a prompt names (case-insensitive, aliases included), or None."""
-    key = " ".join(prompt.lower().split())
-    for name, target in load_ensembles().items():
-        if key == name or key in target["aliases"]:
-            return name
-    return None
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,9 @@ import numpy as np
 from ..errors import MedCLIPSAMError, optional_import
 from ..progress import null_progress
 from ..runtime import log, seed_everything
-from .weak import CONFIG_FILE, FORMAT, METRICS_FILE, PLOT_FILE, append_jsonl, plot_metrics, snapshot_epochs, write_json
+from ..trained_models import WEAK_CONFIG as CONFIG_FILE
+from ..trained_models import WEAK_FORMAT as FORMAT
+from .run_records import METRICS_FILE, PLOT_FILE, append_jsonl, plot_metrics, snapshot_epochs, write_json
 
 TRAINER = "nnunetv2"
 EXTRA = "nnunet"

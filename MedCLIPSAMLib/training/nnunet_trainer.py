@@ -12,7 +12,7 @@ import time
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from .weak import lr_factor
+from .run_records import lr_factor
 
 
 class _EpochLR:
