@@ -22,15 +22,11 @@ def add_pipeline_options(p):
 
 
 def pipeline_settings(args):
-    from ..pipeline.presets import get_preset
+    """The preset with the command line's changes: the same rules as a segmentation request's (session.py)."""
+    from ..pipeline.session import SegmentRequest
 
-    overrides = list(args.overrides)
-    if args.sam:
-        overrides.append(f"sam={args.sam}")
-    if args.no_ensemble:
-        overrides.append("ensemble=false")
-    overrides.append(f"seed={args.seed}")
-    return get_preset(args.preset, overrides)
+    return SegmentRequest([], preset=args.preset, overrides=list(args.overrides), sam=args.sam,
+                          no_ensemble=args.no_ensemble, seed=args.seed).settings()
 
 
 def model_names(args):
