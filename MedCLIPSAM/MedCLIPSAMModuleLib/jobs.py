@@ -159,22 +159,30 @@ class SegmentationJob(BackgroundJob):
             self.completedCallback(self.result)
 
     def _importResult(self, returnCode, elapsed):
-        scene = self.logic.scene
-        if not scene.IsNodePresent(self.inputVolume):
-            return SegmentationResult("failed", _("the input volume was removed from the scene during the run"),
-                                      returnCode, elapsedSeconds=elapsed)
-        target = self.segmentationNode
-        if target is not None and not scene.IsNodePresent(target):
-            target = None  # deleted during the run: make a new one rather than fail
-        try:
-            node, segmentIds, uncertainty = self.logic.importResult(
-                self.outputPath, self.inputVolume, target, self.uncertaintyPath, self.show3D)
-        except Exception as exc:  # a result the scene cannot take must not look like success
-            logging.exception("MedCLIP-SAM: importing the result failed")
-            return SegmentationResult("failed", _("could not load the result: {error}").format(error=exc),
-                                      returnCode, elapsedSeconds=elapsed)
         message = self.lastProgress["message"] if self.lastProgress else ""
-        return SegmentationResult("succeeded", message, returnCode, node, segmentIds, uncertainty, elapsed)
+        return importRun(self.logic, self.inputVolume, self.segmentationNode, self.outputPath, self.uncertaintyPath,
+                         self.show3D, returnCode, elapsed, message)
+
+
+def importRun(logic, inputVolume, segmentationNode, outputPath, uncertaintyPath=None, show3D=False, returnCode=0,
+              elapsed=0.0, message="", saliencyPaths=None, reportPath=None):
+    """A finished run's files (written by a local process or downloaded from a service) into the scene:
+    the SegmentationResult every backend returns. saliencyPaths / reportPath: the run's evidence files
+    (`segment --saliency-output / --report-output`), None when the run did not write them."""
+    scene = logic.scene
+    if not scene.IsNodePresent(inputVolume):
+        return SegmentationResult("failed", _("the input volume was removed from the scene during the run"),
+                                  returnCode, elapsedSeconds=elapsed)
+    target = segmentationNode
+    if target is not None and not scene.IsNodePresent(target):
+        target = None  # deleted during the run: make a new one rather than fail
+    try:
+        node, segmentIds, uncertainty = logic.importResult(outputPath, inputVolume, target, uncertaintyPath, show3D)
+    except Exception as exc:  # a result the scene cannot take must not look like success
+        logging.exception("MedCLIP-SAM: importing the result failed")
+        return SegmentationResult("failed", _("could not load the result: {error}").format(error=exc),
+                                  returnCode, elapsedSeconds=elapsed)
+    return SegmentationResult("succeeded", message, returnCode, node, segmentIds, uncertainty, elapsed)
 
 
 class WeakSupervisionResult:
