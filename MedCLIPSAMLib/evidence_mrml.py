@@ -64,10 +64,18 @@ def _evidence_node(scene, segmentation_node, prompt, kind, class_name, name):
     return node
 
 
-def remove_evidence(scene, segmentation_node, prompt=None):
-    """Remove the evidence nodes of a segmentation (of one prompt, or all), their display and storage nodes
-    included, and take them off the slice views first."""
-    for node in evidence_nodes(segmentation_node, prompt):
+def remove_evidence(scene, segmentation_node, prompt=None, kind=None):
+    """Remove the evidence nodes of a segmentation (of one prompt and / or kind, or all), their display and
+    storage nodes included, and take them off the slice views first."""
+    remove_evidence_nodes(scene, evidence_nodes(segmentation_node, prompt, kind))
+
+
+def remove_evidence_nodes(scene, nodes):
+    """Remove these evidence nodes (those still in the scene) as remove_evidence does; for a segmentation
+    node that has already left the scene, whose references are gone."""
+    for node in nodes:
+        if node is None or not scene.IsNodePresent(node):
+            continue
         if node.IsA("vtkMRMLVolumeNode"):
             hide_overlay(scene, node)
         _remove_node(scene, node)

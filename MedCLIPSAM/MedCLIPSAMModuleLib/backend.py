@@ -43,6 +43,7 @@ class LocalProcessBackend:
             inputPath = os.path.join(tempDir, "input.nrrd")
             chain, outputs, uncertainties = self.commands(entry, inputPath, tempDir, prompts, preset, axis, device,
                                                           models, computeUncertainty, samples, absentIf)
+            saliency, report = self.evidencePaths(entry, tempDir)
             mrml().write_volume_node(inputVolume, inputPath)
             for command in chain:
                 logging.info("MedCLIP-SAM: running " + " ".join(command))
@@ -58,7 +59,18 @@ class LocalProcessBackend:
             shutil.rmtree(tempDir, ignore_errors=True)
             raise
         return SegmentationJob(self.logic, process, tempDir, inputVolume, prompts, segmentationNode, outputs,
-                               uncertainties, show3D, progressCallback, logCallback, completedCallback)
+                               uncertainties, show3D, progressCallback, logCallback, completedCallback,
+                               saliencyPath=saliency, reportPath=report)
+
+    @staticmethod
+    def evidencePaths(entry, tempDir):
+        """(saliency, report) paths in the run's folder for a zero-shot run, else (None, None). Always
+        asked for: the saliency maps are those the run computes anyway (kept, not recomputed), and the report
+        is a few kB; the cost is one float32 volume the size of the input per prompt, on disk (compressed,
+        mostly zeros) and in the scene once loaded."""
+        if entry is not None:  # trained models write no saliency or report
+            return None, None
+        return os.path.join(tempDir, "saliency.nrrd"), os.path.join(tempDir, "report.json")
 
     def commands(self, entry, inputPath, tempDir, prompts, preset, axis, device, models, computeUncertainty,
                  samples, absentIf=""):
@@ -72,8 +84,9 @@ class LocalProcessBackend:
         if entry is None or entry["kind"] == "weak":
             output, uncertainty = paths(0)
             if entry is None:
+                saliency, report = self.evidencePaths(entry, tempDir)
                 command = commands.segment(cli, inputPath, output, prompts, preset, axis, device, models, uncertainty,
-                                           absentIf)
+                                           absentIf, saliency, report)
             else:
                 command = commands.predict(cli, entry["folder"], inputPath, output, device, uncertainty)
             return [command], [output], [uncertainty] if uncertainty else []

@@ -18,8 +18,9 @@ def _check(preset="v2", axis="axial", device="auto"):
 
 
 def segment(cli, inputPath, outputPath, prompts, preset="v2", axis="axial", device="auto", models="",
-            uncertaintyPath=None, absentIf=""):
-    """`medclipsam segment VOLUME --prompt P... --output OUT`."""
+            uncertaintyPath=None, absentIf="", saliencyPath=None, reportPath=None):
+    """`medclipsam segment VOLUME --prompt P... --output OUT`. saliencyPath / reportPath: the run's evidence
+    (`--saliency-output`: S.nrrd for one prompt, S_<prompt>.nrrd each for several; `--report-output`)."""
     prompts = cleanPrompts(prompts)
     if not prompts:
         raise ValueError(_("Enter at least one prompt (one target per line)."))
@@ -35,6 +36,10 @@ def segment(cli, inputPath, outputPath, prompts, preset="v2", axis="axial", devi
         command += ["--uncertainty-output", os.fspath(uncertaintyPath)]
     if absentIf and absentIf.strip():
         command += ["--absent-if", absentIf.strip()]
+    if saliencyPath:
+        command += ["--saliency-output", os.fspath(saliencyPath)]
+    if reportPath:
+        command += ["--report-output", os.fspath(reportPath)]
     return command
 
 

@@ -9,15 +9,19 @@ import os
 import shutil
 import time
 
+from . import results
 from .i18n import tr as _
 from .progress import errorMessageFromOutput, parseProgressLine, readMetricsFile
 
 
 class SegmentationResult:
-    """What a run ended with. status: 'succeeded', 'failed' or 'cancelled'."""
+    """What a run ended with. status: 'succeeded', 'failed' or 'cancelled'. The evidence of a succeeded
+    zero-shot run: `report` (the parsed report JSON, or None), `summaries` ({prompt: one line}, from the
+    report) and `saliencyVolumeNodes` ({prompt: volume node}, not shown until asked for)."""
 
     def __init__(self, status, message="", returnCode=None, segmentationNode=None, segmentIds=(),
-                 uncertaintyVolumeNode=None, elapsedSeconds=0.0):
+                 uncertaintyVolumeNode=None, elapsedSeconds=0.0, report=None, summaries=None,
+                 saliencyVolumeNodes=None):
         self.status = status
         self.message = message
         self.returnCode = returnCode
@@ -25,6 +29,9 @@ class SegmentationResult:
         self.segmentIds = list(segmentIds)
         self.uncertaintyVolumeNode = uncertaintyVolumeNode
         self.elapsedSeconds = elapsedSeconds
+        self.report = report
+        self.summaries = dict(summaries or {})
+        self.saliencyVolumeNodes = dict(saliencyVolumeNodes or {})
 
     @property
     def succeeded(self):
@@ -108,11 +115,12 @@ class SegmentationJob(BackgroundJob):
     progress and, at the end, changes the scene. A cancelled or failed run leaves the scene as it was and
     removes its temporary folder. `process` may be a ProcessChain (MedCLIPSeg: one command per prompt);
     then outputPath and uncertaintyPath are lists, one file per command, merged at import.
+    saliencyPath / reportPath: what the command was given as --saliency-output / --report-output.
     """
 
     def __init__(self, logic, process, tempDir, inputVolume, prompts, segmentationNode, outputPath,
                  uncertaintyPath=None, show3D=False, progressCallback=None, logCallback=None,
-                 completedCallback=None):
+                 completedCallback=None, saliencyPath=None, reportPath=None):
         super().__init__(process, tempDir, progressCallback, logCallback, completedCallback)
         self.logic = logic
         self.inputVolume = inputVolume
@@ -122,6 +130,8 @@ class SegmentationJob(BackgroundJob):
         self.outputPaths = [outputPath] if isinstance(outputPath, (str, os.PathLike)) else list(outputPath)
         self.uncertaintyPath = uncertaintyPath
         self.show3D = show3D
+        self.saliencyPath = saliencyPath
+        self.reportPath = reportPath
 
     def _progress(self, step, progress):
         self.lastProgress = progress
@@ -161,14 +171,19 @@ class SegmentationJob(BackgroundJob):
     def _importResult(self, returnCode, elapsed):
         message = self.lastProgress["message"] if self.lastProgress else ""
         return importRun(self.logic, self.inputVolume, self.segmentationNode, self.outputPath, self.uncertaintyPath,
-                         self.show3D, returnCode, elapsed, message)
+                         self.show3D, returnCode, elapsed, message, saliencyPaths=self.saliencyPath,
+                         reportPath=self.reportPath)
 
 
 def importRun(logic, inputVolume, segmentationNode, outputPath, uncertaintyPath=None, show3D=False, returnCode=0,
               elapsed=0.0, message="", saliencyPaths=None, reportPath=None):
     """A finished run's files (written by a local process or downloaded from a service) into the scene:
     the SegmentationResult every backend returns. saliencyPaths / reportPath: the run's evidence files
-    (`segment --saliency-output / --report-output`), None when the run did not write them."""
+    (`segment --saliency-output / --report-output`), None when the run did not write them. saliencyPaths:
+    the --saliency-output path as given (S.nrrd; S_<prompt>.nrrd are found from the report's prompts), a
+    list in the report's prompt order, or {prompt: path}. The evidence replaces the previous run's on the
+    same segmentation node (results.importEvidence); evidence that cannot be read is logged and left out,
+    the segmentation still counts."""
     scene = logic.scene
     if not scene.IsNodePresent(inputVolume):
         return SegmentationResult("failed", _("the input volume was removed from the scene during the run"),
@@ -182,7 +197,9 @@ def importRun(logic, inputVolume, segmentationNode, outputPath, uncertaintyPath=
         logging.exception("MedCLIP-SAM: importing the result failed")
         return SegmentationResult("failed", _("could not load the result: {error}").format(error=exc),
                                   returnCode, elapsedSeconds=elapsed)
-    return SegmentationResult("succeeded", message, returnCode, node, segmentIds, uncertainty, elapsed)
+    report, summaries, saliency = results.importEvidence(scene, node, uncertainty, saliencyPaths, reportPath)
+    return SegmentationResult("succeeded", message, returnCode, node, segmentIds, uncertainty, elapsed, report,
+                              summaries, saliency)
 
 
 class WeakSupervisionResult:

@@ -42,3 +42,83 @@ def mergedUncertainty(paths):
     target = os.path.join(os.path.dirname(paths[0]), "uncertainty-max.nrrd")
     sitk.WriteImage(merged, target)
     return target
+
+
+def _evidenceLib():
+    from .paths import useShippedLibrary
+
+    useShippedLibrary()
+    from MedCLIPSAMLib import evidence, evidence_mrml
+
+    return evidence, evidence_mrml
+
+
+def saliencyFiles(saliencyPaths, prompts):
+    """{prompt: file} from what a run was given or returned: the --saliency-output path itself (S.nrrd for
+    one prompt, S_<prompt>.nrrd each for several, as the CLI names them), a list in prompt order, or a
+    dict. Files that do not exist are left out."""
+    evidence, _ = _evidenceLib()
+    if not saliencyPaths:
+        return {}
+    if isinstance(saliencyPaths, dict):
+        files = dict(saliencyPaths)
+    elif isinstance(saliencyPaths, (str, os.PathLike)):
+        files = dict(zip(prompts, evidence.saliency_paths(saliencyPaths, list(prompts)))) if prompts else {}
+    elif len(saliencyPaths) == len(prompts):
+        files = dict(zip(prompts, saliencyPaths))
+    elif len(saliencyPaths) == 1:  # the base path in a list
+        return saliencyFiles(saliencyPaths[0], prompts)
+    else:
+        files = {}
+    return {p: os.fspath(f) for p, f in files.items() if f and os.path.isfile(f)}
+
+
+def importEvidence(scene, segmentationNode, uncertaintyNode=None, saliencyPaths=None, reportPath=None):
+    """A run's evidence onto its segmentation node: (report dict or None, {prompt: summary line},
+    {prompt: saliency volume node}).
+
+    The nodes replace the previous run's on the same segmentation node: a prompt's saliency volume and
+    chart are refilled, those of prompts this run did not have are removed (charts are made when first
+    shown; an existing one is updated). The uncertainty volume is styled as the same heat map (entropy in
+    bits: 0..1). Volumes are loaded but not shown. A report or file that cannot be read is logged and
+    skipped: the old evidence goes, so nothing shown describes another run."""
+    import logging
+
+    evidence, evidence_mrml = _evidenceLib()
+    if uncertaintyNode is not None:
+        evidence_mrml.style_heat_map(scene, uncertaintyNode)
+    report = None
+    if reportPath and os.path.isfile(reportPath):
+        try:
+            report = evidence.read_report(reportPath)
+            [e["prompt"] for e in report["prompts"]]  # noqa: B018 (the fields read below)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logging.warning(f"MedCLIP-SAM: the run's report '{reportPath}' cannot be read: {exc}")
+            report = None
+    entries = report["prompts"] if report else []
+    prompts = [e["prompt"] for e in entries]
+    if not prompts and isinstance(saliencyPaths, dict):
+        prompts = list(saliencyPaths)
+    summaries = {e["prompt"]: e.get("summary") or evidence.summary_line(e) for e in entries}
+
+    files = saliencyFiles(saliencyPaths, prompts)
+    saliency = {}
+    for prompt, path in files.items():
+        try:
+            saliency[prompt] = evidence_mrml.load_evidence_volume(scene, path, segmentationNode, prompt)
+        except Exception as exc:  # an unreadable file: no overlay for this prompt
+            logging.warning(f"MedCLIP-SAM: the saliency file '{path}' cannot be loaded: {exc}")
+    # what is left of an earlier run: prompts this run did not have, saliency this run did not bring, and
+    # charts without this run's numbers
+    for node in evidence_mrml.evidence_nodes(segmentationNode):
+        if not scene.IsNodePresent(node):
+            continue
+        prompt = node.GetAttribute(evidence_mrml.PROMPT_ATTRIBUTE)
+        kind = node.GetAttribute(evidence_mrml.KIND_ATTRIBUTE)
+        if (kind == "saliency" and prompt not in saliency) or (kind != "saliency" and prompt not in summaries):
+            evidence_mrml.remove_evidence(scene, segmentationNode, prompt, kind)
+    # a chart already made (shown after an earlier run) follows this run's numbers
+    for entry in entries:
+        if evidence_mrml.evidence_nodes(segmentationNode, entry["prompt"], "chart"):
+            evidence_mrml.update_evidence_chart(scene, segmentationNode, entry)
+    return report, summaries, saliency

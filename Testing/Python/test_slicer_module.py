@@ -295,17 +295,20 @@ def test_build_segment_command(mod):
     logic = mod.MedCLIPSAMLogic()
     command = commands.segment(logic.cliCommand(), "/t/in.nrrd", "/t/out.seg.nrrd", "brain tumor\nleft kidney\n", preset="fast",
                                         axis="coronal", device="cpu", models=" tiny-random ",
-                                        uncertaintyPath="/t/u.nrrd", absentIf=" a normal brain MRI | no tumor ")
+                                        uncertaintyPath="/t/u.nrrd", absentIf=" a normal brain MRI | no tumor ",
+                                        saliencyPath="/t/s.nrrd", reportPath="/t/r.json")
     assert command[:4] == [sys.executable, "-m", "MedCLIPSAMLib", "segment"]
     assert command[4] == "/t/in.nrrd"
     args = command[5:]
     assert [args[i + 1] for i, a in enumerate(args) if a == "--prompt"] == ["brain tumor", "left kidney"]
     for flag, value in (("--output", "/t/out.seg.nrrd"), ("--preset", "fast"), ("--axis", "coronal"),
                         ("--device", "cpu"), ("--progress", "json"), ("--models", "tiny-random"),
-                        ("--uncertainty-output", "/t/u.nrrd"), ("--absent-if", "a normal brain MRI | no tumor")):
+                        ("--uncertainty-output", "/t/u.nrrd"), ("--absent-if", "a normal brain MRI | no tumor"),
+                        ("--saliency-output", "/t/s.nrrd"), ("--report-output", "/t/r.json")):
         assert args[args.index(flag) + 1] == value, flag
     default = commands.segment(logic.cliCommand(), "i.nrrd", "o.seg.nrrd", ["liver"])
     assert "--models" not in default and "--uncertainty-output" not in default and "--absent-if" not in default
+    assert "--saliency-output" not in default and "--report-output" not in default
     with pytest.raises(ValueError):
         commands.segment(logic.cliCommand(), "i.nrrd", "o.seg.nrrd", " \n ")
     with pytest.raises(ValueError):
@@ -324,12 +327,14 @@ def test_command_line_is_accepted_by_the_real_parser(mod):
     logic = mod.MedCLIPSAMLogic()
     command = commands.segment(logic.cliCommand(), "in.nrrd", "out.seg.nrrd", "a\nb", preset="v1", axis="sagittal",
                                device="mps", models="tiny-random", uncertaintyPath="u.nrrd",
-                                        absentIf="a normal MRI | a healthy brain")
+                                        absentIf="a normal MRI | a healthy brain", saliencyPath="s.nrrd",
+                               reportPath="r.json")
     args = parser.parse_args(command[3:])
     assert args.prompt == ["a", "b"] and args.progress == "json" and args.preset == "v1"
     assert args.axis == "sagittal" and args.device == "mps" and args.models == "tiny-random"
     assert args.uncertainty_output == "u.nrrd" and args.output == "out.seg.nrrd"
     assert args.absent_if == ["a normal MRI | a healthy brain"]  # once: for every prompt
+    assert args.saliency_output == "s.nrrd" and args.report_output == "r.json"
     # the setup's model commands (verify, verify --adopt, download)
     for action, extra in (("verify", ()), ("verify", ("--adopt",)), ("download", ())):
         args = parser.parse_args(commands.models(logic.cliCommand(), action, "biomedclip", *extra)[3:])
@@ -419,6 +424,27 @@ FAKE_CLI = textwrap.dedent('''
     unc = args[args.index("--uncertainty-output") + 1] if "--uncertainty-output" in args else None
     if unc:
         shutil.copy(os.environ["FAKE_UNCERTAINTY"], unc)
+    saliency = args[args.index("--saliency-output") + 1] if "--saliency-output" in args else None
+    report = args[args.index("--report-output") + 1] if "--report-output" in args else None
+    if saliency or report:  # the evidence, named and shaped as `segment` writes it (MedCLIPSAMLib.evidence)
+        from MedCLIPSAMLib import evidence
+
+        files = evidence.saliency_paths(saliency, prompts) if saliency else None
+        for f in files or []:
+            shutil.copy(os.environ["FAKE_UNCERTAINTY"], f)  # a [0, 1] map on the input's grid
+        if report:
+            shift = int(os.environ.get("FAKE_RUN", "0"))  # each run its own numbers
+            entries = [{"prompt": p, "axis": "axial", "slices": 8, "scored": list(range(1, 8)),
+                        "similarity": [0.1 * (k + shift) for k in range(7)], "lead": None,
+                        "kept_slices": [2 + shift, 3 + shift], "key_slices": [3 + shift],
+                        "saliency_slices": [3 + shift], "mask_slices": [2 + shift, 3 + shift], "found": i == 0,
+                        "why": "no slice kept", "absent_winner": None, "voxels": 120, "volume_ml": 1.25 + shift,
+                        "mean_uncertainty": 0.2, "mode": "carry"} for i, p in enumerate(prompts)]
+            document = evidence.report_document(entries, {"clip": "fake", "sam": None, "random": True}, files,
+                                                source=args[1], output=output)
+            evidence.write_report(report, document)
+            if record:
+                shutil.copy(report, os.path.join(record, "report.json"))
     progress("finished", 1, 1, "wrote " + output + ": " + ", ".join(prompts))
 ''')
 
@@ -554,6 +580,150 @@ def test_logic_failures_reach_the_user_and_leave_the_scene(fake, mode, expected)
     result = fake.logic.process(fake.volume, ["brain"], timeout=60)
     assert result.status == "failed" and expected in result.message
     assert fake.scene.GetNumberOfNodes() == before
+
+
+# ------------------------------------------------------------------- the run's evidence (issue 21)
+def slice_views(scene):
+    """What a three-view layout holds: slice nodes (axial, sagittal, coronal) and their composite nodes."""
+    for name, orient in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
+        node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+        node.SetName(name)
+        node.SetLayoutName(name)
+        getattr(node, f"SetOrientationTo{orient}")()
+        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetLayoutName(name)
+    return [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(3)]
+
+
+def node_ids(scene):
+    return sorted(scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes()))
+
+
+def evidence_run(fake, prompts, node=None, run=0, **options):
+    fake.logic.extraEnvironment["FAKE_RUN"] = str(run)
+    result = fake.logic.process(fake.volume, prompts, node, timeout=60, computeUncertainty=True, **options)
+    assert result.succeeded, result.message
+    return result
+
+
+def test_evidence_is_imported_replaced_on_re_runs_shown_and_removed(fake):
+    """Three runs on one volume and segmentation: one set of evidence nodes, the report on the result is
+    the file the run wrote, a summary per prompt, saliency on the input's grid and not shown; the overlays
+    toggle the views' foreground, a chart point moves the slice views, a cancelled run adds nothing, and
+    removing the segmentation removes its evidence."""
+    from MedCLIPSAMLib import evidence_mrml, mrml
+    from MedCLIPSAMModuleLib import evidenceview
+
+    composites = slice_views(fake.scene)
+    fake.logic.extraEnvironment["FAKE_SOURCE"] = fake.seg_file("a.seg.nrrd", {"brain": fake.phantom.labels["brain"],
+                                                                              "tumor": fake.phantom.labels["tumor"]})
+    view = evidenceview.EvidenceView(fake.scene)
+    first = evidence_run(fake, ["brain", "tumor"])
+    node = first.segmentationNode
+    argv = json.loads((fake.record / "argv.json").read_text())
+    assert "--saliency-output" in argv and "--report-output" in argv  # a zero-shot run always asks for them
+    view.setResult(first)
+    chart = view.chartNode()  # the chart made once: re-runs update it
+    after_first = node_ids(fake.scene)
+    for run in (1, 2):
+        result = evidence_run(fake, ["brain", "tumor"], node, run=run)
+        assert result.segmentationNode is node and node_ids(fake.scene) == after_first  # no extra nodes
+        assert result.report == json.loads((fake.record / "report.json").read_text())
+        assert result.report["prompts"][0]["key_slices"] == [3 + run]
+        assert list(result.summaries) == ["brain", "tumor"]
+        assert result.summaries["brain"] == f"found on slices {2 + run}-{3 + run}, 2 of 8; {1.25 + run:.1f} ml"
+        assert result.summaries["tumor"] == "not found: no slice kept"
+        assert [result.saliencyVolumeNodes[p] for p in ("brain", "tumor")] == [
+            first.saliencyVolumeNodes[p] for p in ("brain", "tumor")]
+        view.setResult(result)
+    assert view.summaryLines() == [f"brain: {result.summaries['brain']}", f"tumor: {result.summaries['tumor']}"]
+    assert view.chartNode() is chart and node_ids(fake.scene) == after_first
+    similarity = chart.GetNthPlotSeriesNode(0).GetTableNode().GetTable().GetColumnByName("similarity")
+    assert similarity.GetValue(0) == pytest.approx(0.2)  # the last run's numbers (FAKE_RUN=2)
+
+    expected = mrml.ijk_to_ras_from_node(fake.volume)
+    for saliency in result.saliencyVolumeNodes.values():
+        np.testing.assert_allclose(mrml.ijk_to_ras_from_node(saliency), expected, atol=1e-9)
+        assert saliency.GetImageData().GetDimensions() == fake.volume.GetImageData().GetDimensions()
+    assert {c.GetForegroundVolumeID() for c in composites} == {None}  # loaded, not shown
+
+    # the checkboxes: one heat map in the foreground at a time, for the chosen prompt
+    assert view.setOverlay("saliency", True)
+    assert {c.GetForegroundVolumeID() for c in composites} == {result.saliencyVolumeNodes["brain"].GetID()}
+    view.setPrompt("tumor")
+    assert {c.GetForegroundVolumeID() for c in composites} == {result.saliencyVolumeNodes["tumor"].GetID()}
+    assert view.setOverlay("uncertainty", True) and not view.overlayShown("saliency")
+    assert {c.GetForegroundVolumeID() for c in composites} == {result.uncertaintyVolumeNode.GetID()}
+    assert not view.setOverlay("uncertainty", False)
+    assert {c.GetForegroundVolumeID() for c in composites} == {None}
+
+    # a chosen point of the key-slice series: the views go to that slice
+    view.setPrompt("brain")
+    chart = view.chartNode()
+    key = chart.GetNthPlotSeriesNode(chart.GetNumberOfPlotSeriesNodes() - 1)
+    red = fake.scene.GetFirstNodeByName("Red")
+    before = [red.GetSliceToRAS().GetElement(r, 3) for r in range(3)]
+    assert view.jumpToSelection([key.GetID()], [[0]]) == 5
+    target = evidence_mrml.slice_center_ras(result.saliencyVolumeNodes["brain"], "axial", 5)
+    slice_to_ras = red.GetSliceToRAS()
+    normal = np.array([slice_to_ras.GetElement(r, 2) for r in range(3)])
+    origin = np.array([slice_to_ras.GetElement(r, 3) for r in range(3)])
+    assert abs(normal @ (target - origin)) < 1e-6 and not np.allclose(origin, before)
+    assert view.jumpToPlotPoint(key.GetID(), 7) is None  # no such point
+    assert view.jumpToPlotPoint(fake.volume.GetID(), 0) is None  # not one of our series
+
+    # a cancelled run changes nothing; a run with one prompt drops the other's evidence
+    view.setOverlay("saliency", True)
+    shown = [c.GetForegroundVolumeID() for c in composites]
+    fake.logic.extraEnvironment["FAKE_MODE"] = "hang"
+    job = fake.logic.startSegmentation(fake.volume, ["brain"], node)
+    job.cancel()
+    assert job.wait(timeout=30).status == "cancelled"
+    assert node_ids(fake.scene) == after_first and [c.GetForegroundVolumeID() for c in composites] == shown
+    fake.logic.extraEnvironment["FAKE_MODE"] = "ok"
+    single = evidence_run(fake, ["tumor"], node, run=1)
+    assert list(single.summaries) == ["tumor"] and list(single.saliencyVolumeNodes) == ["tumor"]
+    assert {n.GetAttribute(evidence_mrml.PROMPT_ATTRIBUTE) for n in evidence_mrml.evidence_nodes(node)} == {"tumor"}
+    assert not fake.scene.IsNodePresent(result.saliencyVolumeNodes["brain"]) and not fake.scene.IsNodePresent(chart)
+    assert {c.GetForegroundVolumeID() for c in composites} == {None}  # the removed overlay left the views
+
+    # removing the segmentation removes its evidence (the uncertainty volume stays, as before)
+    cleaner = evidenceview.EvidenceCleaner()
+    cleaner.attach(fake.scene)
+    remaining = [n.GetID() for n in evidence_mrml.evidence_nodes(node)]
+    assert remaining
+    fake.scene.RemoveNode(node)
+    assert not any(fake.scene.GetNodeByID(i) for i in remaining)
+    assert fake.scene.IsNodePresent(single.uncertaintyVolumeNode)
+    cleaner.detach()
+
+
+def test_evidence_files_from_a_service_and_unreadable_ones(fake, tmp_path):
+    """importRun (what every backend calls) takes the saliency as the base path, a list or a dict; a
+    report that cannot be read leaves the segmentation imported and the evidence out."""
+    from MedCLIPSAMLib import evidence
+    from MedCLIPSAMModuleLib import jobs
+
+    seg = fake.seg_file("a.seg.nrrd", {"brain": fake.phantom.labels["brain"]})
+    saliency = str(tmp_path / "unc.nrrd")
+    entry = {"prompt": "brain", "axis": "axial", "slices": 8, "scored": [1, 2], "similarity": [0.1, 0.2],
+             "lead": None, "kept_slices": [2], "key_slices": [2], "saliency_slices": [2], "mask_slices": [2],
+             "found": True, "why": "", "absent_winner": None, "voxels": 3, "volume_ml": 0.5, "mode": "carry"}
+    report = evidence.write_report(str(tmp_path / "r.json"), evidence.report_document([entry], {}, [saliency]))
+    node = None
+    for paths in (saliency, [saliency], {"brain": saliency}):
+        result = jobs.importRun(fake.logic, fake.volume, node, seg, saliencyPaths=paths, reportPath=report)
+        node = result.segmentationNode
+        assert result.succeeded and list(result.saliencyVolumeNodes) == ["brain"]
+        assert result.summaries == {"brain": "found on slices 2, 1 of 8; 0.5 ml"}
+    (tmp_path / "bad.json").write_text("{not json")
+    result = jobs.importRun(fake.logic, fake.volume, node, seg, saliencyPaths=saliency,
+                            reportPath=str(tmp_path / "bad.json"))
+    assert result.succeeded and result.report is None and result.summaries == {}
+    assert result.saliencyVolumeNodes == {}  # no prompts to name the file by: the old overlay goes too
+    from MedCLIPSAMLib import evidence_mrml
+
+    assert evidence_mrml.evidence_nodes(node) == []
 
 
 def test_logic_refuses_bad_input(fake):
