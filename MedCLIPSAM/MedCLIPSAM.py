@@ -33,6 +33,7 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # a checkout loa
 from MedCLIPSAMModuleLib import commands, dependencies, devices, panelstate, prompts, results, trained, weak  # noqa: E402
 from MedCLIPSAMModuleLib.backend import LocalProcessBackend  # noqa: E402
 from MedCLIPSAMModuleLib.commands import AXES, DEVICES, DIMS, PRESETS  # noqa: E402
+from MedCLIPSAMModuleLib.evidencepanel import EvidenceSection  # noqa: E402
 from MedCLIPSAMModuleLib.modeljobs import ModelsJob, requiredModels  # noqa: E402
 from MedCLIPSAMModuleLib.paths import mrml, resourcePath, useShippedLibrary  # noqa: E402
 from MedCLIPSAMModuleLib.setupflow import SetupFlow  # noqa: E402
@@ -245,6 +246,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self.job = None
         self.weakSection = WeakSupervisionSection(self)
+        self.evidenceSection = EvidenceSection(self)
         self.setupFlow = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
@@ -264,6 +266,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedCLIPSAMLogic()
         self.setupFlow = SetupFlow(self.logic, self)
+        self.evidenceSection.setup(uiWidget, self.ui.outputsCollapsibleButton)
 
         unsupported = dependencies.unsupportedSlicerMessage(
             (slicer.app.majorVersion, slicer.app.minorVersion), sys.version_info[:2])
@@ -334,6 +337,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if getattr(self, "_timer", None) is not None:
             self._timer.stop()
         self._volumeWatcher.detach()
+        self.evidenceSection.cleanup()
         self.removeObservers()
 
     def enter(self):
@@ -352,6 +356,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for job in (self.job, self.weakSection.job):
             if job is not None and job.isRunning:
                 job.cancel()  # its result (or its plot) would land in a closed scene
+        self.evidenceSection.clear()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -584,8 +589,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Done in {seconds:.0f} s. {message}").format(
                 seconds=result.elapsedSeconds, message=result.message)
             slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, fit=False)
-            if result.uncertaintyVolumeNode is not None:
-                slicer.util.setSliceViewerLayers(foreground=result.uncertaintyVolumeNode, foregroundOpacity=0.4)
+            self.evidenceSection.showResult(result)  # the uncertainty shown, as before; saliency and chart on ask
         elif result.status == "cancelled":
             self.ui.statusLabel.text = _("Cancelled; the scene was not changed.")
         else:

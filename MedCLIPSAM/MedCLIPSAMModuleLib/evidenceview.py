@@ -21,7 +21,7 @@ KINDS = ("saliency", "uncertainty")
 class EvidenceView:
     """The evidence of one SegmentationResult: setResult() after each run, clear() on scene close."""
 
-    OPACITY = 0.5
+    OPACITY = 0.4  # as the uncertainty overlay was shown before
 
     def __init__(self, scene):
         self.scene = scene
@@ -142,8 +142,9 @@ class EvidenceCleaner:
     close, which removes them itself). The scene's NodeAboutToBeRemovedEvent still has the node's
     references; the evidence goes on NodeRemovedEvent, once the scene has finished with the node."""
 
-    def __init__(self):
+    def __init__(self, removedCallback=None):
         self.scene = None
+        self.removedCallback = removedCallback  # called with the segmentation node's ID after its evidence went
         self._tags = []
         self._pending = {}
 
@@ -179,3 +180,5 @@ class EvidenceCleaner:
         if not ids or self.scene.IsClosing():
             return
         _lib().remove_evidence_nodes(self.scene, [self.scene.GetNodeByID(i) for i in ids])
+        if self.removedCallback:
+            self.removedCallback(node.GetID())

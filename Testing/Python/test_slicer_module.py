@@ -124,6 +124,7 @@ UI_CLASSES = {  # what the code expects each looked-up widget to be
     "openSegmentEditorButton": "QPushButton", "exportLabelmapButton": "QPushButton",
     "exportFileButton": "QPushButton", "registerTrainedModelButton": "QPushButton",
     "removeTrainedModelButton": "QPushButton",
+    "outputsCollapsibleButton": "ctkCollapsibleButton",  # the Evidence area goes below it
     # weak supervision section
     "weakSourceComboBox": "QComboBox", "weakSourceInfoLabel": "QLabel", "weakFolderLineEdit": "QLineEdit",
     "weakFolderBrowseButton": "QToolButton", "weakPromptsTextEdit": "QTextEdit", "weakEpochsSpinBox": "QSpinBox",
@@ -688,12 +689,13 @@ def test_evidence_is_imported_replaced_on_re_runs_shown_and_removed(fake):
     assert {c.GetForegroundVolumeID() for c in composites} == {None}  # the removed overlay left the views
 
     # removing the segmentation removes its evidence (the uncertainty volume stays, as before)
-    cleaner = evidenceview.EvidenceCleaner()
+    removed = []
+    cleaner = evidenceview.EvidenceCleaner(removed.append)
     cleaner.attach(fake.scene)
     remaining = [n.GetID() for n in evidence_mrml.evidence_nodes(node)]
     assert remaining
     fake.scene.RemoveNode(node)
-    assert not any(fake.scene.GetNodeByID(i) for i in remaining)
+    assert not any(fake.scene.GetNodeByID(i) for i in remaining) and removed == [node.GetID()]
     assert fake.scene.IsNodePresent(single.uncertaintyVolumeNode)
     cleaner.detach()
 
