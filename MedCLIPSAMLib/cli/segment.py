@@ -45,7 +45,13 @@ def register(sub):
 
     b = sub.add_parser("segment-batch", help="segment many volumes (a folder or a list file); resumable, shards under torchrun")
     b.add_argument("inputs", help="a folder of volumes, or a text file with one path per line")
-    b.add_argument("--output-dir", required=True)
+    b.add_argument("--output-dir", required=True, help="each case's CASE.seg.nrrd goes here")
+    b.add_argument("--saliency-output", action="store_true",
+                   help="also write each case's saliency maps next to its output, as `segment --saliency-output` "
+                        "does: CASE-saliency.nrrd for one prompt, CASE-saliency_<prompt>.nrrd per prompt for several")
+    b.add_argument("--report-output", action="store_true",
+                   help="also write each case's JSON report (as `segment --report-output`) next to its output: "
+                        "CASE-report.json")
     add_volume_options(b)
     b.set_defaults(func=run_batch)
 
@@ -150,19 +156,31 @@ def write_outputs(result, image, output, uncertainty_output=None, dicom=None):
         write_volume(uncertainty_output, image_from_array(result.uncertainty, image))
 
 
-def write_evidence(args, session, result, image, staged):
-    """The saliency volumes and the report (evidence.py); staged(path) gives the temporary path to write."""
+def write_evidence(args, session, result, image, staged, saliency_output=None, report_output=None, source=None,
+                   output=None):
+    """The saliency volumes and the report (evidence.py); staged(path) gives the temporary path to write.
+    The paths, input and output are `args`' own (segment) unless given (segment-batch: per case)."""
     from .. import evidence
 
+    saliency_output = saliency_output or args.saliency_output
+    report_output = report_output or args.report_output
     files = None
-    if args.saliency_output:
-        files = evidence.saliency_paths(args.saliency_output, [r["prompt"] for r in result.report])
+    if saliency_output:
+        files = evidence.saliency_paths(saliency_output, [r["prompt"] for r in result.report])
         evidence.write_saliency([staged(f) for f in files], result.saliency, image)
-    if args.report_output:
+    if report_output:
         clip_name, sam_name = session.model_names
         models = {"clip": clip_name, "sam": sam_name, "random": session.random}
-        document = evidence.report_document(result.report, models, files, source=args.volume, output=args.output)
-        evidence.write_report(staged(args.report_output), document)
+        document = evidence.report_document(result.report, models, files, source=source or args.volume,
+                                            output=output or args.output)
+        evidence.write_report(staged(report_output), document)
+
+
+def batch_evidence_paths(args, output):
+    """(saliency, report) paths of a segment-batch case: beside its output (None where not asked for)."""
+    stem = output[: -len(".seg.nrrd")]
+    return (f"{stem}-saliency.nrrd" if args.saliency_output else None,
+            f"{stem}-report.json" if args.report_output else None)
 
 
 def _dicom_info(args, session):
@@ -257,11 +275,13 @@ def _case_name(path):
 
 def run_batch(args):
     """Each rank (torchrun's RANK / WORLD_SIZE) takes every WORLD_SIZE-th case; finished outputs are skipped."""
+    import contextlib
     import os
 
     from ..errors import MedCLIPSAMError
     from ..io import read_volume
     from ..progress import ProgressReporter
+    from ..runtime import atomic_output
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     os.makedirs(args.output_dir, exist_ok=True)
@@ -279,7 +299,14 @@ def run_batch(args):
     for case, out in todo:
         try:
             image = read_volume(case, frame=args.frame)
-            write_result(session.segment(image), image, out)
+            result = session.segment(image)
+            saliency, report = batch_evidence_paths(args, out)
+            with contextlib.ExitStack() as outputs:  # the case's files renamed into place together
+                def staged(path):
+                    return outputs.enter_context(atomic_output(path))
+
+                write_outputs(result, image, staged(out))
+                write_evidence(args, session, result, image, staged, saliency, report, case, out)
             print(f"{case} -> {out}")
         except MedCLIPSAMError as exc:
             failures += 1

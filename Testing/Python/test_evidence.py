@@ -382,3 +382,44 @@ def test_a_chosen_plot_point_moves_the_slice_views_to_its_slice(scene, evidence_
         normal = np.array([slice_to_ras.GetElement(r, 2) for r in range(3)])
         origin = np.array([slice_to_ras.GetElement(r, 3) for r in range(3)])
         assert abs(normal @ (world - origin)) < 1e-6
+
+
+# ------------------------------------------------------------------------------------ segment-batch
+def test_segment_batch_writes_each_cases_saliency_and_report_beside_its_output(tmp_path):
+    """segment-batch --saliency-output --report-output: per case CASE-saliency[_<prompt>].nrrd and
+    CASE-report.json in the output folder, written by the same code as `segment` (the report names the
+    case's own files; the saliency is on the case's grid)."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for i, direction in enumerate(("oblique", "ras")):
+        write_volume(str(cases / f"case{i}.nrrd"), phantom(direction, shape=(3, 12, 12), seed=i).image)
+    out = tmp_path / "out"
+    assert main(["segment-batch", str(cases), "--output-dir", str(out), "--prompt", "brain tumor", "--prompt",
+                 "ventricles", "--saliency-output", "--report-output", "--sam", "none", "--mode", "carry",
+                 "--key-slices", "1"]
+                + FAST) == 0
+    assert sorted(os.listdir(out)) == sorted(
+        f"case{i}{suffix}" for i in range(2) for suffix in (".seg.nrrd", "-report.json",
+                                                            "-saliency_brain-tumor.nrrd", "-saliency_ventricles.nrrd"))
+    for i in range(2):
+        report = evidence.read_report(out / f"case{i}-report.json")
+        assert report["input"] == str(cases / f"case{i}.nrrd") and report["output"] == str(out / f"case{i}.seg.nrrd")
+        assert [p["saliency_file"] for p in report["prompts"]] == [str(out / f"case{i}-saliency_brain-tumor.nrrd"),
+                                                                   str(out / f"case{i}-saliency_ventricles.nrrd")]
+        original = sitk.ReadImage(str(cases / f"case{i}.nrrd"))
+        for entry in report["prompts"]:
+            saliency = sitk.ReadImage(entry["saliency_file"])
+            assert saliency.GetSize() == original.GetSize() and saliency.GetDirection() == original.GetDirection()
+            assert entry["summary"] == evidence.summary_line(entry)
+    # without the flags: only the segmentation (a list file of one case)
+    (tmp_path / "list.txt").write_text(str(cases / "case0.nrrd") + "\n")
+    plain = tmp_path / "plain"
+    assert main(["segment-batch", str(tmp_path / "list.txt"), "--output-dir", str(plain), "--prompt", "brain tumor",
+                 "--sam", "none", "--mode", "carry", "--key-slices", "1"] + FAST) == 0
+    assert os.listdir(plain) == ["case0.seg.nrrd"]
+    # documented in --help
+    from MedCLIPSAMLib.cli import build_parser
+
+    batch = build_parser()._subparsers._group_actions[0].choices["segment-batch"]
+    helps = {a.dest: a.help for a in batch._actions}
+    assert "CASE-saliency.nrrd" in helps["saliency_output"] and "CASE-report.json" in helps["report_output"]
