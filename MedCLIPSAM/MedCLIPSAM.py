@@ -742,7 +742,11 @@ class MedCLIPSAMTest(ScriptedLoadableModuleTest):
         self.assertIs(result.segmentationNode, segmentation)
         self.assertEqual(lib.segment_names(segmentation), ["tumor", "brain"])
         self.assertEqual(segmentation.GetSegmentation().GetSegmentIdBySegmentName("tumor"), tumorId)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
+        self.assertEqual(sorted(result.saliencyVolumeNodes), ["brain", "tumor"])  # 'brain' brought its evidence
+        self.assertEqual(set(result.summaries), {"brain", "tumor"})
+        nodeCount = slicer.mrmlScene.GetNumberOfNodes()
+        self._run(logic, volume, ["tumor", "brain"], segmentation)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)  # replaced, not piled up
         self.delayDisplay("Test passed")
 
     def test_CancelLeavesSceneUnchanged(self):
