@@ -197,7 +197,11 @@ def importRun(logic, inputVolume, segmentationNode, outputPath, uncertaintyPath=
         logging.exception("MedCLIP-SAM: importing the result failed")
         return SegmentationResult("failed", _("could not load the result: {error}").format(error=exc),
                                   returnCode, elapsedSeconds=elapsed)
-    report, summaries, saliency = results.importEvidence(scene, node, uncertainty, saliencyPaths, reportPath)
+    try:
+        report, summaries, saliency = results.importEvidence(scene, node, uncertainty, saliencyPaths, reportPath)
+    except Exception:  # the segmentation is in: evidence that cannot be shown must not turn it into a failure
+        logging.exception("MedCLIP-SAM: importing the run's evidence failed")
+        report, summaries, saliency = None, {}, {}
     return SegmentationResult("succeeded", message, returnCode, node, segmentIds, uncertainty, elapsed, report,
                               summaries, saliency)
 

@@ -87,19 +87,18 @@ def importEvidence(scene, segmentationNode, uncertaintyNode=None, saliencyPaths=
     evidence, evidence_mrml = _evidenceLib()
     if uncertaintyNode is not None:
         evidence_mrml.style_heat_map(scene, uncertaintyNode)
-    report = None
+    report, summaries = None, {}
     if reportPath and os.path.isfile(reportPath):
         try:
             report = evidence.read_report(reportPath)
-            [e["prompt"] for e in report["prompts"]]  # noqa: B018 (the fields read below)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            summaries = {e["prompt"]: e.get("summary") or evidence.summary_line(e) for e in report["prompts"]}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             logging.warning(f"MedCLIP-SAM: the run's report '{reportPath}' cannot be read: {exc}")
-            report = None
+            report, summaries = None, {}
     entries = report["prompts"] if report else []
     prompts = [e["prompt"] for e in entries]
     if not prompts and isinstance(saliencyPaths, dict):
         prompts = list(saliencyPaths)
-    summaries = {e["prompt"]: e.get("summary") or evidence.summary_line(e) for e in entries}
 
     files = saliencyFiles(saliencyPaths, prompts)
     saliency = {}
@@ -120,5 +119,9 @@ def importEvidence(scene, segmentationNode, uncertaintyNode=None, saliencyPaths=
     # a chart already made (shown after an earlier run) follows this run's numbers
     for entry in entries:
         if evidence_mrml.evidence_nodes(segmentationNode, entry["prompt"], "chart"):
-            evidence_mrml.update_evidence_chart(scene, segmentationNode, entry)
+            try:
+                evidence_mrml.update_evidence_chart(scene, segmentationNode, entry)
+            except (KeyError, TypeError, ValueError) as exc:  # a report without the chart's numbers
+                logging.warning(f"MedCLIP-SAM: no chart for '{entry['prompt']}': {exc}")
+                evidence_mrml.remove_evidence(scene, segmentationNode, entry["prompt"], "chart")
     return report, summaries, saliency

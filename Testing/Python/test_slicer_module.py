@@ -718,10 +718,11 @@ def test_evidence_files_from_a_service_and_unreadable_ones(fake, tmp_path):
         node = result.segmentationNode
         assert result.succeeded and list(result.saliencyVolumeNodes) == ["brain"]
         assert result.summaries == {"brain": "found on slices 2, 1 of 8; 0.5 ml"}
-    (tmp_path / "bad.json").write_text("{not json")
-    result = jobs.importRun(fake.logic, fake.volume, node, seg, saliencyPaths=saliency,
-                            reportPath=str(tmp_path / "bad.json"))
-    assert result.succeeded and result.report is None and result.summaries == {}
+    for bad in ("{not json", '{"prompts": [{"prompt": "brain"}]}', '{"prompts": 3}'):
+        (tmp_path / "bad.json").write_text(bad)
+        result = jobs.importRun(fake.logic, fake.volume, node, seg, saliencyPaths=saliency,
+                                reportPath=str(tmp_path / "bad.json"))
+        assert result.succeeded and result.report is None and result.summaries == {}
     assert result.saliencyVolumeNodes == {}  # no prompts to name the file by: the old overlay goes too
     from MedCLIPSAMLib import evidence_mrml
 
