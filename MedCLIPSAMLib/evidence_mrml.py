@@ -4,8 +4,9 @@ similarity chart, and jumping the slice views to a chosen slice.
 - Saliency and uncertainty are scalar volumes in [0, 1] shown in the slice views' foreground layer with a
   perceptual colour table (Inferno, else Viridis, else the built-in Iron) and an opacity; voxels under a
   small threshold are transparent, so the anatomy shows where there is no evidence.
-- Per prompt, a table node of the scored slices (slice, similarity, lead over the absent sentences), two
-  small tables of the kept and key slices, plot series of each and one plot chart node.
+- Per prompt, a table node of the scored slices (slice, similarity, lead over the absent sentences), small
+  tables of the kept range (shaded bars) and of the kept and key slices, plot series of each and one plot
+  chart node.
 - Every node made here is referenced from the segmentation node under EVIDENCE_ROLE and carries the prompt
   and its kind as attributes, so a re-run updates the same nodes instead of adding more, and
   remove_evidence finds them all.
@@ -21,7 +22,8 @@ KIND_ATTRIBUTE = "MedCLIPSAM.evidenceKind"
 # heat maps in order of preference: Slicer's perceptual tables (loaded from its ColorFiles), else Iron
 HEAT_MAP_FILES = ("Inferno.txt", "Viridis.txt")
 FALLBACK_COLOR_ID = "vtkMRMLColorTableNodeIron"
-SERIES_STYLE = {  # kind: (label, rgb, draw a line, marker, marker size)
+SERIES_STYLE = {  # kind: (label, rgb, draw a line, marker, marker size); drawn in this order
+    "range": ("kept range", (0.6, 0.85, 0.6), False, "bar", 0),
     "similarity": ("similarity to the prompt", (0.12, 0.47, 0.71), True, "none", 0),
     "lead": ("lead over the absent sentences", (1.0, 0.5, 0.05), True, "none", 0),
     "kept": ("kept slices", (0.17, 0.63, 0.17), False, "circle", 7),
@@ -183,7 +185,8 @@ def _fill_table(table_node, columns):
 
 def update_evidence_chart(scene, segmentation_node, report):
     """The chart of one prompt's report (one entry of the report JSON's 'prompts'): similarity and lead
-    per scored slice, the kept and the key slices marked on the similarity curve. Returns the chart node.
+    per scored slice, the kept and the key slices marked on the similarity curve, the kept range shaded
+    (bars one slice wide). Returns the chart node.
     A re-run updates the same nodes; the lead series is there only when the prompt had absent sentences."""
     slicer = _slicer()
 
@@ -196,6 +199,9 @@ def update_evidence_chart(scene, segmentation_node, report):
     for kind, field in (("kept", "kept_slices"), ("key", "key_slices")):
         marked = [int(k) for k in report[field] if int(k) in similarity]
         rows[kind] = {"slice": marked, "similarity": [similarity[k] for k in marked]}
+    # the kept range shaded: a bar one slice wide up to the top of the similarity curve on every kept slice
+    top = max(report["similarity"], default=0.0)
+    rows["range"] = {"slice": rows["kept"]["slice"], "kept": [top] * len(rows["kept"]["slice"])}
 
     chart = _evidence_node(scene, segmentation_node, prompt, "chart", "vtkMRMLPlotChartNode", f"{label} per slice")
     chart.RemoveAllPlotSeriesNodeIDs()
@@ -214,7 +220,11 @@ def update_evidence_chart(scene, segmentation_node, report):
         series.SetAndObserveTableNodeID(table.GetID())
         series.SetXColumnName("slice")
         series.SetYColumnName(list(rows[kind])[1])
-        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        # ScatterBar: bars at the x column's slices; qMRMLPlotView makes the line width the bar's width
+        series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatterBar if marker == "bar"
+                           else slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+        series.SetLineWidth(1.0 if marker == "bar" else 2.0)
+        series.SetOpacity(0.5 if marker == "bar" else 1.0)
         series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleSolid if line
                             else slicer.vtkMRMLPlotSeriesNode.LineStyleNone)
         series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle if marker == "circle"

@@ -302,11 +302,16 @@ def test_overlays_and_charts_are_replaced_on_re_runs_and_removed(scene, evidence
     for entry in document["prompts"]:
         chart = charts[entry["prompt"]]
         series = [chart.GetNthPlotSeriesNode(i) for i in range(chart.GetNumberOfPlotSeriesNodes())]
-        assert [s.GetName() for s in series] == ["similarity to the prompt", "lead over the absent sentences",
-                                                 "kept slices", "key slices"]
+        assert [s.GetName() for s in series] == ["kept range", "similarity to the prompt",
+                                                 "lead over the absent sentences", "kept slices", "key slices"]
         columns = [s.GetTableNode().GetTable().GetColumnByName(s.GetYColumnName()) for s in series]
-        assert [columns[0].GetValue(i) for i in range(columns[0].GetNumberOfTuples())] == entry["similarity"]
-        assert [columns[1].GetValue(i) for i in range(columns[1].GetNumberOfTuples())] == entry["lead"]
+        values = [[c.GetValue(i) for i in range(c.GetNumberOfTuples())] for c in columns]
+        assert values[1] == entry["similarity"] and values[2] == entry["lead"]
+        # the kept range: bars (x: slice, one slice wide) up to the curve's top on exactly the kept slices
+        slices = series[0].GetTableNode().GetTable().GetColumnByName("slice")
+        assert [int(slices.GetValue(i)) for i in range(slices.GetNumberOfTuples())] == entry["kept_slices"]
+        assert values[0] == [max(entry["similarity"])] * len(entry["kept_slices"])
+        assert series[0].GetPlotType() == series[0].PlotTypeScatterBar and series[0].GetLineWidth() == 1.0
         assert chart.GetTitle() == f"'{entry['prompt']}': {entry['summary']}"
 
     # a later run without absent sentences: the lead series and its table go, nothing else is added
@@ -315,7 +320,7 @@ def test_overlays_and_charts_are_replaced_on_re_runs_and_removed(scene, evidence
         entry["lead"] = None
     evidence_mrml.show_evidence(scene, segmentation, plain)
     assert len(node_ids(scene)) == len(after_first) - 4
-    assert charts["liver"].GetNumberOfPlotSeriesNodes() == 3
+    assert charts["liver"].GetNumberOfPlotSeriesNodes() == 4
 
     evidence_mrml.show_overlay(scene, saliency["liver"])
     evidence_mrml.remove_evidence(scene, segmentation)
@@ -350,7 +355,7 @@ def test_a_chosen_plot_point_moves_the_slice_views_to_its_slice(scene, evidence_
     segmentation = mrml.import_segmentation_file(scene, str(evidence_files / "out.seg.nrrd"), volume)["node"]
     chart = evidence_mrml.update_evidence_chart(scene, segmentation, entry)
     key_series = chart.GetNthPlotSeriesNode(chart.GetNumberOfPlotSeriesNodes() - 1)
-    similarity_series = chart.GetNthPlotSeriesNode(0)
+    similarity_series = chart.GetNthPlotSeriesNode(1)
     assert [evidence_mrml.slice_of_plot_point(scene, key_series.GetID(), i)
             for i in range(len(entry["key_slices"]))] == entry["key_slices"]
     assert [evidence_mrml.slice_of_plot_point(scene, similarity_series.GetID(), i)

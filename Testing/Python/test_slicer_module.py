@@ -639,7 +639,7 @@ def test_evidence_is_imported_replaced_on_re_runs_shown_and_removed(fake):
         view.setResult(result)
     assert view.summaryLines() == [f"brain: {result.summaries['brain']}", f"tumor: {result.summaries['tumor']}"]
     assert view.chartNode() is chart and node_ids(fake.scene) == after_first
-    similarity = chart.GetNthPlotSeriesNode(0).GetTableNode().GetTable().GetColumnByName("similarity")
+    similarity = chart.GetNthPlotSeriesNode(1).GetTableNode().GetTable().GetColumnByName("similarity")
     assert similarity.GetValue(0) == pytest.approx(0.2)  # the last run's numbers (FAKE_RUN=2)
 
     expected = mrml.ijk_to_ras_from_node(fake.volume)
