@@ -186,7 +186,7 @@ def _fill_table(table_node, columns):
 def update_evidence_chart(scene, segmentation_node, report):
     """The chart of one prompt's report (one entry of the report JSON's 'prompts'): similarity and lead
     per scored slice, the kept and the key slices marked on the similarity curve, the kept range shaded
-    (bars one slice wide). Returns the chart node.
+    (bars). Returns the chart node.
     A re-run updates the same nodes; the lead series is there only when the prompt had absent sentences."""
     slicer = _slicer()
 
@@ -199,9 +199,13 @@ def update_evidence_chart(scene, segmentation_node, report):
     for kind, field in (("kept", "kept_slices"), ("key", "key_slices")):
         marked = [int(k) for k in report[field] if int(k) in similarity]
         rows[kind] = {"slice": marked, "similarity": [similarity[k] for k in marked]}
-    # the kept range shaded: a bar one slice wide up to the top of the similarity curve on every kept slice
+    # the kept range shaded: a bar up to the top of the similarity curve on every kept slice. vtkChartXY
+    # makes bars |x1 - x0| * 0.8 wide from the first two x values, so the table has a row for every slice
+    # (height 0 off the kept range): bars 0.8 slice wide
     top = max(report["similarity"], default=0.0)
-    rows["range"] = {"slice": rows["kept"]["slice"], "kept": [top] * len(rows["kept"]["slice"])}
+    kept = {int(k) for k in report["kept_slices"]}
+    every = list(range(int(report.get("slices") or (max(scored, default=-1) + 1))))
+    rows["range"] = {"slice": every, "kept": [top if k in kept else 0.0 for k in every]}
 
     chart = _evidence_node(scene, segmentation_node, prompt, "chart", "vtkMRMLPlotChartNode", f"{label} per slice")
     chart.RemoveAllPlotSeriesNodeIDs()
@@ -220,10 +224,9 @@ def update_evidence_chart(scene, segmentation_node, report):
         series.SetAndObserveTableNodeID(table.GetID())
         series.SetXColumnName("slice")
         series.SetYColumnName(list(rows[kind])[1])
-        # ScatterBar: bars at the x column's slices; qMRMLPlotView makes the line width the bar's width
+        # ScatterBar: bars at the x column's values (qMRMLPlotView; Bar would place them by row index)
         series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatterBar if marker == "bar"
                            else slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-        series.SetLineWidth(1.0 if marker == "bar" else 2.0)
         series.SetOpacity(0.5 if marker == "bar" else 1.0)
         series.SetLineStyle(slicer.vtkMRMLPlotSeriesNode.LineStyleSolid if line
                             else slicer.vtkMRMLPlotSeriesNode.LineStyleNone)

@@ -307,11 +307,12 @@ def test_overlays_and_charts_are_replaced_on_re_runs_and_removed(scene, evidence
         columns = [s.GetTableNode().GetTable().GetColumnByName(s.GetYColumnName()) for s in series]
         values = [[c.GetValue(i) for i in range(c.GetNumberOfTuples())] for c in columns]
         assert values[1] == entry["similarity"] and values[2] == entry["lead"]
-        # the kept range: bars (x: slice, one slice wide) up to the curve's top on exactly the kept slices
+        # the kept range: bars (x: slice) up to the curve's top on exactly the kept slices, a row a slice
         slices = series[0].GetTableNode().GetTable().GetColumnByName("slice")
-        assert [int(slices.GetValue(i)) for i in range(slices.GetNumberOfTuples())] == entry["kept_slices"]
-        assert values[0] == [max(entry["similarity"])] * len(entry["kept_slices"])
-        assert series[0].GetPlotType() == series[0].PlotTypeScatterBar and series[0].GetLineWidth() == 1.0
+        assert [int(slices.GetValue(i)) for i in range(slices.GetNumberOfTuples())] == list(range(entry["slices"]))
+        top = max(entry["similarity"])
+        assert values[0] == [top if k in entry["kept_slices"] else 0.0 for k in range(entry["slices"])]
+        assert series[0].GetPlotType() == series[0].PlotTypeScatterBar
         assert chart.GetTitle() == f"'{entry['prompt']}': {entry['summary']}"
 
     # a later run without absent sentences: the lead series and its table go, nothing else is added
