@@ -73,11 +73,15 @@ class EvidenceSection:
 
     # ------------------------------------------------------------------------------ state
     def showResult(self, result):
-        """After a run: its evidence, with the uncertainty shown when the run made it (as before)."""
+        """After a run: its evidence, with the overlay shown that was shown before the run, else the
+        uncertainty when the run made it (as before the Evidence area)."""
+        shown = [kind for kind in ("saliency", "uncertainty") if self.view.overlayShown(kind)]
         self.view.setResult(result)
         self._chartShown = self._chartShown and self.view.entry() is not None
-        if self.view.overlayNode("uncertainty") is not None:
-            self.view.setOverlay("uncertainty", True)
+        for kind in shown + ["uncertainty"]:
+            if self.view.overlayNode(kind) is not None:
+                self.view.setOverlay(kind, True)
+                break
         if self._chartShown:  # a chart on screen follows the new run
             self.onShowChart()
         self.refresh()
