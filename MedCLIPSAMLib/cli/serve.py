@@ -5,7 +5,8 @@ Run the segmentation service: models load once, and each volume's CLIP and SAM2 
 --cache-mb) so a second prompt on the same volume costs seconds and a repeated one returns the kept result.
 HTTP API (every request needs 'Authorization: Bearer TOKEN'): GET /info; POST /volumes (NRRD/NIfTI bytes);
 DELETE /volumes/ID; POST /jobs (JSON: volume_id, prompts, preset, ...); GET /jobs/ID (progress);
-POST /jobs/ID/cancel; GET /jobs/ID/result (.seg.nrrd); GET /jobs/ID/uncertainty.
+POST /jobs/ID/cancel; GET /jobs/ID/result (.seg.nrrd); GET /jobs/ID/uncertainty; GET /jobs/ID/report and
+GET /jobs/ID/saliency/K (the evidence, when the job asked with "report" / "saliency": true).
 
 Local use (the default; what the Slicer module does by itself): the service listens on 127.0.0.1 only, makes
 a random token and writes it to a file only you can read (printed at start; --token-file to choose it).
