@@ -57,7 +57,8 @@ class ServiceBackend:
         # The token is held here in memory; the panel keeps it in the user's settings (QSettings), never in
         # the parameter node: that is saved into .mrml scene files, which are shared with other people.
         self.token = ""
-        self.localArguments = []    # more `serve` options for a local service (tests: upload limits)
+        self.localArguments = []    # more `serve` options for a local service
+        self.jobOptions = {}        # more POST /jobs fields (the service's names; tests: a slower mode)
         self.idleExit = 1800.0      # a local service stops after this long without a request
         self.wantReport = True      # ask for the per-prompt report (small JSON) with every run
         self.wantSaliency = False   # and for the saliency volumes (one float volume per prompt)
@@ -89,6 +90,7 @@ class ServiceBackend:
                    "report": bool(self.wantReport), "saliency": bool(self.wantSaliency)}
         if absentIf and absentIf.strip():
             options["absent_if"] = [absentIf.strip()]
+        options.update(self.jobOptions)
         retired = self._serviceFor(models, device)
         self._watchScene()
         self._dropRemoved()
@@ -168,7 +170,7 @@ class ServiceBackend:
                 _("Remote service at {url}; not used yet.").format(url=self.url)
         if isinstance(service, LocalService) and service.process.poll() is not None:
             return _("Local service: not running ({why}); the next Apply starts a new one.").format(
-                why=service.state())
+                why=service._exit_text())
         try:
             info = service.client.info()
         except ServiceError as exc:
@@ -417,10 +419,10 @@ class ServiceJob:
         if self.service.notice:
             self._post("log", self.service.notice)
             self._progress("service", self.service.notice)
-        self.backend.forgetPending()
         volumeId = self._volumeOn(client)
         if volumeId is None:
             return ("cancelled", None)
+        self.backend.forgetPending()     # changed (as found just now) or removed nodes' uploads
         try:
             status = client.submit(volumeId, self.prompts, **self.options)
         except ServiceError as exc:
