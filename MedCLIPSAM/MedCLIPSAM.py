@@ -1,10 +1,10 @@
 """MedCLIP-SAM for 3D Slicer: segment structures in a volume from text prompts.
 
-Thin on purpose: segmentation, weak supervision, trained-model prediction and model checks run as
-background processes of the CLI (`python -m MedCLIPSAMLib ... --progress json`, Slicer's own Python), so
-Slicer stays responsive and Cancel really stops them. The Qt-free parts are in MedCLIPSAMModuleLib/ (one
-concern a file), scene import/export in MedCLIPSAMLib.mrml. Loading this file imports no qt, numpy or
-torch, and it keeps Python 3.9 syntax so that an older Slicer can load it and say which version it needs.
+Thin on purpose: zero-shot runs go to the segmentation service (a local `medclipsam serve` kept warm, or a
+remote one); trained models, weak supervision and model checks run as CLI processes (`python -m MedCLIPSAMLib
+... --progress json`); Slicer stays responsive and Cancel stops either. The Qt-free parts are in
+MedCLIPSAMModuleLib/ (one concern a file), scene import/export in MedCLIPSAMLib.mrml. Loading this file
+imports no qt, numpy or torch, and it keeps Python 3.9 syntax so that an older Slicer can say what it needs.
 """
 
 import logging

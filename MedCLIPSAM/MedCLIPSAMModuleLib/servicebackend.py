@@ -30,6 +30,9 @@ from .service import LocalService, RemoteService, ServiceClient, ServiceError, S
 
 MODES = ("local", "remote", "off")   # a local service (default), a remote one, or a process per run
 FINAL = ("done", "failed", "cancelled")
+# One local service per Slicer process, whichever Logic asks (the panel's, a script's, the self-test's):
+# (models, device) -> LocalService. A new models/device choice stops the one before (each holds models).
+_localServices = {}
 
 
 def serviceCanRun():
@@ -108,31 +111,38 @@ class ServiceBackend:
 
     def _serviceFor(self, models, device):
         """Make self.service fit the settings and this run's models and device; returns the service it
-        replaces (to be stopped by the worker), or None."""
+        replaces (to be stopped by the worker: a list)."""
         if self.mode == "remote":
             if not self.url:
                 raise ValueError(_("Enter the remote service's URL in 'Setup and advanced'."))
             key = ("remote", self.url, self.token)
         else:
             key = ("local", (models or "").strip(), device or "auto")
-        if key == self._key and self.service is not None:
-            return None
-        retired, self._key = self.service, key
+        if key == self._key and self.service is not None and (key[0] == "remote" or
+                                                               _localServices.get(key) is self.service):
+            return []
+        self._key = key
         with self._lock:
             self._forget += [(client, volumeId) for _stamp, volumeId, client in self._sent.values()]
             self._sent.clear()
+        retired = []
+        if key[0] == "remote" or key not in _localServices:
+            retired = list(_localServices.values())     # another models/device, or remote now: stop it
+            _localServices.clear()
         if key[0] == "remote":
             self.service = RemoteService(self.url, self.token)
         else:
             extra = (["--models", key[1]] if key[1] else []) + ["--device", key[2]] + list(self.localArguments)
-            self.service = LocalService(self.logic.python(), extra, env=self.logic.environment(),
-                                        idle_exit=self.idleExit)
+            self.service = _localServices.get(key) or _localServices.setdefault(key, LocalService(
+                self.logic.python(), extra, env=self.logic.environment(), idle_exit=self.idleExit))
         return retired
 
     def stop(self):
         """Stop a local service (Slicer closes, the module reloads); a remote one is left alone."""
         if self.service is not None:
             self.service.stop()
+            for key in [k for k, v in _localServices.items() if v is self.service]:
+                del _localServices[key]
         self.service, self._key = None, None
         with self._lock:
             self._sent.clear()
@@ -402,8 +412,8 @@ class ServiceJob:
         return self.service.explain(error)
 
     def _run(self):
-        if self.retired is not None:
-            self.retired.stop()
+        for service in self.retired:
+            service.stop()
         if self._cancel.is_set():
             return ("cancelled", None)
         local = isinstance(self.service, LocalService)

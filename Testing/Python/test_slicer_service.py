@@ -194,6 +194,13 @@ def test_the_backend_choice(logic, monkeypatch):
     assert calls == ["service", "process", "process", "process"]
 
 
+def test_one_local_service_for_every_logic_of_this_process(mod, logic):
+    """The panel's Logic, a script's and the self-test's share the local service (one set of models)."""
+    other = mod.MedCLIPSAMLogic(scene=slicer.vtkMRMLScene())
+    assert other.serviceBackend._serviceFor(RUN["models"], RUN["device"]) == []
+    assert service_of(other) is service_of(logic) and service_of(logic).process.poll() is None
+
+
 def test_remote_settings_and_test_connection(logic):
     backend = servicebackend.ServiceBackend(logic)
     with pytest.raises(ValueError):
