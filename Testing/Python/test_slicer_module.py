@@ -124,6 +124,7 @@ UI_CLASSES = {  # what the code expects each looked-up widget to be
     "openSegmentEditorButton": "QPushButton", "exportLabelmapButton": "QPushButton",
     "exportFileButton": "QPushButton", "registerTrainedModelButton": "QPushButton",
     "removeTrainedModelButton": "QPushButton",
+    "advancedCollapsibleButton": "ctkCollapsibleButton",  # the Service group is added to its layout in code
     # weak supervision section
     "weakSourceComboBox": "QComboBox", "weakSourceInfoLabel": "QLabel", "weakFolderLineEdit": "QLineEdit",
     "weakFolderBrowseButton": "QToolButton", "weakPromptsTextEdit": "QTextEdit", "weakEpochsSpinBox": "QSpinBox",
