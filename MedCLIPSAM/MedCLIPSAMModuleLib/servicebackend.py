@@ -58,7 +58,8 @@ class ServiceBackend:
         self.mode = "local"
         self.url = ""
         # The token is held here in memory; the panel keeps it in the user's settings (QSettings), never in
-        # the parameter node: that is saved into .mrml scene files, which are shared with other people.
+        # the parameter node: its parameters are written into .mrml scene files (vtkMRMLScriptedModuleNode::
+        # WriteXML, Libs/MRML/Core/vtkMRMLScriptedModuleNode.cxx:64 in v5.10.0), which get shared.
         self.token = ""
         self.localArguments = []    # more `serve` options for a local service
         self.jobOptions = {}        # more POST /jobs fields (the service's names; tests: a slower mode)
@@ -244,7 +245,8 @@ class ServiceBackend:
             return bool(self._forget)
 
     def _watchScene(self):
-        """Forget a volume's upload as soon as its node leaves the scene."""
+        """Forget a volume's upload as soon as its node leaves the scene (NodeRemovedEvent comes after the
+        node's ID is gone: vtkMRMLScene::RemoveNode, Libs/MRML/Core/vtkMRMLScene.cxx:1553-1555, v5.10.0)."""
         scene = self.logic.scene
         if self._observed is not None and self._observed[0] is scene:
             return
