@@ -255,7 +255,7 @@ class ServiceBackend:
         self._observed = (scene, scene.AddObserver(scene.NodeRemovedEvent, self._onNodeRemoved))
 
     def _onNodeRemoved(self, caller=None, event=None):
-        if self._sent and self._dropRemoved():
+        if getattr(self, "_sent", None) and self._dropRemoved():   # (no _sent: Python is shutting down)
             threading.Thread(target=self.forgetPending, name="medclipsam-forget", daemon=True).start()
 
 

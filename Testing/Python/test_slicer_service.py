@@ -218,3 +218,33 @@ def test_remote_settings_and_test_connection(logic):
     backend.configure("off")
     assert backend.testConnection()[0] and "own process" in backend.describe()
     assert isinstance(running, ServiceClient)
+
+
+def test_the_token_stays_out_of_the_scene_and_in_the_user_settings(mod):
+    from MedCLIPSAMModuleLib import servicepanel
+
+    fields = [name.lower() for name in mod.MedCLIPSAMParameterNode.__annotations__]
+    assert not [f for f in fields if "token" in f or "service" in f or "url" in f]   # saved in .mrml files
+    stored = {"MedCLIPSAM/serviceMode": "remote", "MedCLIPSAM/serviceUrl": "https://gpu:8765",
+              "MedCLIPSAM/serviceToken": "s3cret"}
+    assert servicepanel.loadSettings(lambda key, default: stored.get(key, default)) == \
+        ("remote", "https://gpu:8765", "s3cret")
+    assert servicepanel.loadSettings(lambda key, default: {"MedCLIPSAM/serviceMode": "bogus"}.get(key, default)) \
+        == ("local", "", "")
+
+
+def test_a_remote_service_runs_a_prompt_into_the_scene(mod, logic):
+    """The remote mode end to end, the running service standing in for a GPU machine (taken out of the
+    local registry, so that switching this Logic to remote does not stop it)."""
+    box = service_of(logic)
+    servicebackend._localServices.clear()
+    other = mod.MedCLIPSAMLogic(scene=logic.scene)
+    other.serviceBackend.configure("remote", box.client.url, box.client.token)
+    volume, _phantom = other.createPhantomVolume("remote", seed=3)
+    result = other.process(volume, ["brain tumor"], timeout=TIMEOUT, **RUN)
+    assert result.status == "succeeded", result.message
+    assert isinstance(service_of(other), servicebackend.RemoteService) and box.process.poll() is None
+    assert result.segmentationNode.GetSegmentation().GetNumberOfSegments() == 1
+    assert other.serviceBackend.describe().startswith(f"Remote service at {box.client.url}")
+    other.serviceBackend.stop()                 # a remote service is left running: only the observer goes
+    assert box.process.poll() is None and other.serviceBackend._observed is None
