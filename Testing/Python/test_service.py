@@ -131,6 +131,7 @@ def test_serve_help_explains_local_and_remote_use(capsys):
         main(["serve", "--help"])
     text = capsys.readouterr().out
     assert "127.0.0.1" in text and "Remote use" in text and "--ssl-certfile" in text
+    assert "--token-file" in text and "Test connection" in text and "/report" in text   # the Slicer side too
 
 
 # -- the main flow --------------------------------------------------------------------------------------
