@@ -1,10 +1,10 @@
 """MedCLIP-SAM for 3D Slicer: segment structures in a volume from text prompts.
 
-Thin on purpose: segmentation, weak supervision, trained-model prediction and model checks run as
-background processes of the CLI (`python -m MedCLIPSAMLib ... --progress json`, Slicer's own Python), so
-Slicer stays responsive and Cancel really stops them. The Qt-free parts are in MedCLIPSAMModuleLib/ (one
-concern a file), scene import/export in MedCLIPSAMLib.mrml. Loading this file imports no qt, numpy or
-torch, and it keeps Python 3.9 syntax so that an older Slicer can load it and say which version it needs.
+Thin on purpose: zero-shot runs go to the segmentation service (a local `medclipsam serve` kept warm, or a
+remote one); trained models, weak supervision and model checks run as CLI processes (`python -m MedCLIPSAMLib
+... --progress json`); Slicer stays responsive and Cancel stops either. The Qt-free parts are in
+MedCLIPSAMModuleLib/ (one concern a file), scene import/export in MedCLIPSAMLib.mrml. Loading this file
+imports no qt, numpy or torch, and it keeps Python 3.9 syntax so that an older Slicer can say what it needs.
 """
 
 import logging
@@ -35,6 +35,8 @@ from MedCLIPSAMModuleLib.backend import LocalProcessBackend  # noqa: E402
 from MedCLIPSAMModuleLib.commands import AXES, DEVICES, DIMS, PRESETS  # noqa: E402
 from MedCLIPSAMModuleLib.evidencepanel import EvidenceSection  # noqa: E402
 from MedCLIPSAMModuleLib.modeljobs import ModelsJob, requiredModels  # noqa: E402
+from MedCLIPSAMModuleLib.servicebackend import ServiceBackend, useService  # noqa: E402
+from MedCLIPSAMModuleLib.servicepanel import ServicePanel  # noqa: E402
 from MedCLIPSAMModuleLib.paths import mrml, resourcePath, useShippedLibrary  # noqa: E402
 from MedCLIPSAMModuleLib.setupflow import SetupFlow  # noqa: E402
 from MedCLIPSAMModuleLib.weakpanel import WeakSupervisionSection  # noqa: E402
@@ -113,8 +115,8 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
         result = logic.process(volumeNode, ["brain tumor"], preset="v2")   # waits
         job = logic.startSegmentation(volumeNode, ["liver"], progressCallback=print)  # returns at once
 
-    `backend` runs the work: LocalProcessBackend (the CLI as a child process) today; another backend
-    with the same startSegmentation signature (a service client) can replace it.
+    Zero-shot runs go to `serviceBackend` (a local `medclipsam serve` kept warm, or a remote one) when
+    useService() says so; trained models and the "off" setting use `backend`, the CLI as a child process.
     """
 
     def __init__(self, scene=None):
@@ -126,6 +128,7 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
         self.extraEnvironment = {}
         self.verifiedModels = set()
         self.backend = LocalProcessBackend(self)
+        self.serviceBackend = ServiceBackend(self)  # .configure(mode, url, token); .stop()
 
     @property
     def scene(self):
@@ -169,7 +172,10 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
         """Start a run and return its job (poll() or wait()). Options: preset, axis, device, models,
         computeUncertainty, show3D, trainedModel (a registered model's name), samples, absentIf, and
         progressCallback / logCallback / completedCallback."""
-        return self.backend.startSegmentation(inputVolume, prompts, segmentationNode, **options)
+        # a replaced CLI command (cliPrefix, a test hook) cannot serve: a process per run then
+        service = useService("off" if self.cliPrefix else self.serviceBackend.mode, options.get("trainedModel"))
+        return (self.serviceBackend if service else self.backend).startSegmentation(
+            inputVolume, prompts, segmentationNode, **options)
 
     def process(self, inputVolume, prompts, segmentationNode=None, timeout=None, **options):
         """Run and wait; returns a SegmentationResult (check .status)."""
@@ -312,6 +318,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (self.ui.removeTrainedModelButton, self.onRemoveTrainedModel)):
             button.connect("clicked(bool)", slot)
         self.weakSection.connect()
+        self.servicePanel = ServicePanel(self.logic.serviceBackend, self.ui.advancedCollapsibleButton.layout())
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.ui.progressBar.setRange(0, 100)
         self.ui.progressBar.hide()
@@ -336,6 +343,8 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     job.process.wait(timeout=10)
         if getattr(self, "_timer", None) is not None:
             self._timer.stop()
+        if self.logic is not None:
+            self.logic.serviceBackend.stop()  # the local service, if one runs (a remote one is left alone)
         self._volumeWatcher.detach()
         self.evidenceSection.cleanup()
         self.removeObservers()
@@ -597,6 +606,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("Segmentation failed:\n{message}").format(message=result.message),
                                      windowTitle=_("MedCLIP-SAM"))
         qt.QTimer.singleShot(0, self.updateButtons)
+        self.servicePanel.refresh()  # the service's state line (port, cache use, a restart)
 
     # ------------------------------------------------------------------------ trained models
     def onRegisterTrainedModel(self):

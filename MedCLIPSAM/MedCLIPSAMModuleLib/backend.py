@@ -1,6 +1,7 @@
 """Where segmentation runs. LocalProcessBackend: the CLI as a child process of Slicer's Python, on this
-computer. The Logic calls only startSegmentation() and mergedUncertainty(), so a backend that talks to a
-service (same signature, returning a job with poll/wait/cancel and a SegmentationResult) can replace it."""
+computer (trained models, the "off" service setting, a Slicer without fastapi / uvicorn). The Logic calls
+only startSegmentation(); ServiceBackend (servicebackend.py) has the same signature and returns a job with
+the same surface (poll/wait/cancel, a SegmentationResult); servicebackend.useService() chooses."""
 
 import logging
 import os

@@ -8,6 +8,7 @@ that keeps a local service running. Qt-free and standard-library only (it runs i
     job = client.submit(volume, ["brain tumor"], preset="v1")["job_id"]
     status = client.job(job)                          # poll: state, stage, done, total, message
     client.result(job, "out.seg.nrrd")
+    client.result(job, "report.json", "report")     # submitted with report=True (saliency=True: "saliency")
 
 A local service exits by itself when the Slicer process that started it exits (--parent-pid) or after
 an idle time (--idle-exit), and listens on 127.0.0.1 with a token in a private folder.
@@ -104,8 +105,24 @@ class ServiceClient:
         return self._request("POST", f"/jobs/{job_id}/cancel")
 
     def result(self, job_id, path, kind="result"):
-        """Write a finished job's .seg.nrrd (kind "uncertainty": its uncertainty .nrrd) to `path` atomically."""
-        data = self._request("GET", f"/jobs/{job_id}/{kind}", raw=True, timeout=max(self.timeout, 600))
+        """Write a finished job's file(s) to `path` atomically and return what was written.
+
+        kind "result": its .seg.nrrd; "uncertainty": its uncertainty .nrrd; "report": the per-prompt report
+        JSON (`segment --report-output`; the job was submitted with report=True); "saliency": one .nrrd
+        per prompt (saliency=True), named as `segment --saliency-output PATH` names them (PATH itself for
+        one prompt, PATH_<prompt>.nrrd for several): returns the list of paths."""
+        if kind == "saliency":
+            names = self.job(job_id).get("saliency") or []
+            if not names:      # none asked for (or not done yet): the service's 404 / 409 sentence
+                self._request("GET", f"/jobs/{job_id}/saliency/0", raw=True)
+            paths = saliencyPaths(path, names)
+            for k, local in enumerate(paths):
+                self._download(f"/jobs/{job_id}/saliency/{k}", local)
+            return paths
+        return self._download(f"/jobs/{job_id}/{kind}", path)
+
+    def _download(self, route, path):
+        data = self._request("GET", route, raw=True, timeout=max(self.timeout, 600))
         tmp = f"{path}.part"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -128,6 +145,31 @@ class ServiceClient:
             if deadline is not None and time.monotonic() > deadline:
                 raise ServiceError(f"Job {job_id} did not end within {timeout:g} s.")
             pause.wait(every)
+
+
+def saliencyPaths(path, names):
+    """Local paths for the service's saliency file names ("saliency.nrrd", "saliency_<prompt>.nrrd"): the
+    command line's names for `--saliency-output path` (path must end in .nrrd, the service's format)."""
+    path = os.fspath(path)
+    if not path.endswith(".nrrd"):
+        raise ValueError(f"saliency volumes come as NRRD: give a path ending in .nrrd, not '{path}'")
+    return [path[: -len(".nrrd")] + name[len("saliency"):] for name in names]
+
+
+def localReport(path, saliencyFiles=None, source=None, output=None):
+    """Name this computer's files in a downloaded report (the service's has its own saliency file names
+    and no input or output path), as `segment --report-output` would have written it here."""
+    with open(path, encoding="utf-8") as f:
+        document = json.load(f)
+    document["input"], document["output"] = source, output
+    for k, entry in enumerate(document.get("prompts", [])):
+        entry["saliency_file"] = saliencyFiles[k] if saliencyFiles else None
+    tmp = f"{path}.part"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(document, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return document
 
 
 def _detail(exc):

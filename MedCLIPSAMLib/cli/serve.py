@@ -5,17 +5,19 @@ Run the segmentation service: models load once, and each volume's CLIP and SAM2 
 --cache-mb) so a second prompt on the same volume costs seconds and a repeated one returns the kept result.
 HTTP API (every request needs 'Authorization: Bearer TOKEN'): GET /info; POST /volumes (NRRD/NIfTI bytes);
 DELETE /volumes/ID; POST /jobs (JSON: volume_id, prompts, preset, ...); GET /jobs/ID (progress);
-POST /jobs/ID/cancel; GET /jobs/ID/result (.seg.nrrd); GET /jobs/ID/uncertainty.
+POST /jobs/ID/cancel; GET /jobs/ID/result (.seg.nrrd); GET /jobs/ID/uncertainty; GET /jobs/ID/report and
+GET /jobs/ID/saliency/K (the evidence, when the job asked with "report" / "saliency": true).
 
 Local use (the default; what the Slicer module does by itself): the service listens on 127.0.0.1 only, makes
 a random token and writes it to a file only you can read (printed at start; --token-file to choose it).
   medclipsam serve --port 8765
 
-Remote use (a GPU machine serving a laptop's Slicer): listen on the network and give the Slicer module the
-URL and the token ("Setup and advanced"). The token is then the only protection: use TLS, either uvicorn's
-own (--ssl-keyfile/--ssl-certfile) or an HTTPS reverse proxy in front; or keep 127.0.0.1 and use an SSH
-tunnel (ssh -L 8765:127.0.0.1:8765 gpu-box).
-  medclipsam serve --host 0.0.0.0 --port 8765 --ssl-keyfile key.pem --ssl-certfile cert.pem
+Remote use (a GPU machine serving a laptop's Slicer): listen on the network, then give the Slicer module
+the URL and the token file's contents ("Setup and advanced" > Service, then "Test connection"). The token
+is then the only protection: use TLS, either uvicorn's own (--ssl-keyfile/--ssl-certfile) or an HTTPS
+reverse proxy in front; or keep 127.0.0.1 and use an SSH tunnel (ssh -L 8765:127.0.0.1:8765 gpu-box).
+  medclipsam serve --host 0.0.0.0 --port 8765 --token-file ~/.medclipsam-token \\
+                   --ssl-keyfile key.pem --ssl-certfile cert.pem
 """
 
 

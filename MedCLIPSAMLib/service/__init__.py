@@ -11,6 +11,8 @@ uploads (raw NRRD / NIfTI bytes) and results (.seg.nrrd / .nrrd bytes).
   POST   /jobs/{id}/cancel           cancel a queued or running job (no result is kept)
   GET    /jobs/{id}/result           the .seg.nrrd of a finished job
   GET    /jobs/{id}/uncertainty      its uncertainty volume (.nrrd), when the job asked for one
+  GET    /jobs/{id}/report           the per-prompt report JSON (`segment --report-output`), with "report": true
+  GET    /jobs/{id}/saliency/{k}     prompt k's saliency volume (`segment --saliency-output`), with "saliency": true
 
 One job runs at a time (the models and the device are shared); the others wait in order and say where.
 """

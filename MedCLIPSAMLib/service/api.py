@@ -30,6 +30,8 @@ class JobBody(BaseModel):
     key_slices: int = Field(3, ge=1, le=64)
     min_size_mm3: float = Field(10.0, ge=0)
     uncertainty: bool = False
+    saliency: bool = False     # each prompt's saliency volume (`segment --saliency-output`)
+    report: bool = False       # the per-prompt report JSON (`segment --report-output`)
 
 
 def _sentence(errors):
@@ -102,8 +104,8 @@ def create_app(service):
     @app.post("/jobs")
     def submit(body: JobBody):
         fields = body.model_dump()
-        volume_id = fields.pop("volume_id")
-        return service.submit(volume_id, SegmentRequest(**fields))
+        volume_id, report = fields.pop("volume_id"), fields.pop("report")
+        return service.submit(volume_id, SegmentRequest(**fields), report=report)
 
     @app.get("/jobs/{job_id}")
     def job(job_id: str):
@@ -124,5 +126,15 @@ def create_app(service):
     def uncertainty(job_id: str):
         return Response(service.result(job_id, "uncertainty"), media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{job_id}-uncertainty.nrrd"'})
+
+    @app.get("/jobs/{job_id}/report")
+    def report(job_id: str):
+        return Response(service.result(job_id, "report"), media_type="application/json",
+                        headers={"Content-Disposition": f'attachment; filename="{job_id}-report.json"'})
+
+    @app.get("/jobs/{job_id}/saliency/{index}")
+    def saliency(job_id: str, index: int):
+        return Response(service.result(job_id, "saliency", index), media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{job_id}-saliency-{index}.nrrd"'})
 
     return app

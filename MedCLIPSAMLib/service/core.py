@@ -67,10 +67,16 @@ class Service:
         if volume_id not in self.session.volume_ids():
             raise NotFound(f"unknown volume '{volume_id}': it was never uploaded here or was forgotten; upload it again")
 
-    def submit(self, volume_id, request):
+    def submit(self, volume_id, request, report=False):
+        """Queue a job. report: also make the per-prompt report (`segment --report-output`); as on the
+        command line it needs the uncertainty (its mean inside each mask), which is then computed but
+        offered for download only when the request asked for it."""
         request.validate()                         # a bad preset or prompt: 4xx now, not a failed job
         self.check_volume(volume_id)
-        return self.jobs.submit(volume_id, request, self._run)
+        offer_uncertainty = bool(request.uncertainty)
+        if report:
+            request.uncertainty = True
+        return self.jobs.submit(volume_id, request, lambda job: self._run(job, report, offer_uncertainty))
 
     def job(self, job_id):
         try:
@@ -78,7 +84,7 @@ class Service:
         except KeyError:
             raise NotFound(f"unknown job '{job_id}'") from None
 
-    def _run(self, job):
+    def _run(self, job, report=False, offer_uncertainty=None):
         from ..io import image_from_array, write_segmentation, write_volume
 
         prompts, settings, options = job.request.validate()
@@ -87,11 +93,37 @@ class Service:
         job.progress.stage("write", 1, "writing the segmentation")
         seg = self._bytes_of(lambda path: write_segmentation(path, result.segments, image), ".seg.nrrd")
         uncertainty = None
-        if options.uncertainty and result.uncertainty is not None:
+        if options.uncertainty and result.uncertainty is not None and offer_uncertainty is not False:
             unc_image = image_from_array(result.uncertainty, image)
             uncertainty = self._bytes_of(lambda path: write_volume(path, unc_image), ".nrrd")
+        saliency, document = self._evidence(result, image, settings, options.saliency, report)
         job.progress.advance(1)
-        return {"result": seg, "uncertainty": uncertainty, "report": result.report}
+        return {"result": seg, "uncertainty": uncertainty, "report": result.report, "saliency": saliency,
+                "report_document": document}
+
+    def _evidence(self, result, image, settings, saliency, report):
+        """What `segment --saliency-output saliency.nrrd --report-output R.json` writes, as bytes:
+        ([(file name, NRRD bytes) per prompt] or None, the report JSON or None). The report names the
+        saliency files by these names and has no input or output path (the client has its own)."""
+        import json
+
+        from .. import evidence
+        from ..io import image_from_array, write_volume
+
+        names = files = None
+        if saliency and result.saliency is not None:
+            names = [os.path.basename(p) for p in
+                     evidence.saliency_paths("saliency.nrrd", [r["prompt"] for r in result.report])]
+            files = [(name, self._bytes_of(lambda path, v=volume: write_volume(path, image_from_array(v, image)),
+                                           ".nrrd"))
+                     for name, volume in zip(names, result.saliency)]
+        document = None
+        if report:
+            models = {"clip": self.session.clip_name, "sam": self.session.sam_name if settings.sam == "sam" else None,
+                      "random": self.session.random}
+            text = json.dumps(evidence.report_document(result.report, models, names), indent=1) + "\n"
+            document = text.encode("utf-8")
+        return files, document
 
     def _bytes_of(self, write, suffix):
         fd, path = tempfile.mkstemp(dir=self.workdir, suffix=suffix)
@@ -104,15 +136,26 @@ class Service:
             if os.path.exists(path):
                 os.remove(path)
 
-    def result(self, job_id, kind="result"):
+    MISSING = {"uncertainty": "no uncertainty volume (ask for one with \"uncertainty\": true)",
+               "report": "no report (ask for one with \"report\": true)",
+               "saliency": "no saliency volumes (ask for them with \"saliency\": true)"}
+
+    def result(self, job_id, kind="result", index=0):
+        """A finished job's bytes: "result" (.seg.nrrd), "uncertainty", "report" (JSON) or "saliency"
+        (the index-th prompt's volume)."""
         job = self.job(job_id)
         if job.state != "done":
             why = "was cancelled and has no result" if job.state in ("cancelled", "cancelling") else \
                 f"is {job.state}" + (f": {job.error}" if job.error else "; ask again when it is done")
             raise Conflict(f"job '{job_id}' {why}")
-        data = job.output.get(kind)
+        data = job.output.get("report_document" if kind == "report" else kind)
         if data is None:
-            raise NotFound(f"job '{job_id}' has no uncertainty volume (ask for one with \"uncertainty\": true)")
+            raise NotFound(f"job '{job_id}' has {self.MISSING[kind]}")
+        if kind == "saliency":
+            if not 0 <= index < len(data):
+                raise NotFound(f"job '{job_id}' has {len(data)} saliency volume(s), one per prompt; "
+                               f"there is no number {index}")
+            data = data[index][1]
         return data
 
     def close(self):

@@ -53,6 +53,8 @@ class Job:
             out["report"] = self.output.get("report")
             out["seconds"] = self.seconds
             out["uncertainty"] = self.output.get("uncertainty") is not None
+            out["saliency"] = [name for name, _ in self.output.get("saliency") or ()]   # file names, per prompt
+            out["report_file"] = self.output.get("report_document") is not None
         return out
 
 

@@ -23,7 +23,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
-from MedCLIPSAMModuleLib.service import LocalService, ServiceClient, ServiceError, ServiceUnavailable  # noqa: E402
+from MedCLIPSAMModuleLib.service import (  # noqa: E402
+    LocalService, ServiceClient, ServiceError, ServiceUnavailable, localReport)
 
 MODELS = ["--models", "tiny-random", "--device", "cpu"]
 UPLOAD_LIMIT_MB = 1
@@ -130,6 +131,7 @@ def test_serve_help_explains_local_and_remote_use(capsys):
         main(["serve", "--help"])
     text = capsys.readouterr().out
     assert "127.0.0.1" in text and "Remote use" in text and "--ssl-certfile" in text
+    assert "--token-file" in text and "Test connection" in text and "/report" in text   # the Slicer side too
 
 
 # -- the main flow --------------------------------------------------------------------------------------
@@ -180,6 +182,47 @@ def test_upload_segment_and_result_equal_the_cli(served, volumes, tmp_path):
     with pytest.raises(ServiceError) as err:
         client.submit(uploaded["volume_id"], ["brain tumor"])
     assert err.value.status == 404 and "upload it again" in str(err.value)
+
+
+def test_the_report_and_saliency_volumes_equal_the_clis(served, volumes, tmp_path):
+    """A job asked for its evidence offers the report and one saliency volume per prompt, equal to what
+    `segment --report-output --saliency-output` writes for the same input (names included)."""
+    import SimpleITK as sitk
+
+    from MedCLIPSAMLib.cli import main
+
+    client = served.client
+    prompts = ["brain tumor", "Liver"]
+    volume = client.upload(volumes["b"])["volume_id"]
+    plain = client.wait(client.submit(volume, prompts, **SALIENCY_ONLY)["job_id"], timeout=JOB_TIMEOUT)
+    for kind, path in (("report", "r.json"), ("saliency", "s.nrrd")):   # not asked for: a 404 naming the flag
+        with pytest.raises(ServiceError) as err:
+            client.result(plain["job_id"], str(tmp_path / path), kind)
+        assert err.value.status == 404 and f'"{kind}": true' in str(err.value)
+    job = client.submit(volume, prompts, report=True, saliency=True, **SALIENCY_ONLY)["job_id"]
+    final = client.wait(job, timeout=JOB_TIMEOUT)
+    assert final["state"] == "done" and final["report_file"] and not final["uncertainty"]   # not asked for
+    assert final["saliency"] == ["saliency_brain-tumor.nrrd", "saliency_liver.nrrd"]
+    report = client.result(job, str(tmp_path / "service-report.json"), "report")
+    files = client.result(job, str(tmp_path / "service-sal.nrrd"), "saliency")
+    assert files == [str(tmp_path / "service-sal_brain-tumor.nrrd"), str(tmp_path / "service-sal_liver.nrrd")]
+    output = str(tmp_path / "cli.seg.nrrd")
+    mine = localReport(report, files, source=volumes["b"], output=output)
+
+    code = main(["segment", volumes["b"], "--prompt", prompts[0], "--prompt", prompts[1], "--output", output,
+                 "--report-output", str(tmp_path / "cli-report.json"), "--saliency-output",
+                 str(tmp_path / "cli-sal.nrrd"), "--preset", "fast", "--sam", "none", "--progress", "none", *MODELS])
+    assert code == 0
+    theirs = json.loads((tmp_path / "cli-report.json").read_text())
+    cli_files = [str(tmp_path / "cli-sal_brain-tumor.nrrd"), str(tmp_path / "cli-sal_liver.nrrd")]
+    assert [p["saliency_file"] for p in theirs["prompts"]] == cli_files
+    for entry in theirs["prompts"]:
+        entry["saliency_file"] = files[theirs["prompts"].index(entry)]
+    assert mine == theirs and len(mine["prompts"]) == 2 and mine["prompts"][0]["models"]["sam"] is None
+    for ours, cli in zip(files, cli_files):
+        a, b = read_volume(ours), read_volume(cli)
+        assert geometry_equal(a, b) and np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+        assert sitk.GetArrayFromImage(a).max() > 0
 
 
 def test_cancel_leaves_nothing_running_and_no_result(served, volumes):

@@ -125,6 +125,7 @@ UI_CLASSES = {  # what the code expects each looked-up widget to be
     "exportFileButton": "QPushButton", "registerTrainedModelButton": "QPushButton",
     "removeTrainedModelButton": "QPushButton",
     "outputsCollapsibleButton": "ctkCollapsibleButton",  # the Evidence area goes below it
+    "advancedCollapsibleButton": "ctkCollapsibleButton",  # the Service group is added to its layout in code
     # weak supervision section
     "weakSourceComboBox": "QComboBox", "weakSourceInfoLabel": "QLabel", "weakFolderLineEdit": "QLineEdit",
     "weakFolderBrowseButton": "QToolButton", "weakPromptsTextEdit": "QTextEdit", "weakEpochsSpinBox": "QSpinBox",
