@@ -31,6 +31,8 @@ PYTHON_PACKAGES = [
     ("matplotlib", "matplotlib", "3.7"),
     ("slicerio", "slicerio", "1.1"),  # writes the .seg.nrrd
     ("nrrd", "pynrrd", "1.0"),
+    ("fastapi", "fastapi", "0.110"),  # the segmentation service the panel keeps warm (pure Python)
+    ("uvicorn", "uvicorn", "0.29"),
     ("sam2", "sam2", "1.1.0"),  # PyPI's sam2 is a repackaging of Meta's code: pinned exactly (SAM2_PIN)
 ]
 SAM2_PIN = "sam2==1.1.0"
