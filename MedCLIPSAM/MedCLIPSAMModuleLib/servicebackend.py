@@ -65,7 +65,7 @@ class ServiceBackend:
         self.jobOptions = {}        # more POST /jobs fields (the service's names; tests: a slower mode)
         self.idleExit = 1800.0      # a local service stops after this long without a request
         self.wantReport = True      # ask for the per-prompt report (small JSON) with every run
-        self.wantSaliency = False   # and for the saliency volumes (one float volume per prompt)
+        self.wantSaliency = True    # and the saliency volumes (one per prompt), as a local run writes them
         self.service = None
         self.notice = None          # one sentence after the service was restarted, for the panel
         self.uploads = 0            # volumes sent so far (the panel and the tests read it)

@@ -72,6 +72,11 @@ def test_prompts_go_through_one_warm_service_and_an_unchanged_volume_is_sent_onc
     assert names == ["brain tumor"]
     assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is volume
     assert "brain tumor: " in result.message and "RANDOM-WEIGHT" in result.message   # the report's summary
+    # the evidence comes through the service as from a local run: report, summary line, saliency on the grid
+    assert result.report["prompts"][0]["prompt"] == "brain tumor" and set(result.summaries) == {"brain tumor"}
+    saliency = result.saliencyVolumeNodes["brain tumor"]
+    assert scene.IsNodePresent(saliency) and saliency.GetImageData().GetDimensions() == \
+        volume.GetImageData().GetDimensions()
     assert events[0]["stage"] == "service" and events[-1]["stage"] == "write" and events[-1]["fraction"] == 1.0
     assert job.uploaded and backend.uploads == 1 and not os.path.exists(job.tempDir)
     service = service_of(logic)
