@@ -35,6 +35,7 @@ from MedCLIPSAMModuleLib.backend import LocalProcessBackend  # noqa: E402
 from MedCLIPSAMModuleLib.commands import AXES, DEVICES, DIMS, PRESETS  # noqa: E402
 from MedCLIPSAMModuleLib.modeljobs import ModelsJob, requiredModels  # noqa: E402
 from MedCLIPSAMModuleLib.paths import mrml, resourcePath, useShippedLibrary  # noqa: E402
+from MedCLIPSAMModuleLib.refinepanel import RefineSection  # noqa: E402
 from MedCLIPSAMModuleLib.setupflow import SetupFlow  # noqa: E402
 from MedCLIPSAMModuleLib.weakpanel import WeakSupervisionSection  # noqa: E402
 
@@ -322,8 +323,11 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
         self.refreshDeviceInfo()
+        self.refineSection = RefineSection(self)
+        self.refineSection.build(self.layout)
 
     def cleanup(self):
+        getattr(self, "refineSection", None) and self.refineSection.cleanup()
         # Slicer closes or the module reloads: stop every process tree (killed after a grace period).
         for job in (self.job, self.weakSection.job, self.setupFlow and self.setupFlow.job):
             if job is not None and job.isRunning:

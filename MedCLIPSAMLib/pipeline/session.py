@@ -360,6 +360,8 @@ class Session:
         session_refine.refine for the request's fields."""
         from .session_refine import refine
 
+        if isinstance(request.get("window"), str):
+            request["window"] = parse_window(request["window"])
         return refine(self, volume_id, segment_id, **request)
 
     def undo(self, volume_id, segment_id):

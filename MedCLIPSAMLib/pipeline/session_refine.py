@@ -110,19 +110,20 @@ class SegmentStore:
 
 def refine(session, volume_id, segment_id, positive=(), negative=(), box=None, frame="RAS", axis="axial",
            propagate=True, mask=None, window=None, autocast="auto", plane_normal=None, max_distance=None):
-    """One refine request on a session's volume: a refine.RefineResult (changed slices only)."""
+    """One refine request on a session's volume: a refine.RefineResult (changed slices only). `window`: None,
+    a window name or (level, width), as session.parse_window gives it (Session.refine parses it)."""
+    from ..io.geometry import VIEW_ROWS
     from .clicks import slice_prompt
     from .refine import Refiner, SliceStack
-    from .session import AXES, parse_window
 
     if session.sam_model is None:
         raise MedCLIPSAMError("this session has no SAM2 model, which refinement needs")
-    if axis not in AXES:
-        raise MedCLIPSAMError(f"unknown axis '{axis}'; choose one of {', '.join(AXES)}")
+    if axis not in VIEW_ROWS:
+        raise MedCLIPSAMError(f"unknown axis '{axis}'; choose one of axial, coronal, sagittal")
     if not segment_id:
         raise MedCLIPSAMError("a refine request needs the id of the segment it corrects")
     image = session.volume(volume_id)
-    stack = SliceStack(image, axis, parse_window(window))
+    stack = SliceStack(image, axis, window)
     # every check before anything changes: the prompt, then the starting mask
     prompt = slice_prompt(image, axis, positive, negative, box, frame, plane_normal, slice_view=stack.view)
     if mask is not None and not isinstance(mask, np.ndarray):
