@@ -152,3 +152,16 @@ def test_a_point_outside_the_volume_gets_one_sentence_and_changes_nothing(scene_
     assert np.array_equal(logic.segmentArray(seg, "tumor", volume), before) and metadata(seg, "tumor") == meta
     with pytest.raises(RefineError, match="Place a positive or negative point"):
         logic.refine(seg, "tumor", volume)
+
+
+def test_a_volume_the_service_forgot_is_uploaded_again(scene_parts, service):
+    scene, logic, volume, seg, ph = scene_parts
+    before = logic.segmentArray(seg, "tumor", volume)
+    first = logic.volumeId(volume)
+    service.ensure().forget(first)
+    positive = point_list(scene, "positive", ras(volume, (18, 20, 3)))
+    changed = logic.refine(seg, "tumor", volume, positive, propagate=False)
+    assert logic.volumeId(volume) != first
+    after = logic.segmentArray(seg, "tumor", volume)
+    untouched = [j for j in range(before.shape[0]) if j not in changed]
+    assert np.array_equal(after[untouched], before[untouched])
