@@ -158,6 +158,12 @@ class RefineLogic:
     def _client(self):
         return self.service.ensure()
 
+    def rememberUpload(self, volumeNode, volumeId):
+        """Use a volume id uploaded by someone else (the service backend of Apply), so a click reuses the
+        encodings that segmentation left in the service's cache instead of uploading a second copy."""
+        image = volumeNode.GetImageData()
+        self._uploads[volumeNode.GetID()] = (volumeId, image.GetMTime() if image is not None else None)
+
     def volumeId(self, volumeNode, force=False):
         """The service's id of the volume, uploading it first when needed."""
         import os

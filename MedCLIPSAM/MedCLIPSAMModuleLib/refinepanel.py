@@ -53,6 +53,9 @@ class RefineSection:
         self.segmentSelector.setToolTip(_("The segment to correct (any segment: from a prompt, a box or the "
                                           "Segment Editor)."))
         form.addRow(_("Segment:"), self.segmentSelector)
+        # follows the panel's output segmentation (the one Apply fills)
+        self.panel.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                                         self.segmentSelector.setCurrentNode)
 
         row = qt.QHBoxLayout()
         self.buttons = {}

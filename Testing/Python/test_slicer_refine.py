@@ -6,6 +6,7 @@ written (all others bit for bit), the segment keeps its name, colour and termino
 segments stay, undo restores bit for bit, a new segment comes from an ROI box alone, a point outside the
 volume gets one sentence and changes nothing."""
 
+import base64
 import os
 import sys
 from pathlib import Path
@@ -102,7 +103,7 @@ def test_a_positive_point_writes_only_the_returned_slices_and_undo_restores_them
     untouched = [j for j in range(before.shape[0]) if j not in changed]
     assert np.array_equal(after[untouched], before[untouched])            # bit for bit
     for s in reply["slices"]:
-        plane = np.unpackbits(np.frombuffer(__import__("base64").b64decode(s["bits"]), np.uint8),
+        plane = np.unpackbits(np.frombuffer(base64.b64decode(s["bits"]), np.uint8),
                               count=int(np.prod(s["shape"]))).reshape(s["shape"])
         assert np.array_equal(after[s["index"]], plane)
     assert metadata(seg, "tumor") == meta
@@ -162,6 +163,8 @@ def test_a_volume_the_service_forgot_is_uploaded_again(scene_parts, service):
     positive = point_list(scene, "positive", ras(volume, (18, 20, 3)))
     changed = logic.refine(seg, "tumor", volume, positive, propagate=False)
     assert logic.volumeId(volume) != first
+    logic.rememberUpload(volume, first)            # an id uploaded elsewhere is used as it is
+    assert logic.volumeId(volume) == first
     after = logic.segmentArray(seg, "tumor", volume)
     untouched = [j for j in range(before.shape[0]) if j not in changed]
     assert np.array_equal(after[untouched], before[untouched])
