@@ -168,3 +168,16 @@ def test_a_volume_the_service_forgot_is_uploaded_again(scene_parts, service):
     after = logic.segmentArray(seg, "tumor", volume)
     untouched = [j for j in range(before.shape[0]) if j not in changed]
     assert np.array_equal(after[untouched], before[untouched])
+
+
+def test_placing_a_point_fires_the_event_the_panel_applies_on():
+    """refinepanel.py applies each placement on vtkMRMLMarkupsNode.PointPositionDefinedEvent: a point given a
+    position fires it once."""
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "positive")
+    fired = []
+    node.AddObserver(slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, lambda caller, event: fired.append(1))
+    node.AddControlPoint(1.0, 2.0, 3.0)
+    assert len(fired) == 1
+    node.AddControlPoint(4.0, 5.0, 6.0)
+    assert len(fired) == 2 and len(RefineLogic.controlPoints(node)) == 2
