@@ -30,12 +30,11 @@ from slicer.util import VTKObservationMixin
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # a checkout loaded by path, as in pytest
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from MedCLIPSAMModuleLib import commands, dependencies, devices, panelstate, prompts, results, trained, weak  # noqa: E402
+from MedCLIPSAMModuleLib import commands, dependencies, devices, panelstate, prompts, refinepanel, results, trained, weak  # noqa: E402,E501
 from MedCLIPSAMModuleLib.backend import LocalProcessBackend  # noqa: E402
 from MedCLIPSAMModuleLib.commands import AXES, DEVICES, DIMS, PRESETS  # noqa: E402
 from MedCLIPSAMModuleLib.modeljobs import ModelsJob, requiredModels  # noqa: E402
 from MedCLIPSAMModuleLib.paths import mrml, resourcePath, useShippedLibrary  # noqa: E402
-from MedCLIPSAMModuleLib.refinepanel import RefineSection  # noqa: E402
 from MedCLIPSAMModuleLib.setupflow import SetupFlow  # noqa: E402
 from MedCLIPSAMModuleLib.weakpanel import WeakSupervisionSection  # noqa: E402
 
@@ -323,8 +322,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
         self.refreshDeviceInfo()
-        self.refineSection = RefineSection(self)
-        self.refineSection.build(self.layout)
+        self.refineSection = refinepanel.RefineSection(self).build(self.layout)
 
     def cleanup(self):
         getattr(self, "refineSection", None) and self.refineSection.cleanup()

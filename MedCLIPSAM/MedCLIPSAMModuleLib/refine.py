@@ -33,10 +33,13 @@ def _digest(array):
 class RefineLogic:
     """service: an object with ensure() -> ServiceClient (LocalService / RemoteService of service.py)."""
 
-    def __init__(self, scene, service, temporaryDirectory=None):
+    def __init__(self, scene, service, temporaryDirectory=None, knownVolume=None):
         self.scene = scene
         self.service = service
         self.temporaryDirectory = temporaryDirectory
+        # knownVolume(volumeNode, client) -> the id of an upload made by someone else (Apply's service
+        # backend) that is still valid, or None: a click then reuses that segmentation's encodings
+        self.knownVolume = knownVolume
         self._uploads = {}      # volume node id -> (volume id, image data MTime)
         self._synced = {}       # (volume id, key) -> digest of the segment as the service holds it
         self.lastReply = None
@@ -177,6 +180,10 @@ class RefineLogic:
         held = self._uploads.get(volumeNode.GetID())
         if held and held[1] == stamp and not force:
             return held[0]
+        shared = self.knownVolume(volumeNode, client) if self.knownVolume is not None and not force else None
+        if shared:
+            self._uploads[volumeNode.GetID()] = (shared, stamp)
+            return shared
         folder = tempfile.mkdtemp(prefix="medclipsam-refine-", dir=self.temporaryDirectory)
         path = os.path.join(folder, "volume.nrrd")
         try:

@@ -26,8 +26,9 @@ SHORTCUTS = {"positive": "Ctrl+Shift+A", "negative": "Ctrl+Shift+D", "box": "Ctr
 
 
 class RefineSection:
-    """panel: the MedCLIPSAMWidget (its ui, parameter node and logic). service: LocalService / RemoteService
-    (service.py); when None a local service is started with the module's Python on the first request."""
+    """panel: the MedCLIPSAMWidget (its ui, parameter node and logic). Requests go to the service of the
+    Logic's serviceBackend when there is one (uploads and encodings shared), else to `service` (LocalService /
+    RemoteService of service.py), else to a local service started with the module's Python."""
 
     def __init__(self, panel, service=None):
         self.panel = panel
@@ -41,6 +42,7 @@ class RefineSection:
 
     # -- building --------------------------------------------------------------------------------------
     def build(self, layout):
+        """Add the section to `layout`; returns self."""
         import ctk
         import qt
 
@@ -107,6 +109,7 @@ class RefineSection:
             shortcut = qt.QShortcut(qt.QKeySequence(SHORTCUTS[kind]), window)
             shortcut.connect("activated()", slot)
             self._shortcuts.append(shortcut)
+        return self
 
     def toggle(self, kind):
         self.buttons[kind].checked = not self.buttons[kind].checked
@@ -157,15 +160,30 @@ class RefineSection:
         interaction.SetCurrentInteractionMode(interaction.Place)
 
     # -- requests --------------------------------------------------------------------------------------
-    def _logic(self):
-        if self.logic is None:
-            service = self.service or getattr(self.panel, "service", None)
-            if service is None:
+    def ensure(self):
+        """The client: of Apply's service when it has one (the Logic's serviceBackend: same models, warm
+        encodings), else of the service given, else of a local one started here."""
+        backend = getattr(self.panel.logic, "serviceBackend", None)
+        service = getattr(backend, "service", None) or self.service
+        if service is None:
+            if self._ownService is None:
                 from .service import LocalService
 
                 logic = self.panel.logic
-                service = self._ownService = LocalService(logic.python(), env=logic.environment())
-            self.logic = RefineLogic(slicer.mrmlScene, service)
+                self._ownService = LocalService(logic.python(), env=logic.environment())
+            service = self._ownService
+        return service.ensure()
+
+    def _knownVolume(self, volumeNode, client):
+        """The id under which Apply's service backend uploaded this node, while still valid (None else)."""
+        backend = getattr(self.panel.logic, "serviceBackend", None)
+        if backend is None or not hasattr(backend, "sentVolume"):
+            return None
+        return backend.sentVolume(volumeNode.GetID(), backend.stamp(volumeNode), client)
+
+    def _logic(self):
+        if self.logic is None:
+            self.logic = RefineLogic(slicer.mrmlScene, self, knownVolume=self._knownVolume)
         return self.logic
 
     def _context(self):

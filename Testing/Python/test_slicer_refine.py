@@ -181,3 +181,15 @@ def test_placing_a_point_fires_the_event_the_panel_applies_on():
     assert len(fired) == 1
     node.AddControlPoint(4.0, 5.0, 6.0)
     assert len(fired) == 2 and len(RefineLogic.controlPoints(node)) == 2
+
+
+def test_an_upload_made_by_apply_is_used_instead_of_a_second_one(scene_parts, service):
+    """knownVolume: the panel hands RefineLogic the id Apply's service backend uploaded the node under."""
+    scene, logic, volume, seg, ph = scene_parts
+    uploaded = logic.volumeId(volume)
+    asked = []
+    other = RefineLogic(scene, service, knownVolume=lambda node, client: asked.append(node.GetID()) or uploaded)
+    assert other.volumeId(volume) == uploaded and asked == [volume.GetID()]
+    positive = point_list(scene, "positive", ras(volume, (18, 20, 2)))
+    other.refine(seg, "tumor", volume, positive, propagate=False)
+    assert other.volumeId(volume) == uploaded and len(asked) == 1
