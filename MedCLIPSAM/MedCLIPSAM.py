@@ -30,7 +30,7 @@ from slicer.util import VTKObservationMixin
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # a checkout loaded by path, as in pytest
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from MedCLIPSAMModuleLib import commands, dependencies, devices, panelstate, prompts, results, trained, weak  # noqa: E402
+from MedCLIPSAMModuleLib import commands, dependencies, devices, panelstate, prompts, refinepanel, results, trained, weak  # noqa: E402,E501
 from MedCLIPSAMModuleLib.backend import LocalProcessBackend  # noqa: E402
 from MedCLIPSAMModuleLib.commands import AXES, DEVICES, DIMS, PRESETS  # noqa: E402
 from MedCLIPSAMModuleLib.evidencepanel import EvidenceSection  # noqa: E402
@@ -332,8 +332,10 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
         self.refreshDeviceInfo()
+        self.refineSection = refinepanel.RefineSection(self).build(self.layout)
 
     def cleanup(self):
+        getattr(self, "refineSection", None) and self.refineSection.cleanup()
         # Slicer closes or the module reloads: stop every process tree (killed after a grace period).
         for job in (self.job, self.weakSection.job, self.setupFlow and self.setupFlow.job):
             if job is not None and job.isRunning:

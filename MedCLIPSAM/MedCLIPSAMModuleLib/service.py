@@ -146,6 +146,27 @@ class ServiceClient:
                 raise ServiceError(f"Job {job_id} did not end within {timeout:g} s.")
             pause.wait(every)
 
+    # -- refinement (kept last in the class: other work adds methods above) ------------------------
+    def refine(self, volume_id, segment_id, positive=(), negative=(), box=None, frame="RAS", axis="axial",
+               propagate=True, mask=None, window=None, plane_normal=None, max_distance=None):
+        """Correct a segment with points (patient mm in `frame`) and/or a box (two opposite corners) on one
+        slice of `axis`; `mask`: the segment as it is now (base64 of np.packbits of the (z, y, x) voxels,
+        C order), else the service's own copy. Returns {"axis", "slices": [{"index", "shape", "bits"}], ...}:
+        the changed slices only (np.take(mask, index, axis))."""
+        points = [{"position": [float(v) for v in p], "label": 1} for p in positive]
+        points += [{"position": [float(v) for v in p], "label": 0} for p in negative]
+        body = {"segment_id": segment_id, "points": points, "frame": frame, "axis": axis,
+                "propagate": bool(propagate)}
+        optional = {"box": None if box is None else [[float(v) for v in c] for c in box], "mask": mask,
+                    "window": window, "plane_normal": None if plane_normal is None else [float(v) for v in plane_normal],
+                    "max_distance": max_distance}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return self._request("POST", f"/volumes/{volume_id}/refine", body=body, timeout=max(self.timeout, 600))
+
+    def undo(self, volume_id, segment_id):
+        """Undo a segment's last refine step: the slices it restores, as refine() returns them."""
+        return self._request("POST", f"/volumes/{volume_id}/undo", body={"segment_id": segment_id})
+
 
 def saliencyPaths(path, names):
     """Local paths for the service's saliency file names ("saliency.nrrd", "saliency_<prompt>.nrrd"): the

@@ -12,7 +12,8 @@ Text embeddings are kept per sentence ensemble for the session's life (2 KB each
 the service (MedCLIPSAMLib/service) keeps one Session for its whole life.
 
 Refinement (points / boxes on one slice) reuses the encodings: `session.predictor(volume_id)` is a SAM2
-image predictor whose set_image() on a slice's padded square is a cache hit once that slice was encoded.
+image predictor whose set_image() on a slice's padded square is a cache hit once that slice was encoded;
+`session.refine()` / `session.undo()` (session_refine.py) correct segments keyed (volume id, segment id).
 """
 
 import dataclasses
@@ -274,6 +275,9 @@ class Session:
         self._volumes = OrderedDict()        # id -> SimpleITK image, least recently used first
         self._volumes_lock = threading.Lock()
         self._run_lock = threading.Lock()
+        from .session_refine import SegmentStore
+
+        self.segments = SegmentStore()       # segments being refined, keyed (volume id, segment id)
 
     # -- volumes ---------------------------------------------------------------------------------
     def add_volume(self, image):
@@ -302,6 +306,7 @@ class Session:
         with self._volumes_lock:
             held = self._volumes.pop(volume_id, None) is not None
         self.cache.drop_volume(volume_id)
+        self.segments.drop_volume(volume_id)
         return held
 
     def volume_ids(self):
@@ -336,6 +341,7 @@ class Session:
         with self._run_lock:
             cached = self.cache.get(key)
             if cached is not None:
+                self.segments.remember_result(volume_id, cached)
                 return cached
             seed_everything(settings.seed)
             cache = VolumeCache(self, volume_id)
@@ -345,7 +351,24 @@ class Session:
             nbytes += result.uncertainty.nbytes if result.uncertainty is not None else 0
             nbytes += sum(m.nbytes for m in result.saliency or ())
             self.cache.put(key, result, nbytes)
+            self.segments.remember_result(volume_id, result)
             return result
+
+    # -- refinement (session_refine.py) ----------------------------------------------------------
+    def refine(self, volume_id, segment_id, **request):
+        """Clicks / a box on one slice of a segment -> refine.RefineResult (changed slices only); see
+        session_refine.refine for the request's fields."""
+        from .session_refine import refine
+
+        if isinstance(request.get("window"), str):
+            request["window"] = parse_window(request["window"])
+        return refine(self, volume_id, segment_id, **request)
+
+    def undo(self, volume_id, segment_id):
+        """Undo a segment's last refine step: (numpy axis, {slice: restored plane})."""
+        from .session_refine import undo
+
+        return undo(self, volume_id, segment_id)
 
     def info(self):
         return {"device": str(self.device), "clip": self.clip_name, "sam": self.sam_name, "random": self.random,

@@ -34,6 +34,35 @@ class JobBody(BaseModel):
     report: bool = False       # the per-prompt report JSON (`segment --report-output`)
 
 
+Point = Annotated[list[float], Field(min_length=3, max_length=3)]
+
+
+class RefinePoint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    position: Point                                  # patient mm, in the request's frame
+    label: Literal[0, 1] = 1                         # 1 positive (inside), 0 negative (outside)
+
+
+class RefineBody(BaseModel):
+    """Clicks and/or a box on one slice of a segment; see pipeline/session_refine.py."""
+    model_config = ConfigDict(extra="forbid")
+    segment_id: str = Field(min_length=1, max_length=256)
+    points: list[RefinePoint] = Field(default_factory=list, max_length=256)
+    box: Optional[list[Point]] = Field(None, min_length=2, max_length=2)   # two opposite corners
+    frame: Literal["RAS", "LPS"] = "RAS"
+    axis: Literal["axial", "coronal", "sagittal"] = "axial"
+    propagate: bool = True
+    mask: Optional[str] = None                       # the segment now: base64 of np.packbits (z, y, x), C order
+    window: Optional[str] = Field(None, max_length=64)   # the segmentation job's window (its encodings)
+    plane_normal: Optional[Point] = None             # the view's normal, same frame: refused when not aligned
+    max_distance: Optional[int] = Field(None, ge=0)
+
+
+class UndoBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    segment_id: str = Field(min_length=1, max_length=256)
+
+
 def _sentence(errors):
     """The first validation error as one sentence."""
     if not errors:
@@ -121,6 +150,16 @@ def create_app(service):
     def result(job_id: str):
         return Response(service.result(job_id), media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{job_id}.seg.nrrd"'})
+
+    @app.post("/volumes/{volume_id}/refine")
+    def refine(volume_id: str, body: RefineBody):
+        service.check_volume(volume_id)
+        return service.refine(volume_id, body.model_dump())
+
+    @app.post("/volumes/{volume_id}/undo")
+    def undo(volume_id: str, body: UndoBody):
+        service.check_volume(volume_id)
+        return service.undo(volume_id, body.segment_id)
 
     @app.get("/jobs/{job_id}/uncertainty")
     def uncertainty(job_id: str):

@@ -39,6 +39,15 @@ def memory_info():
     return out
 
 
+def changed_slices(axis, planes, view):
+    """The reply of refine / undo: the numpy axis of the (z, y, x) mask the slices are taken along and each
+    changed slice as np.take(mask, index, axis) packed (base64 of np.packbits, C order, with its shape)."""
+    from ..pipeline.session_refine import pack_bits
+
+    return {"axis": int(axis), "view": view,
+            "slices": [{"index": int(k), "shape": list(p.shape), "bits": pack_bits(p)} for k, p in sorted(planes.items())]}
+
+
 class Service:
     def __init__(self, session, max_upload_bytes):
         self.session = session
@@ -124,6 +133,26 @@ class Service:
             text = json.dumps(evidence.report_document(result.report, models, names), indent=1) + "\n"
             document = text.encode("utf-8")
         return files, document
+
+    # -- refinement: clicks on a segment, the changed slices back ------------------------------------
+    def refine(self, volume_id, body):
+        points = body.pop("points", None) or []
+        body["positive"] = [p["position"] for p in points if p["label"] == 1]
+        body["negative"] = [p["position"] for p in points if p["label"] == 0]
+        segment_id = body.pop("segment_id")
+        result = self.session.refine(volume_id, segment_id, **body)
+        reply = changed_slices(result.axis, result.changed, body.get("axis", "axial"))
+        reply.update(segment_id=segment_id, clicked_slice=int(result.slice_index),
+                     stops={("+" if k > 0 else "-"): v for k, v in result.stops.items()},
+                     can_undo=result.segment.can_undo)
+        return reply
+
+    def undo(self, volume_id, segment_id):
+        axis, planes = self.session.undo(volume_id, segment_id)
+        segment = self.session.segments.get(volume_id, segment_id)
+        reply = changed_slices(axis, planes, None)
+        reply.update(segment_id=segment_id, can_undo=bool(segment and segment.can_undo))
+        return reply
 
     def _bytes_of(self, write, suffix):
         fd, path = tempfile.mkstemp(dir=self.workdir, suffix=suffix)

@@ -377,3 +377,30 @@ def test_slice_prompt_tilt_tolerance():
     assert prompt.slice_index == 2
     with pytest.raises(MedCLIPSAMError, match="not aligned"):
         slice_prompt(img, "axial", positive=[p], frame="LPS", plane_normal=(np.sin(bad), 0, np.cos(bad)))
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_the_dense_positional_encoding_computed_once_changes_no_mask(tiny_sam2, amp):
+    """DensePE: the prompt encoder's get_dense_pe reused across calls gives the same masks bit for bit
+    (fp32 and bf16 autocast), and the model is left with its own method afterwards."""
+    import contextlib
+
+    img = make_grid("oblique", marker=(4, 6, 3))
+    stack = SliceStack(img, "axial")
+    refiner = Refiner(stack, CachedEncoder(tiny_sam2, stack, autocast=amp))
+    refiner.logit_threshold = 0.0
+    rng = np.random.default_rng(1)
+    prompts = []
+    for _ in range(3):
+        prior = np.zeros(stack.view.shape[1:], bool)
+        prior[2:6, 3:8] = True
+        prompts.append((int(rng.integers(0, stack.view.count)), prior))
+    once = [refiner._predict(k, box=np.array([[8, 9, 14, 15]], np.float32), prior=p) for k, p in prompts]
+    first = refiner.dense_pe._value
+    assert refiner._predict(0, box=np.array([[8, 9, 14, 15]], np.float32)) is not None
+    assert refiner.dense_pe._value is first                                   # computed once
+    assert "get_dense_pe" not in vars(tiny_sam2.sam_prompt_encoder)           # the model's own method again
+    refiner.dense_pe.around = lambda encoder: contextlib.nullcontext()
+    every = [refiner._predict(k, box=np.array([[8, 9, 14, 15]], np.float32), prior=p) for k, p in prompts]
+    for a, b in zip(once, every):
+        assert np.array_equal(a, b)

@@ -1,0 +1,274 @@
+"""The "Refine" section of the MedCLIPSAM panel, built in code around a RefineLogic (refine.py).
+
+Choose the segment; place positive (green) / negative (red) points or a box (ROI) in the slice view of the
+segmentation's axis: each placement is applied at once (the markups nodes' PointPositionDefinedEvent, and
+PointEndInteractionEvent when a box is resized); Undo; "Propagate" or "This slice only"; "New segment from
+box" for an object with no words. Keyboard shortcuts (QShortcut on the main window) are in the tooltips.
+The segmentation stays a normal one: the Segment Editor keeps working on it.
+
+Slicer facts used (v5.10.0): vtkMRMLMarkupsNode::PointPositionDefinedEvent / PointEndInteractionEvent
+(Libs/MRML/Core/vtkMRMLMarkupsNode.h:240, 247); place mode as vtkSlicerMarkupsLogic::StartPlaceMode does it
+(selection node SetReferenceActivePlaceNodeClassName + SetActivePlaceNodeID, interaction node
+SetCurrentInteractionMode(Place) + SetPlaceModePersistence; vtkSlicerMarkupsLogic.cxx:1985-1999,
+vtkMRMLSelectionNode.h:87,94, vtkMRMLInteractionNode.h:31,43,52); qMRMLSegmentSelectorWidget
+(Libs/MRML/Widgets/qMRMLSegmentSelectorWidget.h:65,71,149). qt is imported where the section is built.
+"""
+
+import slicer
+
+from .i18n import tr as _
+from .refine import VIEW_NAMES, RefineError, RefineLogic
+
+POSITIVE_COLOR = (0.0, 0.85, 0.0)     # SegmentWithSAM / nnInteractive: green includes, red excludes
+NEGATIVE_COLOR = (0.95, 0.1, 0.1)
+BOX_COLOR = (1.0, 0.85, 0.0)
+SHORTCUTS = {"positive": "Ctrl+Shift+A", "negative": "Ctrl+Shift+D", "box": "Ctrl+Shift+B", "undo": "Ctrl+Shift+Z"}
+
+
+class RefineSection:
+    """panel: the MedCLIPSAMWidget (its ui, parameter node and logic). Requests go to the service of the
+    Logic's serviceBackend when there is one (uploads and encodings shared), else to `service` (LocalService /
+    RemoteService of service.py), else to a local service started with the module's Python."""
+
+    def __init__(self, panel, service=None):
+        self.panel = panel
+        self.service = service
+        self._ownService = None
+        self.logic = None
+        self.nodes = {}
+        self._observations = []
+        self._shortcuts = []
+        self.busy = False
+
+    # -- building --------------------------------------------------------------------------------------
+    def build(self, layout):
+        """Add the section to `layout`; returns self."""
+        import ctk
+        import qt
+
+        box = ctk.ctkCollapsibleButton()
+        box.text = _("Refine")
+        box.collapsed = True
+        form = qt.QFormLayout(box)
+        self.segmentSelector = slicer.qMRMLSegmentSelectorWidget()
+        self.segmentSelector.setMRMLScene(slicer.mrmlScene)
+        self.segmentSelector.setToolTip(_("The segment to correct (any segment: from a prompt, a box or the "
+                                          "Segment Editor)."))
+        form.addRow(_("Segment:"), self.segmentSelector)
+        # follows the panel's output segmentation (the one Apply fills)
+        self.panel.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                                         self.segmentSelector.setCurrentNode)
+
+        row = qt.QHBoxLayout()
+        self.buttons = {}
+        for kind, text, tip, color in (
+                ("positive", _("+ Point"), _("Place points inside the object (green); each is applied at once."),
+                 POSITIVE_COLOR),
+                ("negative", _("- Point"), _("Place points outside the object (red); each is applied at once."),
+                 NEGATIVE_COLOR),
+                ("box", _("Box"), _("Draw a box (ROI) around the object on one slice; applied at once."), BOX_COLOR)):
+            button = qt.QPushButton(text)
+            button.checkable = True
+            button.setToolTip(f"{tip} ({SHORTCUTS[kind]})")
+            button.setStyleSheet("QPushButton { color: rgb(%d, %d, %d); font-weight: bold; }"
+                                 % tuple(int(255 * c) for c in color))
+            button.connect("toggled(bool)", lambda on, kind=kind: self.onPlaceToggled(kind, on))
+            row.addWidget(button)
+            self.buttons[kind] = button
+        form.addRow(_("Place:"), row)
+
+        options = qt.QHBoxLayout()
+        self.propagateRadio = qt.QRadioButton(_("Propagate"))
+        self.propagateRadio.setToolTip(_("Carry the correction to the neighbouring slices until the object ends "
+                                         "or a slice you corrected."))
+        self.sliceOnlyRadio = qt.QRadioButton(_("This slice only"))
+        self.propagateRadio.checked = True
+        options.addWidget(self.propagateRadio)
+        options.addWidget(self.sliceOnlyRadio)
+        form.addRow(_("Apply to:"), options)
+
+        actions = qt.QHBoxLayout()
+        self.undoButton = qt.QPushButton(_("Undo"))
+        self.undoButton.setToolTip(_("Undo the last correction of this segment ({key}).").format(key=SHORTCUTS["undo"]))
+        self.undoButton.connect("clicked(bool)", lambda _checked=False: self.onUndo())
+        self.newFromBoxButton = qt.QPushButton(_("New segment from box"))
+        self.newFromBoxButton.setToolTip(_("Make a new segment from the box alone, without a text prompt."))
+        self.newFromBoxButton.connect("clicked(bool)", lambda _checked=False: self.onNewSegmentFromBox())
+        actions.addWidget(self.undoButton)
+        actions.addWidget(self.newFromBoxButton)
+        form.addRow(actions)
+        self.statusLabel = qt.QLabel("")
+        self.statusLabel.wordWrap = True
+        form.addRow(self.statusLabel)
+        layout.addWidget(box)
+        self.section = box
+
+        window = slicer.util.mainWindow()
+        for kind, slot in (("positive", lambda: self.toggle("positive")), ("negative", lambda: self.toggle("negative")),
+                           ("box", lambda: self.toggle("box")), ("undo", self.onUndo)):
+            shortcut = qt.QShortcut(qt.QKeySequence(SHORTCUTS[kind]), window)
+            shortcut.connect("activated()", slot)
+            self._shortcuts.append(shortcut)
+        return self
+
+    def toggle(self, kind):
+        self.buttons[kind].checked = not self.buttons[kind].checked
+
+    # -- nodes -----------------------------------------------------------------------------------------
+    def _node(self, kind):
+        node = self.nodes.get(kind)
+        if node is not None and slicer.mrmlScene.IsNodePresent(node):
+            return node
+        className = "vtkMRMLMarkupsROINode" if kind == "box" else "vtkMRMLMarkupsFiducialNode"
+        name = {"positive": _("MedCLIP-SAM positive"), "negative": _("MedCLIP-SAM negative"),
+                "box": _("MedCLIP-SAM box")}[kind]
+        node = slicer.mrmlScene.AddNewNodeByClass(className, name)
+        node.CreateDefaultDisplayNodes()
+        color = {"positive": POSITIVE_COLOR, "negative": NEGATIVE_COLOR, "box": BOX_COLOR}[kind]
+        display = node.GetDisplayNode()
+        display.SetSelectedColor(*color)
+        display.SetColor(*color)
+        if kind != "box":
+            display.SetPointLabelsVisibility(False)
+        events = [slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent]
+        if kind == "box":
+            events.append(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+        for event in events:
+            tag = node.AddObserver(event, lambda caller, event, kind=kind: self.onPlaced(kind))
+            self._observations.append((node, tag))
+        self.nodes[kind] = node
+        return node
+
+    def onPlaceToggled(self, kind, on):
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        if not on:
+            if interaction.GetCurrentInteractionMode() == interaction.Place:
+                interaction.SetCurrentInteractionMode(interaction.ViewTransform)
+            return
+        for other, button in self.buttons.items():
+            if other != kind and button.checked:
+                button.blockSignals(True)
+                button.checked = False
+                button.blockSignals(False)
+        node = self._node(kind)
+        if kind == "box" and node.GetNumberOfControlPoints():
+            node.RemoveAllControlPoints()      # a new box replaces the previous one
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetReferenceActivePlaceNodeClassName(node.GetClassName())
+        selection.SetActivePlaceNodeID(node.GetID())
+        interaction.SetPlaceModePersistence(0 if kind == "box" else 1)
+        interaction.SetCurrentInteractionMode(interaction.Place)
+
+    # -- requests --------------------------------------------------------------------------------------
+    def ensure(self):
+        """The client: of Apply's service when it has one (the Logic's serviceBackend: same models, warm
+        encodings), else of the service given, else of a local one started here."""
+        backend = getattr(self.panel.logic, "serviceBackend", None)
+        service = getattr(backend, "service", None) or self.service
+        if service is None:
+            if self._ownService is None:
+                from .service import LocalService
+
+                logic = self.panel.logic
+                self._ownService = LocalService(logic.python(), env=logic.environment())
+            service = self._ownService
+        return service.ensure()
+
+    def _knownVolume(self, volumeNode, client):
+        """The id under which Apply's service backend uploaded this node, while still valid (None else)."""
+        backend = getattr(self.panel.logic, "serviceBackend", None)
+        if backend is None or not hasattr(backend, "sentVolume"):
+            return None
+        return backend.sentVolume(volumeNode.GetID(), backend.stamp(volumeNode), client)
+
+    def _logic(self):
+        if self.logic is None:
+            self.logic = RefineLogic(slicer.mrmlScene, self, knownVolume=self._knownVolume)
+        return self.logic
+
+    def _context(self):
+        node = self.panel._parameterNode
+        volume = node.inputVolume if node else None
+        axis = node.axis if node else "axial"
+        sliceNode = slicer.mrmlScene.GetNodeByID(f"vtkMRMLSliceNode{VIEW_NAMES[axis]}")
+        normal = None
+        if sliceNode is not None:
+            m = sliceNode.GetSliceToRAS()
+            normal = [m.GetElement(r, 2) for r in range(3)]
+        return volume, axis, normal
+
+    def _run(self, action, done):
+        import qt
+
+        if self.busy:
+            return
+        self.busy = True
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            changed = action()
+            self.statusLabel.text = done(changed)
+        except RefineError as exc:
+            self.statusLabel.text = str(exc)
+        except Exception as exc:    # the service's own sentence, or an unexpected failure
+            self.statusLabel.text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        finally:
+            qt.QApplication.restoreOverrideCursor()
+            self.busy = False
+
+    @staticmethod
+    def _changedText(changed):
+        if not changed:
+            return _("Nothing changed.")
+        return _("{count} slice(s) changed: {first}-{last}.").format(count=len(changed), first=min(changed),
+                                                                   last=max(changed))
+
+    def onPlaced(self, kind):
+        node = self.nodes.get(kind)
+        if kind == "box":
+            bounds = [0.0] * 6
+            node.GetRASBounds(bounds)
+            if sorted(bounds[2 * a + 1] - bounds[2 * a] for a in range(3))[1] <= 0:
+                return                      # the box's first corner: wait for its extent
+        segmentation = self.segmentSelector.currentNode()
+        segmentId = self.segmentSelector.currentSegmentID()
+        volume, axis, normal = self._context()
+        latest = None
+        if kind != "box" and node is not None and node.GetNumberOfControlPoints():
+            latest = RefineLogic.controlPoints(node)[-1:] or None
+            latest = latest[0] if latest else None
+        self._run(lambda: self._logic().refine(
+            segmentation, segmentId, volume, self.nodes.get("positive"), self.nodes.get("negative"),
+            self.nodes.get("box") if kind == "box" else None, propagate=self.propagateRadio.checked, axis=axis,
+            planeNormal=normal, latestPoint=latest), self._changedText)
+
+    def onUndo(self):
+        segmentation = self.segmentSelector.currentNode()
+        volume, _axis, _normal = self._context()
+        self._run(lambda: self._logic().undo(segmentation, self.segmentSelector.currentSegmentID(), volume),
+                  lambda changed: _("Undone: ") + self._changedText(changed))
+
+    def onNewSegmentFromBox(self):
+        segmentation = self.segmentSelector.currentNode() or self.panel.ui.outputSegmentationSelector.currentNode()
+        volume, axis, normal = self._context()
+
+        def action():
+            segmentId = self._logic().newSegmentFromBox(segmentation, volume, self.nodes.get("box"),
+                                                        propagate=self.propagateRadio.checked, axis=axis,
+                                                        planeNormal=normal)
+            self.segmentSelector.setCurrentNode(segmentation)
+            self.segmentSelector.setCurrentSegmentID(segmentId)
+            return [s["index"] for s in self.logic.lastReply["slices"]]
+
+        self._run(action, lambda changed: _("New segment: ") + self._changedText(changed))
+
+    def cleanup(self):
+        for node, tag in self._observations:
+            node.RemoveObserver(tag)
+        self._observations = []
+        for shortcut in self._shortcuts:
+            shortcut.disconnect("activated()")
+            shortcut.setParent(None)
+        self._shortcuts = []
+        if self._ownService is not None:
+            self._ownService.stop()
+            self._ownService = None
