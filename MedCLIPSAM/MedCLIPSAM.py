@@ -30,7 +30,8 @@ from slicer.util import VTKObservationMixin
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # a checkout loaded by path, as in pytest
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from MedCLIPSAMModuleLib import commands, dependencies, devices, panelstate, prompts, refinepanel, results, trained, weak  # noqa: E402,E501
+from MedCLIPSAMModuleLib import commands, dependencies, devices, panelstate, prompts, results, trained, weak  # noqa: E402
+from MedCLIPSAMModuleLib import refinepanel, trainedpanel  # noqa: E402
 from MedCLIPSAMModuleLib.backend import LocalProcessBackend  # noqa: E402
 from MedCLIPSAMModuleLib.commands import AXES, DEVICES, DIMS, PRESETS  # noqa: E402
 from MedCLIPSAMModuleLib.evidencepanel import EvidenceSection  # noqa: E402
@@ -314,8 +315,8 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (self.ui.setupCheckButton, self.onSetupCheck),
                              (self.ui.downloadModelsButton, self.onDownloadModels),
                              (self.ui.registerModelsButton, self.onRegisterModels),
-                             (self.ui.registerTrainedModelButton, self.onRegisterTrainedModel),
-                             (self.ui.removeTrainedModelButton, self.onRemoveTrainedModel)):
+                             (self.ui.registerTrainedModelButton, lambda: trainedpanel.registerFolder(self)),
+                             (self.ui.removeTrainedModelButton, lambda: trainedpanel.removeSelected(self))):
             button.connect("clicked(bool)", slot)
         self.weakSection.connect()
         self.servicePanel = ServicePanel(self.logic.serviceBackend, self.ui.advancedCollapsibleButton.layout())
@@ -609,30 +610,6 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                      windowTitle=_("MedCLIP-SAM"))
         qt.QTimer.singleShot(0, self.updateButtons)
         self.servicePanel.refresh()  # the service's state line (port, cache use, a restart)
-
-    # ------------------------------------------------------------------------ trained models
-    def onRegisterTrainedModel(self):
-        """Add a model folder made on the command line (train-weak or medclipseg train) to the method list."""
-        folder = self.weakSection.browseFolder(_("Trained model folder"), "")
-        if not folder:
-            return
-        with slicer.util.tryWithErrorDisplay(_("This folder cannot be used as a trained model."), waitCursor=True):
-            entry = self.logic.registerTrainedModel(folder)
-            self.populateMethodCombo()
-            self._parameterNode.trainedModel = entry["name"]
-            self.ui.setupStatusLabel.text = _("Registered '{name}' ({kind}).").format(name=entry["name"],
-                                                                                   kind=entry["kind"])
-
-    def onRemoveTrainedModel(self):
-        name = self._parameterNode.trainedModel if self._parameterNode else ""
-        if not name or not slicer.util.confirmOkCancelDisplay(
-                _("Remove '{name}' from the list of trained models? Its folder is kept.").format(name=name),
-                windowTitle=_("MedCLIP-SAM")):
-            return
-        with slicer.util.tryWithErrorDisplay(_("Removing the trained model failed."), waitCursor=True):
-            self.logic.removeTrainedModel(name)
-            self._parameterNode.trainedModel = ""
-            self.populateMethodCombo()
 
     # --------------------------------------------------------------------------------- results
     def onOpenSegmentEditor(self):
