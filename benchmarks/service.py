@@ -1,7 +1,7 @@
 """The segmentation service against the process-per-run CLI, side by side in one run, with full-size
 random-weight models (BiomedCLIP architecture + SAM 2.1 Hiera tiny).
 
-    python -m benchmarks.service [--shape 28 256 256] [--preset v2] [--json OUT.json]
+    python -m benchmarks.service [--shape 28 256 256] [--preset v2] [--cli-requests N] [--skip-requests] [--json OUT.json]
 
 Four requests on one MR phantom, each through `medclipsam serve` (one service, started once) and through a
 new `medclipsam segment` process: a first prompt, a second prompt on the same volume, the first prompt
@@ -82,6 +82,9 @@ def main(argv=None):
     p.add_argument("--memory-volumes", type=int, default=8)
     p.add_argument("--memory-shape", type=int, nargs=3, default=(6, 128, 128))
     p.add_argument("--memory-cache-mb", type=float, default=128)
+    p.add_argument("--cli-requests", type=int, default=4,
+                   help="how many of the four requests also run through a new CLI process (each costs a whole run)")
+    p.add_argument("--skip-requests", action="store_true", help="only the memory run over several volumes")
     p.add_argument("--json", default="benchmarks/results/service_cpu.json")
     args = p.parse_args(argv)
 
@@ -93,6 +96,16 @@ def main(argv=None):
     steps = [("first prompt", first, args.preset), ("second prompt, same volume", second, args.preset),
              ("same prompt again", first, args.preset), (f"first prompt, preset {args.other_preset}", first,
                                                           args.other_preset)]
+    if args.skip_requests:
+        memory = memory_over_volumes(sys.executable, args.device, args.memory_volumes, tuple(args.memory_shape),
+                                     args.memory_cache_mb, folder)
+        out = {"models": MODELS, "device": args.device, "memory_shape_zyx": list(args.memory_shape),
+               "memory_cache_mb": args.memory_cache_mb, "memory_over_volumes": memory}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        rss = [r["rss_mb"] for r in memory]
+        print(f"RSS over {len(rss)} volumes: first {rss[0]} MB, max {max(rss)} MB, last {rss[-1]} MB; wrote {args.json}")
+        return
     start = time.perf_counter()
     service = LocalService(sys.executable, ["--models", MODELS, "--device", args.device])
     client = service.ensure()
@@ -103,12 +116,15 @@ def main(argv=None):
         t = time.perf_counter()
         volume_id = client.upload(volume)["volume_id"]
         upload = time.perf_counter() - t
-        for name, prompt, preset in steps:
+        for k, (name, prompt, preset) in enumerate(steps):
             served, status = service_run(client, volume_id, prompt, preset, os.path.join(folder, "s.seg.nrrd"))
-            cli = cli_run(volume, prompt, preset, os.path.join(folder, "c.seg.nrrd"), args.device)
+            print(f"{name}: service {served:.2f} s", flush=True)
+            cli = (cli_run(volume, prompt, preset, os.path.join(folder, "c.seg.nrrd"), args.device)
+                   if k < args.cli_requests else None)
             report = status["report"][0]
             rows.append({"request": name, "prompt": prompt, "preset": preset, "service_s": round(served, 2),
-                         "cli_s": round(cli, 2), "kept_slices": report["kept"], "slices": report["slices"]})
+                         "cli_s": None if cli is None else round(cli, 2), "kept_slices": report["kept"],
+                         "slices": report["slices"]})
             print(rows[-1], flush=True)
         info = client.info()
     finally:
@@ -126,7 +142,8 @@ def main(argv=None):
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"{'request':40s} {'service s':>10s} {'CLI s':>8s}")
     for r in rows:
-        print(f"{r['request']:40s} {r['service_s']:10.2f} {r['cli_s']:8.2f}")
+        cli = "-" if r["cli_s"] is None else f"{r['cli_s']:.2f}"
+        print(f"{r['request']:40s} {r['service_s']:10.2f} {cli:>8s}")
     print(f"second / first prompt through the service: {out['second_over_first']:.3f}; wrote {args.json}")
 
 
