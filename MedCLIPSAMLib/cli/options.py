@@ -1,6 +1,6 @@
 """Options shared by the segmentation commands (models, device, preset, settings)."""
 
-MODELS_HELP = ("'default' (BiomedCLIP + SAM 2.1 tiny), 'tiny-random' (random test models: meaningless output), "
+MODELS_HELP = ("'default' (BiomedCLIP + MedSAM2, SAM 2.1 tiny at 512 px), 'sam2.1-hiera-tiny' (SAM 2.1 tiny at 1024 px), 'tiny-random' (random test models: meaningless output), "
                "a registry name, or 'CLIP,SAM2' (names or folders)")
 
 
