@@ -324,6 +324,11 @@ def main(argv=None):
             base = args.base or _git("merge-base", "HEAD", "main")
             record["today_code"] = today_tree(base, tree)
             record["new_code"] = _git("rev-parse", "HEAD")
+            # the new side runs from a snapshot of HEAD too: edits to the working tree during the run do not leak in
+            new_tree = os.path.join(work, "new")
+            os.makedirs(new_tree)
+            archive = subprocess.run(["git", "-C", REPO, "archive", "HEAD"], check=True, capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", new_tree], input=archive, check=True)
             text_dir = os.path.join(work, "text")
             runs = {"today": [], "new": []}
             for r in range(args.repeats):
@@ -332,8 +337,8 @@ def main(argv=None):
                         run = run_segment(tree, path, work, f"{CLIP},{TODAY_SAM}", {"MEDCLIPSAM_TEXT_CACHE": "off"},
                                           f"today{r}")
                     else:
-                        run = run_segment(REPO, path, work, f"{CLIP},{NEW_SAM}", {"MEDCLIPSAM_TEXT_CACHE": text_dir},
-                                          f"new{r}")
+                        run = run_segment(new_tree, path, work, f"{CLIP},{NEW_SAM}",
+                                          {"MEDCLIPSAM_TEXT_CACHE": text_dir}, f"new{r}")
                     run["text_cache"] = "off" if who == "today" else ("cold" if r == 0 else "warm")
                     runs[who].append(run)
                     print(f"{who} run {r}: {run['total_wall_s']:.1f} s wall, {run['total_cpu_s']:.1f} s CPU, "
