@@ -76,13 +76,13 @@ def _cpu_seconds(pid):
         return None
 
 
-def run_segment(tree, volume, out_dir, models, env_extra, label, extra_args=()):
+def run_segment(tree, volume, out_dir, models, env_extra, label, extra_args=(), prompt="brain tumor"):
     """One `segment --preset v2 --progress json` child; per-stage wall/CPU seconds and peak RSS."""
     env = dict(os.environ, PYTHONPATH=tree, MEDCLIPSAM_OFFLINE="1", HF_HUB_OFFLINE="1", **env_extra)
     env.pop("OMP_NUM_THREADS", None)
     out = os.path.join(out_dir, f"{label}.seg.nrrd")
     report = os.path.join(out_dir, f"{label}.report.json")
-    cmd = ["nice", sys.executable, "-m", "MedCLIPSAMLib", "segment", volume, "--prompt", "brain tumor",
+    cmd = ["nice", sys.executable, "-m", "MedCLIPSAMLib", "segment", volume, "--prompt", prompt,
            "--preset", "v2", "--models", models, "--device", "cpu", "--output", out, "--report-output", report,
            "--progress", "json", *extra_args]
     load_before = _load()
@@ -308,9 +308,9 @@ def main(argv=None):
             del ph
             text_dir = os.path.join(work, "text")
             run = run_segment(REPO, path, work, f"{CLIP},{NEW_SAM}", {"MEDCLIPSAM_TEXT_CACHE": text_dir}, "ct-new",
-                              ("--prompt", "liver"))
+                              prompt="liver")
             record["ct_memory"] = {"shape_zyx": list(args.ct_shape), **run}
-            print(f"\nnew default on a {'x'.join(map(str, args.ct_shape))} CT phantom (prompts: brain tumor, liver)")
+            print(f"\nnew default on a {'x'.join(map(str, args.ct_shape))} CT phantom (prompt: liver)")
             table([("new (MedSAM2 512)", run)])
             save()
             return 0
