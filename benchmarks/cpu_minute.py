@@ -307,6 +307,7 @@ def main(argv=None):
     ap.add_argument("--lever-slices", type=int, default=4)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the image encoder")
     ap.add_argument("--ct-memory", action="store_true", help="only the 512x512x300 CT peak memory of the new default")
+    ap.add_argument("--sides", default="today,new", help="which sides to run (e.g. 'new' alone)")
     ap.add_argument("--table-from", metavar="RECORD.json", help="print the tables of a (partial) record; measure nothing")
     ap.add_argument("--ct-shape", type=int, nargs=3, default=(300, 512, 512), metavar=("Z", "Y", "X"))
     args = ap.parse_args(argv)
@@ -365,7 +366,7 @@ def main(argv=None):
             text_dir = os.path.join(work, "text")
             runs = {"today": [], "new": []}
             for r in range(args.repeats):
-                for who in ("today", "new"):
+                for who in [w for w in ("today", "new") if w in args.sides.split(",")]:
                     if who == "today":
                         run = run_segment(tree, path, work, f"{CLIP},{TODAY_SAM}", {"MEDCLIPSAM_TEXT_CACHE": "off"},
                                           f"today{r}")
