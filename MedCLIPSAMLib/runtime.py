@@ -73,6 +73,36 @@ def autocast(device, enabled=True, dtype=None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+THREADS_ENV = "MEDCLIPSAM_THREADS"
+
+
+def usable_cpus():
+    """The cores this process may run on (its affinity mask, e.g. under taskset or a container), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def configure_threads(threads=None):
+    """Set torch's intra-op threads: `threads`, else $MEDCLIPSAM_THREADS, else every usable core. torch's own
+    default counts physical cores only, which leaves hyper-threads idle. Returns the number set."""
+    import torch
+
+    value = threads if threads is not None else os.environ.get(THREADS_ENV) or None
+    if value is None:
+        n = usable_cpus()
+    else:
+        try:
+            n = int(value)
+        except ValueError:
+            raise MedCLIPSAMError(f"{THREADS_ENV} must be a whole number of threads, got '{value}'") from None
+        if n < 1:
+            raise MedCLIPSAMError(f"the number of threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+    return n
+
+
 def seed_everything(seed):
     """Seed python, numpy and torch so runs are reproducible."""
     import numpy as np

@@ -30,6 +30,8 @@ def segment(cli, inputPath, outputPath, prompts, preset="v2", axis="axial", devi
         command += ["--prompt", prompt]
     command += ["--output", os.fspath(outputPath), "--preset", preset, "--axis", axis, "--device", device,
                 "--progress", "json"]
+    # every core but one: Slicer's own window stays responsive while the run computes
+    command += ["--threads", str(max(1, (os.cpu_count() or 2) - 1))]
     if models and models.strip():
         command += ["--models", models.strip()]
     if uncertaintyPath:

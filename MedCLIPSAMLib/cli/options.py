@@ -1,7 +1,8 @@
 """Options shared by the segmentation commands (models, device, preset, settings)."""
 
-MODELS_HELP = ("'default' (BiomedCLIP + SAM 2.1 tiny), 'tiny-random' (random test models: meaningless output), "
-               "a registry name, or 'CLIP,SAM2' (names or folders)")
+MODELS_HELP = ("'default' (BiomedCLIP + MedSAM2, SAM 2.1 tiny at 512 px), 'sam2.1-hiera-tiny' (SAM 2.1 tiny at "
+               "1024 px: slower on a CPU), 'tiny-random' (random test models: meaningless output), a registry name, "
+               "or 'CLIP,SAM2' (names or folders)")
 
 
 def add_model_options(p):
@@ -10,6 +11,9 @@ def add_model_options(p):
     p.add_argument("--clip-checkpoint", dest="clip_model", help="alias of --clip-model")
     p.add_argument("--sam-model", help="SAM2 model name or folder; overrides --models")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda or mps")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: $MEDCLIPSAM_THREADS, else every core this process may use; "
+                        "3D Slicer passes one fewer so its window stays responsive)")
 
 
 def add_pipeline_options(p):
@@ -37,7 +41,8 @@ def model_names(args):
 
 
 def runtime_device(args):
-    from ..runtime import seed_everything, select_device
+    from ..runtime import configure_threads, seed_everything, select_device
 
+    configure_threads(getattr(args, "threads", None))
     seed_everything(getattr(args, "seed", 0))
     return select_device(args.device)

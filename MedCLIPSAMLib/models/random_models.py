@@ -94,6 +94,7 @@ SAM2_VARIANTS = {
     "tiny-shrunk": "configs/sam2.1/sam2.1_hiera_t.yaml",   # real SAM2 classes, a few blocks, narrow trunk
     "sam2.1_hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
     "sam2.1_hiera_b+": "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    "medsam2": "medsam2",   # the registry entry's config, overrides and file name (the real download's layout)
 }
 
 
@@ -102,6 +103,8 @@ def build_random_sam2(folder, variant="tiny-shrunk", seed=0):
     import torch
     from omegaconf import OmegaConf
 
+    if variant == "medsam2":
+        return _build_random_medsam2(folder, seed)
     cfg = sam2_package_config(SAM2_VARIANTS[variant])
     if variant == "tiny-shrunk":
         trunk = cfg.model.image_encoder.trunk
@@ -117,6 +120,24 @@ def build_random_sam2(folder, variant="tiny-shrunk", seed=0):
     torch.save({"model": model.state_dict()}, folder / "model.pt")
     cache.record_files(folder, {"config.yaml": None, "model.pt": None}, source=f"random:{variant}:seed{seed}",
                        extra={"name": f"random-sam2-{variant}", "random": True})
+    return folder
+
+
+def _build_random_medsam2(folder, seed):
+    """MedSAM2 laid out as downloaded: only MedSAM2_latest.pt ({"model": state_dict}, as sam2's trainer saves
+    it), no config: the loader builds it from the registry entry (SAM 2.1 tiny at 512), as for the real file."""
+    import torch
+
+    from .registry import get_entry
+
+    entry = get_entry("medsam2")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = instantiate_sam2(sam2_package_config(entry.sam2_config), overrides=entry.sam2_overrides)
+    torch.save({"model": model.state_dict()}, folder / entry.sam2_checkpoint)
+    cache.record_files(folder, {entry.sam2_checkpoint: None}, source=f"random:medsam2:seed{seed}",
+                       extra={"name": "random-medsam2", "random": True})
     return folder
 
 

@@ -18,6 +18,7 @@ RANDOM_SAM2 = {
     "tiny-random": "tiny-shrunk",
     "random-sam2.1-hiera-tiny": "sam2.1_hiera_t",
     "random-sam2.1-hiera-base-plus": "sam2.1_hiera_b+",
+    "random-medsam2": "medsam2",
 }
 
 
@@ -27,6 +28,11 @@ def resolve_sam2(name):
 
     from .download import how_to_get, required_files
 
+    if RANDOM_SAM2.get(name) == "medsam2":  # the real download's layout: config from the registry entry
+        entry = get_entry("medsam2", kind="sam2")
+        folder = random_models.ensure_random("sam2", "medsam2")
+        cache.verify(folder, [entry.sam2_checkpoint], name)
+        return (sam2_package_config(entry.sam2_config), folder / entry.sam2_checkpoint, entry.sam2_overrides, True)
     if name in RANDOM_SAM2:
         folder = random_models.ensure_random("sam2", RANDOM_SAM2[name])
         cache.verify(folder, ["config.yaml", "model.pt"], name)

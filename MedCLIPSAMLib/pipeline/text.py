@@ -71,20 +71,34 @@ class TextEmbeddings:
     `sentences(...)` gives one embedding per sentence; calling it on a Prompt gives the ensemble: the mean
     of its sentences' embeddings, re-normalised. Both draw on one per-sentence cache, so the ensemble and
     the presence test (presence.py, which needs each sentence alone) share their encodings. Sentences not
-    yet cached are encoded in one batch, without the trailing padding (below)."""
+    yet cached are looked up on disk (text_cache.py: a new process need not run the text tower again), and
+    the rest encoded in one batch, without the trailing padding (below), and stored there."""
 
-    def __init__(self, clip):
+    def __init__(self, clip, disk=True):
         self.clip = clip
         self._sentences = {}   # sentence -> [D]
         self._ensembles = {}   # sentences tuple -> [D]
+        self._disk = None
+        if disk:
+            from .text_cache import DiskTextCache
+
+            self._disk = DiskTextCache(clip)
 
     def sentences(self, sentences):
         """[S, D] embeddings of `sentences`, in order."""
         import torch
 
         todo = [s for s in dict.fromkeys(sentences) if s not in self._sentences]
+        if todo and self._disk is not None:
+            found = {s: self._disk.get(s) for s in todo}
+            self._sentences.update((s, v) for s, v in found.items() if v is not None)
+            todo = [s for s in todo if found[s] is None]
         if todo:
-            self._sentences.update(zip(todo, encode_sentences(self.clip, todo)))
+            encoded = encode_sentences(self.clip, todo)
+            self._sentences.update(zip(todo, encoded))
+            for s, v in zip(todo, encoded):
+                if self._disk is not None:
+                    self._disk.put(s, v)
         return torch.stack([self._sentences[s] for s in sentences])
 
     def __call__(self, prompt):

@@ -194,7 +194,12 @@ class VolumeSegmenter:
         """Fill `labels` (z,y,x uint8) for one prompt; returns a report dict with the numbers used: the
         scored slices and their similarity and lead, the slices kept, the key slices, the slices that got a
         saliency map (their maps in self.saliency_maps), and the decision."""
+        # a stage of its own: the per-stage progress shows what the text tower costs (or the disk cache saves)
+        self.progress.stage("text", 1, f"embedding the sentences of '{prompt.text}'")
         emb = self.segmenter.text(prompt)
+        if prompt.absent:
+            self.segmenter.text.sentences(prompt.sentences + prompt.absent)  # the presence test's, in one batch
+        self.progress.advance(1)
         kept, scores, candidates, reason, lead, winner = self.gate(emb, prompt)
         self.saliency_maps = {}
         report = {"prompt": prompt.text, "sentences": list(prompt.sentences), "absent": list(prompt.absent),

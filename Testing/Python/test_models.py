@@ -143,6 +143,25 @@ def test_registry_sam2_loads_from_publisher_layout(tiny_sam2):
     assert model.image_size == 1024
 
 
+def test_medsam2_loads_from_its_publisher_layout_at_512():
+    """MedSAM2 as published (MedSAM2_latest.pt = {"model": ...}, no config) loads through the registry entry:
+    SAM 2.1 tiny at 512; the random stand-in is written in that layout and loads through the same path."""
+    import torch
+
+    src = random_models.ensure_random("sam2", "medsam2")
+    assert sorted(p.name for p in src.iterdir()) == ["MedSAM2_latest.pt", cache.MANIFEST]
+    folder = _place_in_cache(src, "medsam2")
+    shutil.copy(src / "MedSAM2_latest.pt", folder / "MedSAM2_latest.pt")
+    cache.record_files(folder, {"MedSAM2_latest.pt": None}, source="test")
+    model = load_sam2("medsam2")
+    expected = torch.load(src / "MedSAM2_latest.pt", weights_only=True)["model"]
+    got = model.state_dict()
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert model.image_size == 512 and model.sam_prompt_encoder.image_embedding_size == (32, 32)
+    stand_in = load_sam2("random-medsam2")
+    assert stand_in.image_size == 512 and stand_in.medclipsam_is_random
+
+
 def test_offline_download_says_exactly_what_to_put_where():
     entry = REGISTRY["sam2.1-hiera-large"]
     with pytest.raises(MedCLIPSAMError) as info:
@@ -168,7 +187,8 @@ def test_unknown_model_and_arbitrary_pickles_are_refused(tmp_path):
 
 def test_model_sets():
     assert resolve_model_set("tiny-random") == ("tiny-random", "tiny-random")
-    assert resolve_model_set("default") == ("biomedclip", "sam2.1-hiera-tiny")
+    assert resolve_model_set("default") == ("biomedclip", "medsam2")
+    assert resolve_model_set("sam2.1-hiera-tiny") == ("biomedclip", "sam2.1-hiera-tiny")
     assert resolve_model_set("medsam2") == ("biomedclip", "medsam2")
     assert resolve_model_set("biomedclip,sam2.1-hiera-large") == ("biomedclip", "sam2.1-hiera-large")
     assert required_files(REGISTRY["biomedclip"])[-1] == "text/tokenizer_config.json"

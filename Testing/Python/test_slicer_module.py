@@ -337,6 +337,7 @@ def test_command_line_is_accepted_by_the_real_parser(mod):
     assert args.uncertainty_output == "u.nrrd" and args.output == "out.seg.nrrd"
     assert args.absent_if == ["a normal MRI | a healthy brain"]  # once: for every prompt
     assert args.saliency_output == "s.nrrd" and args.report_output == "r.json"
+    assert args.threads == max(1, (os.cpu_count() or 2) - 1)  # one core left to Slicer
     # the setup's model commands (verify, verify --adopt, download)
     for action, extra in (("verify", ()), ("verify", ("--adopt",)), ("download", ())):
         args = parser.parse_args(commands.models(logic.cliCommand(), action, "biomedclip", *extra)[3:])
