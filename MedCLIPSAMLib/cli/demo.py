@@ -2,7 +2,7 @@
 
 The sample is 3D Slicer's MRBrainTumor1 (a brain MR with a tumour), fetched once with its published
 sha256 when the internet can be reached; otherwise a synthetic brain-MR phantom with a known tumour.
-The models are BiomedCLIP + SAM 2.1 tiny when they are in the cache or can be downloaded; otherwise the
+The models are BiomedCLIP + MedSAM2 (the defaults) when they are in the cache or can be downloaded; otherwise the
 same flow runs on random-weight models and every output says that its masks are meaningless.
 """
 
@@ -57,7 +57,7 @@ def fetch_sample(folder):
 
 
 def choose_models():
-    """('biomedclip', 'sam2.1-hiera-tiny') if available (cached or downloadable), else the random test models."""
+    """The default models (BiomedCLIP, MedSAM2) if available (cached or downloadable), else the random test models."""
     from ..models import DEFAULT_CLIP, DEFAULT_SAM2
     from ..models.download import download
 

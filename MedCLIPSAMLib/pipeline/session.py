@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ..errors import MedCLIPSAMError
+from ..models.registry import DEFAULT_CLIP, DEFAULT_SAM2
 from ..progress import null_progress
 from ..runtime import log
 
@@ -245,7 +246,7 @@ class Session:
 
     One segmentation runs at a time (a lock): the models are shared and SAM2's predictor holds state."""
 
-    def __init__(self, clip="biomedclip", sam="sam2.1-hiera-tiny", device="auto", cache_bytes=DEFAULT_CACHE_BYTES,
+    def __init__(self, clip=DEFAULT_CLIP, sam=DEFAULT_SAM2, device="auto", cache_bytes=DEFAULT_CACHE_BYTES,
                  video=None, max_volumes=8, progress=None):
         from ..models import load_clip, load_sam2
         from ..runtime import half_precision_helps, select_device
