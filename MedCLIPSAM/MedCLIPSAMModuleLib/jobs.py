@@ -41,6 +41,18 @@ class SegmentationResult:
         return f"SegmentationResult({self.status!r}, {self.message!r}, returnCode={self.returnCode})"
 
 
+def waitForJob(job, timeout=None, pollInterval=0.05):
+    """Poll `job` until it ends (scripts and tests; the panel polls from its QTimer instead); cancel it if
+    `timeout` seconds pass, then keep polling until the cancel has taken effect. Returns job.result."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while job.poll():
+        if deadline is not None and time.monotonic() > deadline:
+            job.cancel()
+            deadline = None
+        time.sleep(pollInterval)
+    return job.result
+
+
 class BackgroundJob:
     """What a segmentation run and a weak-supervision run share: read the process's lines (JSON progress
     lines go to _progress, the others to the log), wait, cancel, and finish once on the scene's thread.
@@ -88,14 +100,7 @@ class BackgroundJob:
         return False
 
     def wait(self, timeout=None, pollInterval=0.05):
-        """Block until the job ends (for scripts and tests); cancels it if `timeout` seconds pass."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll():
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                deadline = None
-            time.sleep(pollInterval)
-        return self.result
+        return waitForJob(self, timeout, pollInterval)
 
     def _progress(self, step, progress):
         raise NotImplementedError

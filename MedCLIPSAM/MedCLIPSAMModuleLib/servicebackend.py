@@ -23,7 +23,7 @@ import time
 
 from . import commands
 from .i18n import tr as _
-from .jobs import SegmentationResult, importRun
+from .jobs import SegmentationResult, importRun, waitForJob
 from .paths import mrml
 from .prompts import cleanPrompts
 from .service import LocalService, RemoteService, ServiceClient, ServiceError, ServiceUnavailable, localReport
@@ -339,14 +339,7 @@ class ServiceJob:
                 return False
 
     def wait(self, timeout=None, pollInterval=0.05):
-        """Block until the job ends (scripts and tests); cancels it if `timeout` seconds pass."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll():
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                deadline = None
-            time.sleep(pollInterval)
-        return self.result
+        return waitForJob(self, timeout, pollInterval)
 
     def _writeInput(self):
         """The worker needs the volume's file (first upload, or the service lost it): write it here."""
