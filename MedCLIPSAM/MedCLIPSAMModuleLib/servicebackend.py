@@ -52,6 +52,14 @@ def useService(mode, trainedModel=None, canRun=serviceCanRun):
     return mode == "remote" or bool(canRun())
 
 
+def stopLocalServices():
+    """Stop every local service this process started (the module reloads; a test file ends)."""
+    services = list(_localServices.values())
+    _localServices.clear()
+    for service in services:
+        service.stop()
+
+
 class ServiceBackend:
     def __init__(self, logic):
         self.logic = logic          # python(), environment(), temporaryDirectory(), importResult(), scene

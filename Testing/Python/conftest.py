@@ -53,3 +53,13 @@ def torchrun():
         return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
 
     return run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_local_service_outlives_its_test_file():
+    """A Logic that segments through the service starts a local one shared by the whole process (as in
+    Slicer); stop it when its test file ends, so the next file starts from a known state."""
+    yield
+    backend = sys.modules.get("MedCLIPSAMModuleLib.servicebackend")
+    if backend is not None:
+        backend.stopLocalServices()
