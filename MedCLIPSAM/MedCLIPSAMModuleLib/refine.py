@@ -11,6 +11,10 @@ cached SAM2 encodings; this logic is its client in the scene:
   segment as read on the volume's grid, written back with vtkSlicerSegmentationsModuleLogic.
   SetBinaryLabelmapToSegment: the other slices come back bit for bit, and the segment's name, colour and
   terminology and the other segments are left as they were.
+Threads: a request is prepared from the scene on the GUI thread (points, ROI, the segment's voxels, a
+snapshot of the volume when it may have to be uploaded), sent on a worker thread by RefineRunner (network
+only: start or reach the service, upload, refine), and written into the segment back on the GUI thread
+(finish). refine() / undo() / newSegmentFromBox() do all three in the calling thread.
 Points and ROI are read in world RAS (GetNthControlPointPositionWorld, GetRASBounds) and brought into the
 volume's own frame when it sits under a transform. Loading this file imports no qt, numpy or vtk.
 """
@@ -157,67 +161,138 @@ class RefineLogic:
                 image, segmentationNode, segmentId, 0):    # MODE_REPLACE
             raise RefineError(_("The changed slices could not be written into the segment."))
 
-    # -- service ---------------------------------------------------------------------------------------
+    # -- service (send() runs on any thread: network only, no scene access) ------------------------------
     def _client(self):
         return self.service.ensure()
+
+    @staticmethod
+    def stamp(volumeNode):
+        from .servicebackend import ServiceBackend
+
+        return ServiceBackend.stamp(volumeNode)
 
     def rememberUpload(self, volumeNode, volumeId):
         """Use a volume id uploaded by someone else (the service backend of Apply), so a click reuses the
         encodings that segmentation left in the service's cache instead of uploading a second copy."""
-        image = volumeNode.GetImageData()
-        self._uploads[volumeNode.GetID()] = (volumeId, image.GetMTime() if image is not None else None)
+        self._uploads[volumeNode.GetID()] = (volumeId, self.stamp(volumeNode))
 
-    def volumeId(self, volumeNode, force=False):
-        """The service's id of the volume, uploading it first when needed."""
+    def _snapshot(self, volumeNode):
+        """The volume's voxels and geometry as a SimpleITK image (a copy: written to a file off the GUI thread)."""
+        if volumeNode.GetImageData() is None:
+            raise RefineError(_("The input volume has no voxels."))
+        return self._mrml().sitk_image_from_volume_node(volumeNode)
+
+    def _upload(self, client, image):
         import os
+        import shutil
         import tempfile
 
-        client = self._client()
-        image = volumeNode.GetImageData()
-        if image is None:
-            raise RefineError(_("The input volume has no voxels."))
-        stamp = image.GetMTime()
-        held = self._uploads.get(volumeNode.GetID())
-        if held and held[1] == stamp and not force:
-            return held[0]
-        shared = self.knownVolume(volumeNode, client) if self.knownVolume is not None and not force else None
-        if shared:
-            self._uploads[volumeNode.GetID()] = (shared, stamp)
-            return shared
+        import SimpleITK as sitk
+
         folder = tempfile.mkdtemp(prefix="medclipsam-refine-", dir=self.temporaryDirectory)
-        path = os.path.join(folder, "volume.nrrd")
         try:
-            self._mrml().write_volume_node(volumeNode, path)
-            volumeId = client.upload(path)["volume_id"]
+            path = os.path.join(folder, "volume.nrrd")
+            sitk.WriteImage(image, path)
+            return client.upload(path)["volume_id"]
         finally:
-            import shutil
-
             shutil.rmtree(folder, ignore_errors=True)
-        self._uploads[volumeNode.GetID()] = (volumeId, stamp)
-        return volumeId
 
-    def _call(self, volumeNode, request):
-        """request(client, volume id); uploads again once when the service forgot the volume."""
+    def _request(self, volumeNode, segmentationNode, segmentId, array, call, force=False):
+        """A request on the GUI thread: the scene is read here, never in send()."""
+        request = RefineRequest(volumeNode, segmentationNode, segmentId, array, call, self.stamp(volumeNode))
+        held = self._uploads.get(request.nodeId)
+        if held and held[1] == request.stamp and not force:
+            request.volumeId = held[0]
+        else:
+            # the upload that may be needed: Apply's (knownVolume) is asked for in send(), with the client
+            request.image, request.force = self._snapshot(volumeNode), force
+        return request
+
+    def volumeId(self, volumeNode, force=False):
+        """The service's id of the volume, uploading it first when needed (synchronously)."""
+        request = self._request(volumeNode, None, None, None, None, force=force)
+        if request.volumeId is None:
+            request.volumeId = self._resolve(self._client(), request)
+            self._uploads[request.nodeId] = (request.volumeId, request.stamp)
+        return request.volumeId
+
+    def _resolve(self, client, request):
+        if request.volumeId is not None:
+            return request.volumeId
+        if self.knownVolume is not None and not request.force:
+            shared = self.knownVolume(request.nodeId, request.stamp, client)
+            if shared:
+                return shared
+        return self._upload(client, request.image)
+
+    def send(self, request):
+        """The network part (worker thread): upload when needed, then the request; one upload again when the
+        service forgot the volume. Sets request.reply, or request.needsUpload when the volume must be read
+        from the scene first (withVolume() on the GUI thread, then send again)."""
         from .service import ServiceError
 
-        volumeId = self.volumeId(volumeNode)
+        client = self._client()
+        for attempt in range(2):
+            if request.volumeId is None and request.image is None:
+                request.needsUpload = True
+                return request
+            request.volumeId = self._resolve(client, request)
+            try:
+                request.reply = request.call(client, request.volumeId)
+                return request
+            except ServiceError as exc:
+                if attempt or exc.status != 404 or "volume" not in str(exc).lower():
+                    raise RefineError(str(exc)) from None
+            request.volumeId, request.force = None, True
+        return request
+
+    def withVolume(self, request):
+        """GUI thread: the same request with the volume read from the scene, for an upload."""
+        self._uploads.pop(request.nodeId, None)
+        request.image, request.force, request.volumeId, request.needsUpload = (
+            self._snapshot(request.volumeNode), True, None, False)
+        return request
+
+    def finish(self, request):
+        """GUI thread: write a sent request's reply into the segment; returns the changed slice indices.
+        The segment is read again here, so edits made while the request ran stay on the other slices."""
+        if request.error is not None:
+            raise request.error
+        self._uploads[request.nodeId] = (request.volumeId, request.stamp)
+        segmentation = request.segmentationNode
+        if segmentation is None or segmentation.GetSegmentation().GetSegment(request.segmentId) is None:
+            raise RefineError(_("The segment was removed while its correction was computed."))
+        current = self.segmentArray(segmentation, request.segmentId, request.volumeNode)
+        indices = self._apply(request.reply, request.array, current)
+        self.writeSlices(segmentation, request.segmentId, request.volumeNode, current, int(request.reply["axis"]),
+                         indices)
+        self._synced[(request.volumeId, request.key)] = _digest(request.array)
+        self.lastReply = request.reply
+        return indices
+
+    def abandon(self, request):
+        """GUI thread, after a failed request: a segment made for it (new segment from box) goes again."""
+        if request.createdSegment and request.segmentationNode is not None:
+            request.segmentationNode.GetSegmentation().RemoveSegment(request.segmentId)
+
+    def run(self, request):
+        """prepare -> send -> finish in the calling thread (scripts and tests; the panel uses RefineRunner)."""
         try:
-            return volumeId, request(self._client(), volumeId)
-        except ServiceError as exc:
-            if exc.status != 404 or "volume" not in str(exc).lower():
-                raise RefineError(str(exc)) from None
-        volumeId = self.volumeId(volumeNode, force=True)
-        try:
-            return volumeId, request(self._client(), volumeId)
-        except ServiceError as exc:
-            raise RefineError(str(exc)) from None
+            self.send(request)
+            if request.needsUpload:
+                self.send(self.withVolume(request))
+            return self.finish(request)
+        except Exception:
+            self.abandon(request)
+            raise
 
     @staticmethod
     def key(segmentationNode, segmentId):
         return f"{segmentationNode.GetID()}:{segmentId}"
 
-    def _apply(self, reply, segmentationNode, segmentId, volumeNode, array, volumeId, key):
-        """Write a refine / undo reply into the segment; returns the changed slice indices."""
+    @staticmethod
+    def _apply(reply, *arrays):
+        """Put a refine / undo reply's slices into each array; returns their indices."""
         import base64
 
         import numpy as np
@@ -229,17 +304,15 @@ class RefineLogic:
             plane = np.unpackbits(np.frombuffer(base64.b64decode(s["bits"]), np.uint8), count=n).reshape(s["shape"])
             index = [slice(None)] * 3
             index[axis] = int(s["index"])
-            array[tuple(index)] = plane
+            for array in arrays:
+                array[tuple(index)] = plane
             indices.append(int(s["index"]))
-        self.writeSlices(segmentationNode, segmentId, volumeNode, array, axis, indices)
-        self._synced[(volumeId, key)] = _digest(array)
-        self.lastReply = reply
         return indices
 
-    # -- the requests ----------------------------------------------------------------------------------
-    def refine(self, segmentationNode, segmentId, volumeNode, positiveNode=None, negativeNode=None, roiNode=None,
-               propagate=True, axis="axial", planeNormal=None, window=None, latestPoint=None):
-        """Refine a segment from the points of two point lists and/or an ROI; returns the changed slices.
+    # -- the requests: prepare* on the GUI thread, then run() here or RefineRunner on a worker thread --------
+    def prepareRefine(self, segmentationNode, segmentId, volumeNode, positiveNode=None, negativeNode=None,
+                      roiNode=None, propagate=True, axis="axial", planeNormal=None, window=None, latestPoint=None):
+        """A refine request from the points of two point lists and/or an ROI.
 
         The request uses the points on one slice: the slice of `latestPoint` (a world RAS position, e.g.
         the one just placed), else of the last point of the positive list, else of the negative one.
@@ -274,30 +347,32 @@ class RefineLogic:
                 positive, negative, box = [last], [], None
         array = self.segmentArray(segmentationNode, segmentId, volumeNode)
         key = self.key(segmentationNode, segmentId)
+        synced = self._synced
 
-        def request(client, volumeId):
+        def call(client, volumeId):
             mask = None
-            if self._synced.get((volumeId, key)) != _digest(array):
+            if synced.get((volumeId, key)) != _digest(array):
                 mask = base64.b64encode(np.packbits(array.astype(bool).ravel()).tobytes()).decode("ascii")
             return client.refine(volumeId, key, positive=positive, negative=negative, box=box, frame="RAS",
                                  axis=axis, propagate=propagate, mask=mask, window=window, plane_normal=planeNormal)
 
-        volumeId, reply = self._call(volumeNode, request)
-        return self._apply(reply, segmentationNode, segmentId, volumeNode, array, volumeId, key)
+        return self._request(volumeNode, segmentationNode, segmentId, array, call)
 
-    def undo(self, segmentationNode, segmentId, volumeNode):
-        """Undo the segment's last refine step (the service's copy); returns the restored slices."""
-        if segmentationNode is None or not segmentId:
+    def prepareUndo(self, segmentationNode, segmentId, volumeNode):
+        """A request to undo the segment's last refine step (the service's copy)."""
+        if segmentationNode is None or not segmentId or segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
             raise RefineError(_("Choose the segment to refine."))
+        if volumeNode is None:
+            raise RefineError(_("Choose the input volume the segment was made on."))
         array = self.segmentArray(segmentationNode, segmentId, volumeNode)
         key = self.key(segmentationNode, segmentId)
-        volumeId, reply = self._call(volumeNode, lambda client, volumeId: client.undo(volumeId, key))
-        return self._apply(reply, segmentationNode, segmentId, volumeNode, array, volumeId, key)
+        return self._request(volumeNode, segmentationNode, segmentId, array,
+                             lambda client, volumeId: client.undo(volumeId, key))
 
-    def newSegmentFromBox(self, segmentationNode, volumeNode, roiNode, name=None, propagate=True, axis="axial",
-                          planeNormal=None, window=None):
-        """A new segment (no text) from an ROI box, carried to the neighbouring slices when `propagate`.
-        Returns its segment id; nothing is added when the request fails."""
+    def prepareNewSegmentFromBox(self, segmentationNode, volumeNode, roiNode, name=None, propagate=True,
+                                 axis="axial", planeNormal=None, window=None):
+        """A request for a new segment (no text) from an ROI box, carried to the neighbouring slices when
+        `propagate`. The (empty) segment is added now; abandon() removes it when the request fails."""
         if roiNode is None:
             raise RefineError(_("Place a box (ROI) around the object first."))
         if volumeNode is None or segmentationNode is None:
@@ -308,9 +383,82 @@ class RefineLogic:
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         segmentId = segmentation.AddEmptySegment("", name or _("Boxed object"))
         try:
-            self.refine(segmentationNode, segmentId, volumeNode, roiNode=roiNode, propagate=propagate, axis=axis,
-                        planeNormal=planeNormal, window=window)
+            request = self.prepareRefine(segmentationNode, segmentId, volumeNode, roiNode=roiNode,
+                                         propagate=propagate, axis=axis, planeNormal=planeNormal, window=window)
         except Exception:
             segmentation.RemoveSegment(segmentId)
             raise
-        return segmentId
+        request.createdSegment = True
+        return request
+
+    def refine(self, *args, **kwargs):
+        """prepareRefine + run: refine now, in this thread; returns the changed slices."""
+        return self.run(self.prepareRefine(*args, **kwargs))
+
+    def undo(self, segmentationNode, segmentId, volumeNode):
+        """Undo the segment's last refine step now; returns the restored slices."""
+        return self.run(self.prepareUndo(segmentationNode, segmentId, volumeNode))
+
+    def newSegmentFromBox(self, *args, **kwargs):
+        """A new segment from an ROI box, now; returns its segment id (nothing is added when it fails)."""
+        request = self.prepareNewSegmentFromBox(*args, **kwargs)
+        self.run(request)
+        return request.segmentId
+
+
+class RefineRequest:
+    """One refine / undo request: made from the scene on the GUI thread, sent on any thread (send() reads
+    only what is here), written into the segment on the GUI thread (finish)."""
+
+    def __init__(self, volumeNode, segmentationNode, segmentId, array, call, stamp):
+        self.volumeNode, self.nodeId, self.stamp = volumeNode, volumeNode.GetID(), stamp
+        self.segmentationNode, self.segmentId, self.array, self.call = segmentationNode, segmentId, array, call
+        self.key = RefineLogic.key(segmentationNode, segmentId) if segmentationNode is not None else None
+        self.volumeId = None          # the service's id of the volume, when known
+        self.image = None             # the volume's snapshot, when it may have to be uploaded
+        self.force = False            # upload even when Apply's upload is known
+        self.createdSegment = False
+        self.needsUpload = False
+        self.reply = None
+        self.error = None
+
+
+class RefineRunner:
+    """Sends one request at a time on a worker thread, so Slicer stays responsive while the service works;
+    poll() (GUI thread, e.g. from a QTimer) returns the request once it is done, with .reply or .error."""
+
+    def __init__(self, logic):
+        self.logic = logic
+        self._thread = None
+        self._request = None
+
+    @property
+    def busy(self):
+        return self._request is not None
+
+    def start(self, request):
+        import threading
+
+        if self.busy:
+            raise RuntimeError("a refine request is already running")
+        request.error, self._request = None, request
+        self._thread = threading.Thread(target=self._send, args=(request,), name="medclipsam-refine", daemon=True)
+        self._thread.start()
+
+    def _send(self, request):
+        try:
+            self.logic.send(request)
+        except Exception as exc:        # handed to the GUI thread, which shows its sentence
+            request.error = exc if isinstance(exc, RefineError) else RefineError(str(exc).splitlines()[0] if str(exc)
+                                                                                 else type(exc).__name__)
+
+    def poll(self):
+        if self._request is None or self._thread.is_alive():
+            return None
+        request, self._request = self._request, None
+        return request
+
+    def wait(self, timeout=None):
+        """Block until the running request is done (tests, module cleanup)."""
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -17,7 +17,7 @@ vtkMRMLSelectionNode.h:87,94, vtkMRMLInteractionNode.h:31,43,52); qMRMLSegmentSe
 import slicer
 
 from .i18n import tr as _
-from .refine import VIEW_NAMES, RefineError, RefineLogic
+from .refine import VIEW_NAMES, RefineError, RefineLogic, RefineRunner
 
 POSITIVE_COLOR = (0.0, 0.85, 0.0)     # SegmentWithSAM / nnInteractive: green includes, red excludes
 NEGATIVE_COLOR = (0.95, 0.1, 0.1)
@@ -38,7 +38,10 @@ class RefineSection:
         self.nodes = {}
         self._observations = []
         self._shortcuts = []
-        self.busy = False
+        self.runner = None
+        self._pending = None        # the latest placement made while a request ran: sent after it
+        self._done = None
+        self._chosenService = None
 
     # -- building --------------------------------------------------------------------------------------
     def build(self, layout):
@@ -102,6 +105,9 @@ class RefineSection:
         form.addRow(self.statusLabel)
         layout.addWidget(box)
         self.section = box
+        self.timer = qt.QTimer()
+        self.timer.setInterval(50)
+        self.timer.connect("timeout()", self._poll)
 
         window = slicer.util.mainWindow()
         for kind, slot in (("positive", lambda: self.toggle("positive")), ("negative", lambda: self.toggle("negative")),
@@ -160,9 +166,9 @@ class RefineSection:
         interaction.SetCurrentInteractionMode(interaction.Place)
 
     # -- requests --------------------------------------------------------------------------------------
-    def ensure(self):
-        """The client: of Apply's service when it has one (the Logic's serviceBackend: same models, warm
-        encodings), else of the service given, else of a local one started here."""
+    def _service(self):
+        """GUI thread: the service to use: Apply's (the Logic's serviceBackend: same models, warm encodings),
+        else the one given, else a local one started by this section."""
         backend = getattr(self.panel.logic, "serviceBackend", None)
         service = getattr(backend, "service", None) or self.service
         if service is None:
@@ -172,18 +178,24 @@ class RefineSection:
                 logic = self.panel.logic
                 self._ownService = LocalService(logic.python(), env=logic.environment())
             service = self._ownService
-        return service.ensure()
+        return service
 
-    def _knownVolume(self, volumeNode, client):
-        """The id under which Apply's service backend uploaded this node, while still valid (None else)."""
+    def ensure(self):
+        """The client (RefineLogic calls this on the worker thread): of the service _run chose."""
+        return self._chosenService.ensure()
+
+    def _knownVolume(self, nodeId, stamp, client):
+        """The id under which Apply's service backend uploaded this node, while still valid (None else).
+        Called on the refine worker thread: sentVolume only reads the backend's table under its lock."""
         backend = getattr(self.panel.logic, "serviceBackend", None)
         if backend is None or not hasattr(backend, "sentVolume"):
             return None
-        return backend.sentVolume(volumeNode.GetID(), backend.stamp(volumeNode), client)
+        return backend.sentVolume(nodeId, stamp, client)
 
     def _logic(self):
         if self.logic is None:
             self.logic = RefineLogic(slicer.mrmlScene, self, knownVolume=self._knownVolume)
+            self.runner = RefineRunner(self.logic)
         return self.logic
 
     def _context(self):
@@ -197,23 +209,50 @@ class RefineSection:
             normal = [m.GetElement(r, 2) for r in range(3)]
         return volume, axis, normal
 
-    def _run(self, action, done):
-        import qt
+    @property
+    def busy(self):
+        return self.runner is not None and self.runner.busy
 
+    def _run(self, prepare, done):
+        """prepare() reads the scene now (GUI thread) and returns a RefineRequest; the service call runs on
+        the runner's thread; _poll writes the result and shows done(changed). A placement made meanwhile
+        waits and is sent next (it reads the scene then, so every point placed meanwhile is in it)."""
+        self._logic()
         if self.busy:
+            self._pending = (prepare, done)
             return
-        self.busy = True
-        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
         try:
-            changed = action()
-            self.statusLabel.text = done(changed)
-        except RefineError as exc:
-            self.statusLabel.text = str(exc)
-        except Exception as exc:    # the service's own sentence, or an unexpected failure
-            self.statusLabel.text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        finally:
-            qt.QApplication.restoreOverrideCursor()
-            self.busy = False
+            self._chosenService = self._service()
+            request = prepare()
+        except Exception as exc:
+            self.statusLabel.text = self._sentence(exc)
+            return
+        self._done = done
+        self.statusLabel.text = _("Correcting...")
+        self.runner.start(request)
+        self.timer.start()
+
+    @staticmethod
+    def _sentence(exc):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+    def _poll(self):
+        request = self.runner.poll() if self.runner is not None else None
+        if request is None:
+            return
+        logic = self._logic()
+        try:
+            if request.error is None and request.needsUpload:    # the service forgot the volume
+                self.runner.start(logic.withVolume(request))
+                return
+            self.statusLabel.text = self._done(logic.finish(request))
+        except Exception as exc:     # the service's own sentence, or an unexpected failure
+            logic.abandon(request)
+            self.statusLabel.text = self._sentence(exc)
+        self.timer.stop()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._run(*pending)
 
     @staticmethod
     def _changedText(changed):
@@ -236,7 +275,7 @@ class RefineSection:
         if kind != "box" and node is not None and node.GetNumberOfControlPoints():
             latest = RefineLogic.controlPoints(node)[-1:] or None
             latest = latest[0] if latest else None
-        self._run(lambda: self._logic().refine(
+        self._run(lambda: self._logic().prepareRefine(
             segmentation, segmentId, volume, self.nodes.get("positive"), self.nodes.get("negative"),
             self.nodes.get("box") if kind == "box" else None, propagate=self.propagateRadio.checked, axis=axis,
             planeNormal=normal, latestPoint=latest), self._changedText)
@@ -244,24 +283,32 @@ class RefineSection:
     def onUndo(self):
         segmentation = self.segmentSelector.currentNode()
         volume, _axis, _normal = self._context()
-        self._run(lambda: self._logic().undo(segmentation, self.segmentSelector.currentSegmentID(), volume),
+        self._run(lambda: self._logic().prepareUndo(segmentation, self.segmentSelector.currentSegmentID(), volume),
                   lambda changed: _("Undone: ") + self._changedText(changed))
 
     def onNewSegmentFromBox(self):
         segmentation = self.segmentSelector.currentNode() or self.panel.ui.outputSegmentationSelector.currentNode()
         volume, axis, normal = self._context()
+        made = {}
 
-        def action():
-            segmentId = self._logic().newSegmentFromBox(segmentation, volume, self.nodes.get("box"),
-                                                        propagate=self.propagateRadio.checked, axis=axis,
-                                                        planeNormal=normal)
+        def prepare():
+            made["request"] = self._logic().prepareNewSegmentFromBox(
+                segmentation, volume, self.nodes.get("box"), propagate=self.propagateRadio.checked, axis=axis,
+                planeNormal=normal)
+            return made["request"]
+
+        def done(changed):
             self.segmentSelector.setCurrentNode(segmentation)
-            self.segmentSelector.setCurrentSegmentID(segmentId)
-            return [s["index"] for s in self.logic.lastReply["slices"]]
+            self.segmentSelector.setCurrentSegmentID(made["request"].segmentId)
+            return _("New segment: ") + self._changedText(changed)
 
-        self._run(action, lambda changed: _("New segment: ") + self._changedText(changed))
+        self._run(prepare, done)
 
     def cleanup(self):
+        if getattr(self, "timer", None) is not None:
+            self.timer.stop()
+        if self.runner is not None:
+            self.runner.wait(timeout=5)      # a daemon thread: it cannot keep Slicer from exiting
         for node, tag in self._observations:
             node.RemoveObserver(tag)
         self._observations = []

@@ -234,10 +234,15 @@ class LocalService:
         self.env, self.idle_exit, self.start_timeout = env, idle_exit, start_timeout
         self.process = self.client = self.folder = None
         self.notice = None                      # one sentence after a restart, for the status line
+        self._lock = threading.Lock()           # Apply's and Refine's worker threads may both ensure()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def ensure(self):
         """A client of a running service: started now if there was none, restarted once if it died."""
+        with self._lock:
+            return self._ensure()
+
+    def _ensure(self):
         self.notice = None
         if self.process is not None and self.process.poll() is None:
             try:

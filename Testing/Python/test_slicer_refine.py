@@ -9,6 +9,7 @@ volume gets one sentence and changes nothing."""
 import base64
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("sam2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
-from MedCLIPSAMModuleLib.refine import RefineError, RefineLogic  # noqa: E402
+from MedCLIPSAMModuleLib.refine import RefineError, RefineLogic, RefineRunner  # noqa: E402
 from MedCLIPSAMModuleLib.service import LocalService  # noqa: E402
 
 from MedCLIPSAMLib import mrml  # noqa: E402
@@ -188,8 +189,89 @@ def test_an_upload_made_by_apply_is_used_instead_of_a_second_one(scene_parts, se
     scene, logic, volume, seg, ph = scene_parts
     uploaded = logic.volumeId(volume)
     asked = []
-    other = RefineLogic(scene, service, knownVolume=lambda node, client: asked.append(node.GetID()) or uploaded)
+    other = RefineLogic(scene, service, knownVolume=lambda nodeId, stamp, client: asked.append(nodeId) or uploaded)
     assert other.volumeId(volume) == uploaded and asked == [volume.GetID()]
     positive = point_list(scene, "positive", ras(volume, (18, 20, 2)))
     other.refine(seg, "tumor", volume, positive, propagate=False)
     assert other.volumeId(volume) == uploaded and len(asked) == 1
+
+
+class GatedService:
+    """The real service, reached only after the test opens the gate; records the threads that reach it."""
+
+    def __init__(self, service):
+        self.service, self.gate, self.threads = service, threading.Event(), []
+
+    def ensure(self):
+        self.threads.append(threading.get_ident())
+        assert self.gate.wait(60)
+        return self.service.ensure()
+
+
+def test_the_runner_calls_the_service_off_the_gui_thread_and_keeps_edits_made_meanwhile(scene_parts, service):
+    """The panel's path: prepare (scene, this thread) -> RefineRunner (service, its thread) -> finish (scene,
+    this thread). Nothing in the scene changes until finish, and a Segment Editor edit made on another slice
+    while the request runs stays."""
+    scene, _logic, volume, seg, ph = scene_parts
+    gated = GatedService(service)
+    logic = RefineLogic(scene, gated)
+    runner = RefineRunner(logic)
+    before = logic.segmentArray(seg, "tumor", volume)
+    positive = point_list(scene, "positive", ras(volume, (18, 20, 3)))
+    runner.start(logic.prepareRefine(seg, "tumor", volume, positive, propagate=False))
+    assert runner.busy and runner.poll() is None          # waiting on the service; this thread is free
+    edited = before.copy()
+    edited[0, 30:, 30:] = 1                                # an edit on slice 0 while the request runs
+    logic.writeSlices(seg, "tumor", volume, edited, 0, [0])
+    gated.gate.set()
+    runner.wait(120)
+    request = runner.poll()
+    assert request is not None and request.error is None and not runner.busy
+    assert gated.threads and threading.get_ident() not in gated.threads
+    assert np.array_equal(logic.segmentArray(seg, "tumor", volume), edited)     # scene untouched until finish
+    changed = logic.finish(request)
+    assert changed == [3]
+    after = logic.segmentArray(seg, "tumor", volume)
+    plane = np.unpackbits(np.frombuffer(base64.b64decode(request.reply["slices"][0]["bits"]), np.uint8),
+                          count=int(np.prod(request.reply["slices"][0]["shape"])))
+    assert np.array_equal(after[3].ravel(), plane)
+    keep = [j for j in range(after.shape[0]) if j != 3]
+    assert np.array_equal(after[keep], edited[keep])       # slice 0's edit kept, the rest bit for bit
+
+
+def test_a_forgotten_upload_is_read_again_on_the_gui_thread_and_resent(scene_parts, service):
+    """A click on a volume whose upload the service forgot: the worker asks for the volume (it never reads
+    the scene), withVolume() snapshots it here, and the second send uploads it and refines."""
+    scene, logic, volume, seg, ph = scene_parts
+    first = logic.volumeId(volume)
+    service.ensure().forget(first)
+    positive = point_list(scene, "positive", ras(volume, (18, 20, 3)))
+    request = logic.prepareRefine(seg, "tumor", volume, positive, propagate=False)
+    assert request.volumeId == first and request.image is None     # held upload: no snapshot made
+    logic.send(request)
+    assert request.needsUpload and request.reply is None
+    logic.send(logic.withVolume(request))
+    assert request.reply is not None and request.volumeId != first
+    assert logic.finish(request) == [3] and logic.volumeId(volume) == request.volumeId
+
+
+def test_a_failed_new_segment_request_leaves_no_segment(scene_parts):
+    """New segment from box on the runner: the empty segment is added when the request is made, and
+    abandon() removes it when the service refuses (here: a box on a slice outside the volume)."""
+    scene, logic, volume, seg, ph = scene_parts
+    runner = RefineRunner(logic)
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    a, b = np.array(ras(volume, (8, 8, 9))), np.array(ras(volume, (26, 30, 9)))
+    roi.SetCenter(*((a + b) / 2))
+    roi.SetSize(*np.abs(b - a))
+    count = seg.GetSegmentation().GetNumberOfSegments()
+    request = logic.prepareNewSegmentFromBox(seg, volume, roi, propagate=False)
+    assert seg.GetSegmentation().GetNumberOfSegments() == count + 1
+    runner.start(request)
+    runner.wait(120)
+    done = runner.poll()
+    assert isinstance(done.error, RefineError) and "\n" not in str(done.error)
+    with pytest.raises(RefineError):
+        logic.finish(done)
+    logic.abandon(done)
+    assert seg.GetSegmentation().GetNumberOfSegments() == count
