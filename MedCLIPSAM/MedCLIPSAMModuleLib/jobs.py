@@ -53,6 +53,19 @@ def waitForJob(job, timeout=None, pollInterval=0.05):
     return job.result
 
 
+def endJob(job, outcome, label="MedCLIP-SAM"):
+    """How every job ends, on the scene's thread: job.result = outcome() (which may import into the scene);
+    the temporary folder goes whatever happens; a run that did not succeed is logged; completedCallback."""
+    try:
+        job.result = outcome()
+    finally:
+        shutil.rmtree(job.tempDir, ignore_errors=True)
+    if job.result.status != "succeeded":
+        logging.warning(f"{label}: {job.result.status}: {job.result.message}")
+    if job.completedCallback:
+        job.completedCallback(job.result)
+
+
 class BackgroundJob:
     """What a segmentation run and a weak-supervision run share: read the process's lines (JSON progress
     lines go to _progress, the others to the log), wait, cancel, and finish once on the scene's thread.
@@ -152,26 +165,21 @@ class SegmentationJob(BackgroundJob):
         return dict(progress, fraction=fraction, message=f"{step + 1}/{steps}: {progress['message']}")
 
     def _finish(self):
+        endJob(self, self._outcome)
+
+    def _outcome(self):
         returnCode = self.process.returnCode
         elapsed = time.monotonic() - self.startTime
-        try:
-            if self.process.cancelRequested or returnCode == 130:
-                self.result = SegmentationResult("cancelled", _("cancelled; the scene was not changed"),
-                                                 returnCode, elapsedSeconds=elapsed)
-            elif returnCode == 0 and all(os.path.isfile(p) for p in self.outputPaths):
-                self.result = self._importResult(returnCode, elapsed)
-            elif returnCode == 0:
-                self.result = SegmentationResult("failed", _("the segmentation process ended without writing its "
-                                                             "result"), returnCode, elapsedSeconds=elapsed)
-            else:
-                message = errorMessageFromOutput(list(self.stderrTail), returnCode, self.lastProgress)
-                self.result = SegmentationResult("failed", message, returnCode, elapsedSeconds=elapsed)
-        finally:
-            shutil.rmtree(self.tempDir, ignore_errors=True)
-        if self.result.status != "succeeded":
-            logging.warning(f"MedCLIP-SAM: {self.result.status}: {self.result.message}")
-        if self.completedCallback:
-            self.completedCallback(self.result)
+        if self.process.cancelRequested or returnCode == 130:
+            return SegmentationResult("cancelled", _("cancelled; the scene was not changed"), returnCode,
+                                      elapsedSeconds=elapsed)
+        if returnCode == 0 and all(os.path.isfile(p) for p in self.outputPaths):
+            return self._importResult(returnCode, elapsed)
+        if returnCode == 0:
+            return SegmentationResult("failed", _("the segmentation process ended without writing its result"),
+                                      returnCode, elapsedSeconds=elapsed)
+        message = errorMessageFromOutput(list(self.stderrTail), returnCode, self.lastProgress)
+        return SegmentationResult("failed", message, returnCode, elapsedSeconds=elapsed)
 
     def _importResult(self, returnCode, elapsed):
         message = self.lastProgress["message"] if self.lastProgress else ""
@@ -313,30 +321,24 @@ class WeakSupervisionJob(BackgroundJob):
 
     # --------------------------------------------------------------------------------- finish
     def _finish(self):
+        endJob(self, self._outcome, "MedCLIP-SAM weak supervision")
+
+    def _outcome(self):
         returnCode = self.process.returnCode
         elapsed = time.monotonic() - self.startTime
         step = self.STEPS[self.process.step]
-        try:
-            if self.process.cancelRequested or returnCode == 130:
-                self._removePlotNodes()
-                self.result = WeakSupervisionResult("cancelled", _("cancelled; no model was registered"),
-                                                    returnCode, self.modelDir, elapsedSeconds=elapsed)
-            elif returnCode == 0:
-                self._updateMetrics()  # the last epoch and the ensemble line
-                self.result = self._register(returnCode, elapsed)
-            else:
-                message = errorMessageFromOutput(list(self.stderrTail), returnCode, self.lastProgress)
-                if self.lastProgress and self.lastProgress.get("stage") == "finished":
-                    message = self.lastProgress["message"]  # pseudo-label: "N labelled, M failed, ..."
-                self.result = WeakSupervisionResult("failed", f"{step}: {message}", returnCode, self.modelDir,
-                                                    tableNode=self.tableNode, chartNode=self.chartNode,
-                                                    elapsedSeconds=elapsed)
-        finally:
-            shutil.rmtree(self.tempDir, ignore_errors=True)
-        if self.result.status != "succeeded":
-            logging.warning(f"MedCLIP-SAM weak supervision: {self.result.status}: {self.result.message}")
-        if self.completedCallback:
-            self.completedCallback(self.result)
+        if self.process.cancelRequested or returnCode == 130:
+            self._removePlotNodes()
+            return WeakSupervisionResult("cancelled", _("cancelled; no model was registered"), returnCode,
+                                         self.modelDir, elapsedSeconds=elapsed)
+        if returnCode == 0:
+            self._updateMetrics()  # the last epoch and the ensemble line
+            return self._register(returnCode, elapsed)
+        message = errorMessageFromOutput(list(self.stderrTail), returnCode, self.lastProgress)
+        if self.lastProgress and self.lastProgress.get("stage") == "finished":
+            message = self.lastProgress["message"]  # pseudo-label: "N labelled, M failed, ..."
+        return WeakSupervisionResult("failed", f"{step}: {message}", returnCode, self.modelDir,
+                                     tableNode=self.tableNode, chartNode=self.chartNode, elapsedSeconds=elapsed)
 
     def _register(self, returnCode, elapsed):
         try:

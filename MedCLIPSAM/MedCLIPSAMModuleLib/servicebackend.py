@@ -17,13 +17,12 @@ import importlib.util
 import logging
 import os
 import queue
-import shutil
 import threading
 import time
 
 from . import commands
 from .i18n import tr as _
-from .jobs import SegmentationResult, importRun, waitForJob
+from .jobs import SegmentationResult, endJob, importRun, waitForJob
 from .paths import mrml
 from .prompts import cleanPrompts
 from .service import LocalService, RemoteService, ServiceClient, ServiceError, ServiceUnavailable, localReport
@@ -364,24 +363,18 @@ class ServiceJob:
         self._inputReady.set()
 
     def _finish(self, kind, payload):
-        elapsed = time.monotonic() - self.startTime
         self.process.wait(10)   # it has sent its last message
-        try:
-            if kind == "cancelled" or self._cancel.is_set():
-                self.result = SegmentationResult("cancelled", _("cancelled; the scene was not changed"),
-                                                 elapsedSeconds=elapsed)
-            elif kind == "failed":
-                self.result = SegmentationResult("failed", payload, elapsedSeconds=elapsed)
-            else:
-                self.result = importRun(self.logic, self.inputVolume, self.segmentationNode, payload["output"],
-                                        payload.get("uncertainty"), self.show3D, 0, elapsed, payload["message"],
-                                        payload.get("saliency"), payload.get("report"))
-        finally:
-            shutil.rmtree(self.tempDir, ignore_errors=True)
-        if self.result.status != "succeeded":
-            logging.warning(f"MedCLIP-SAM: {self.result.status}: {self.result.message}")
-        if self.completedCallback:
-            self.completedCallback(self.result)
+        endJob(self, lambda: self._outcome(kind, payload))
+
+    def _outcome(self, kind, payload):
+        elapsed = time.monotonic() - self.startTime
+        if kind == "cancelled" or self._cancel.is_set():
+            return SegmentationResult("cancelled", _("cancelled; the scene was not changed"), elapsedSeconds=elapsed)
+        if kind == "failed":
+            return SegmentationResult("failed", payload, elapsedSeconds=elapsed)
+        return importRun(self.logic, self.inputVolume, self.segmentationNode, payload["output"],
+                         payload.get("uncertainty"), self.show3D, 0, elapsed, payload["message"],
+                         payload.get("saliency"), payload.get("report"))
 
     # -- the worker thread ------------------------------------------------------------------------
     def _post(self, kind, payload=None):
