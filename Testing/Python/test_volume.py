@@ -454,14 +454,16 @@ def test_batched_key_slices_equal_the_2d_pipeline_slice_by_slice(tiny_clip, tiny
     seg._prepare(ph.image)
     seg.saliency_maps = {}
     prompt = make_prompt("brain tumor", settings.ensemble)
-    batched = []  # what each key slice got from the rest of the pipeline, in the order of the slices
-    rest = seg.segmenter.segment_from_saliency
+    batched, calls = [], []  # what each key slice got from the rest of the pipeline; the saliency calls
+    rest, maps = seg.segmenter.segment_from_saliency, seg.segmenter.saliency_maps
     seg.segmenter.segment_from_saliency = lambda *a: batched.append(rest(*a)) or batched[-1]
+    seg.segmenter.saliency_maps = lambda grays, text: calls.append(len(grays)) or maps(grays, text)
     labels, uncertainty = np.zeros(seg.volume.shape, np.uint8), np.zeros(seg.volume.shape, np.float32)
     ranked = [5, 2, 3, 4]  # best first; not in slice order, so a batch put back in the wrong order shows
     keys = seg._key_slices(prompt, ranked, labels, uncertainty)
+    assert calls == [3]  # one saliency call for the three key slices
 
-    del seg.segmenter.segment_from_saliency
+    del seg.segmenter.segment_from_saliency, seg.segmenter.saliency_maps
     alone = [seg.segmenter(seg.gray8(k), prompt) for k in ranked[:3]]
     # the slices' maps differ, so a slice given another slice's map would fail below
     assert min(np.abs(a.saliency - b.saliency).max() for a, b in [alone[:2], alone[1:], alone[::2]]) > 0.05
