@@ -69,13 +69,25 @@ class ImageSegmenter:
 
     def saliency_map(self, gray_uint8, text_embedding):
         """Saliency of the text on the image, on the image's own pixels (HxW, [0, 1])."""
-        from ..saliency import compute_saliency
+        return self.saliency_maps([gray_uint8], text_embedding)[0]
+
+    def saliency_maps(self, grays8, text_embedding):
+        """Saliency of the text on several uint8 images (e.g. a volume's key slices), each on its own pixels.
+        The methods in saliency.BATCHED_METHODS (M2IB: its Adam steps then run once for all images) get one
+        batched call, equal to image by image up to float rounding; the others run image by image."""
+        import torch
+
+        from .. import saliency
 
         s = self.settings
-        square, pad = pad_to_square(gray_uint8)
-        x = self.clip.preprocess_array(to_rgb(square))
-        sal224 = compute_saliency(s.saliency, self.clip, x, text_embedding, autocast=s.autocast, **s.saliency_settings)
-        return np.clip(unpad(np.asarray(sal224, np.float32), pad), 0.0, 1.0)
+        padded = [pad_to_square(g) for g in grays8]
+        inputs = [self.clip.preprocess_array(to_rgb(square)) for square, _ in padded]
+        kw = dict(autocast=s.autocast, **s.saliency_settings)
+        if len(inputs) > 1 and s.saliency in saliency.BATCHED_METHODS:
+            maps = saliency.compute_saliency_batch(s.saliency, self.clip, torch.stack(inputs), text_embedding, **kw)
+        else:
+            maps = [saliency.compute_saliency(s.saliency, self.clip, x, text_embedding, **kw) for x in inputs]
+        return [np.clip(unpad(np.asarray(m, np.float32), pad), 0.0, 1.0) for m, (_, pad) in zip(maps, padded)]
 
     def __call__(self, image, prompt, value_range=None, absent_margin=None):
         """Segment `prompt` (text or a Prompt) in a 2D image. value_range fixes the intensity window
@@ -94,7 +106,12 @@ class ImageSegmenter:
                 empty = np.zeros(gray8.shape, bool)
                 return ImageResult(empty, np.zeros(gray8.shape, np.float32), empty,
                                    {"boxes": None, "points": None, "labels": None}, prompt.sentences, absent=reason)
-        saliency = self.saliency_map(gray8, self.text(prompt))
+        return self.segment_from_saliency(gray8, prompt, self.saliency_map(gray8, self.text(prompt)))
+
+    def segment_from_saliency(self, gray8, prompt, saliency):
+        """The rest of the pipeline once a uint8 image (a Prompt's) has its saliency map: body mask,
+        post-processing, prompts, SAM2."""
+        s = self.settings
         region = None
         if s.body_only:
             region = body_mask(gray8)

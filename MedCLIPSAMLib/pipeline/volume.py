@@ -275,9 +275,12 @@ class VolumeSegmenter:
         """The full 2D pipeline on the best-scoring slices; returns {slice: mask} of those with a mask."""
         wanted = ranked[: max(1, self.options.key_slices)]
         self.progress.stage("key-slices", len(wanted), f"saliency + SAM on key slices for '{prompt.text}'")
+        grays = [self.gray8(k) for k in wanted]
+        # one batched saliency call for all key slices (M2IB fits them together), then the rest per slice
+        maps = self.segmenter.saliency_maps(grays, self.segmenter.text(prompt))
         keys = {}
-        for k in wanted:
-            result = self.segmenter(self.gray8(k), prompt)
+        for k, gray8, saliency in zip(wanted, grays, maps):
+            result = self.segmenter.segment_from_saliency(gray8, prompt, saliency)
             self._keep_saliency(k, result)
             if result.mask.any():
                 keys[k] = result.mask

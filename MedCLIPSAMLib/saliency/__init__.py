@@ -41,6 +41,14 @@ def _lazy(method):
     return run
 
 
+# Methods the pipeline batches when it has several images (a volume's key slices). Every method treats
+# the images of a batch independently, so a batch equals one-by-one up to float rounding (another GEMM
+# blocking: GradCAM ~1e-6; M2IB fp32 up to ~1e-4 after 10 Adam steps on ViT-B, bf16 bit for bit, see
+# benchmarks/key_slices.py). Only M2IB gains from it: its steps run on 10 noisy copies per image, too few
+# to fill a CPU. gScoreCAM already scores masked images 16 at a time and GradCAM is one pass: they stay
+# image by image, bit for bit what a single image gets.
+BATCHED_METHODS = ("m2ib",)
+
 # name -> batch function (clip, images [B,3,H,W], text_embedding, **settings) -> np.ndarray [B,H,W]
 SALIENCY_METHODS = {name: _lazy(name) for name in _SOURCES}
 

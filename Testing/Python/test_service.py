@@ -410,3 +410,25 @@ def test_a_second_prompt_reuses_the_slice_embeddings_and_encodings(volumes):
     assert after["hits"] > before["hits"]                        # and SAM2 encodings of slices seen before
     session.forget(volume)
     assert session.cache.used == 0 and session.volume_ids() == []
+
+
+def test_each_prompt_of_a_session_fits_its_key_slices_saliency_in_one_batch(volumes, monkeypatch):
+    """The session's second prompt goes through the same key-slice path as the first: one M2IB fit for
+    its 3 key slices, not three fits of one slice."""
+    import MedCLIPSAMLib.saliency as saliency
+    from MedCLIPSAMLib.pipeline.session import SegmentRequest, Session
+
+    fits, compute = [], saliency.compute_saliency_batch
+
+    def counted(method, clip, images, *args, **kwargs):  # every saliency call, single images included
+        fits.append(len(images) if images.ndim == 4 else 1)
+        return compute(method, clip, images, *args, **kwargs)
+
+    monkeypatch.setattr(saliency, "compute_saliency_batch", counted)
+    session = Session("tiny-random", "tiny-random", "cpu")
+    volume = session.add_volume(read_volume(volumes["b"]))  # 4 slices: all kept (no gate), 3 of them key slices
+    request = dict(preset="v2", overrides=["saliency_settings.steps=2", "saliency_settings.batch_size=2"],
+                   mode="carry", no_gate=True)
+    for prompt in ("brain tumor", "liver"):
+        session.segment(volume, *SegmentRequest([prompt], **request).validate())
+    assert fits == [3, 3]

@@ -429,3 +429,53 @@ def test_mask_cleanup_on_the_bounding_box_equals_the_whole_volume(axis):
     assert kept[15, 16, 16] == (axis == 0)   # the inner block, its hole filled, or dropped
     assert kept[11, 21, 2] == (axis == 2)    # the edge block kept, or dropped
     assert not clean_volume_mask(np.zeros_like(mask), axis, spacing, 8.0, keys).any()
+
+
+# fast settings of the two saliency methods the key slices use (v2: M2IB, v1: gScoreCAM)
+KEY_SLICE_SETTINGS = {"v2": ["saliency_settings.steps=3", "saliency_settings.batch_size=4"],
+                      "v1": ["saliency_settings.topk=24"]}
+
+
+@pytest.mark.parametrize("preset", ["v2", "v1"])
+def test_batched_key_slices_equal_the_2d_pipeline_slice_by_slice(tiny_clip, tiny_sam2, preset):
+    """The key slices get their saliency in one batch, then the rest slice by slice: each slice's maps,
+    coarse mask, prompts, SAM mask and probability are those the 2D pipeline gives it alone, and land on
+    that slice. Maps within 1e-5: a batch may round differently (another GEMM blocking, ~1e-7 per step on
+    [0, 1] maps; with the tiny model and 3 steps they are bit for bit here), everything derived from them
+    exactly. v1's gScoreCAM runs slice by slice inside saliency_maps (saliency.BATCHED_METHODS)."""
+    from MedCLIPSAMLib.pipeline.presets import get_preset
+    from MedCLIPSAMLib.pipeline.text import make_prompt
+    from MedCLIPSAMLib.pipeline.volume import VolumeOptions, VolumeSegmenter
+
+    ph = small_phantom("lps", shape=(8, 48, 40), lesion={"side": "left", "size": "large"})
+    settings = get_preset(preset, ["autocast=false"] + KEY_SLICE_SETTINGS[preset])
+    seg = VolumeSegmenter(tiny_clip, tiny_sam2, settings,
+                          VolumeOptions(mode="carry", key_slices=3, saliency=True, uncertainty=True))
+    seg._prepare(ph.image)
+    seg.saliency_maps = {}
+    prompt = make_prompt("brain tumor", settings.ensemble)
+    batched, calls = [], []  # what each key slice got from the rest of the pipeline; the saliency calls
+    rest, maps = seg.segmenter.segment_from_saliency, seg.segmenter.saliency_maps
+    seg.segmenter.segment_from_saliency = lambda *a: batched.append(rest(*a)) or batched[-1]
+    seg.segmenter.saliency_maps = lambda grays, text: calls.append(len(grays)) or maps(grays, text)
+    labels, uncertainty = np.zeros(seg.volume.shape, np.uint8), np.zeros(seg.volume.shape, np.float32)
+    ranked = [5, 2, 3, 4]  # best first; not in slice order, so a batch put back in the wrong order shows
+    keys = seg._key_slices(prompt, ranked, labels, uncertainty)
+    assert calls == [3]  # one saliency call for the three key slices
+
+    del seg.segmenter.segment_from_saliency, seg.segmenter.saliency_maps
+    alone = [seg.segmenter(seg.gray8(k), prompt) for k in ranked[:3]]
+    # the slices' maps differ, so a slice given another slice's map would fail below
+    assert min(np.abs(a.saliency - b.saliency).max() for a, b in [alone[:2], alone[1:], alone[::2]]) > 0.05
+    assert sorted(seg.saliency_maps) == [2, 3, 5]
+    for k, got, want in zip(ranked, batched, alone):
+        np.testing.assert_allclose(got.saliency, want.saliency, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(seg.saliency_maps[k], want.saliency, rtol=0, atol=1e-5)
+        assert np.array_equal(got.coarse_mask, want.coarse_mask) and want.coarse_mask.any()
+        for name in ("boxes", "points", "labels"):
+            assert np.array_equal(got.prompts[name], want.prompts[name])
+        assert np.array_equal(got.mask, want.mask) and np.array_equal(got.probability, want.probability)
+        stored = seg.view.get(labels, k)
+        assert np.array_equal(stored, want.mask) and (k in keys) == bool(want.mask.any())
+    assert any(k in keys for k in ranked[:3])  # SAM found something on a key slice: the masks were compared
+    assert labels.sum() == sum(int(keys[k].sum()) for k in keys)  # nothing stored elsewhere
