@@ -306,6 +306,7 @@ def main(argv=None):
     ap.add_argument("--no-levers", action="store_true")
     ap.add_argument("--lever-slices", type=int, default=4)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the image encoder")
+    ap.add_argument("--lever-sams", default=f"{NEW_SAM},{TODAY_SAM}", help="the SAMs whose encoder levers are timed")
     ap.add_argument("--ct-memory", action="store_true", help="only the 512x512x300 CT peak memory of the new default")
     ap.add_argument("--sides", default="today,new", help="which sides to run (e.g. 'new' alone)")
     ap.add_argument("--table-from", metavar="RECORD.json", help="print the tables of a (partial) record; measure nothing")
@@ -355,8 +356,9 @@ def main(argv=None):
             del ph
             tree = os.path.join(work, "today")
             os.makedirs(tree)
-            base = args.base or _git("merge-base", "HEAD", "main")
-            record["today_code"] = today_tree(base, tree)
+            if "today" in args.sides.split(","):
+                base = args.base or _git("merge-base", "HEAD", "main")
+                record["today_code"] = today_tree(base, tree)
             record["new_code"] = _git("rev-parse", "HEAD")
             # the new side runs from a snapshot of HEAD too: edits to the working tree during the run do not leak in
             new_tree = os.path.join(work, "new")
@@ -384,7 +386,7 @@ def main(argv=None):
             record["ratios"] = print_runs(runs)
             save()
         if not args.no_levers:
-            record["encoder_levers"] = encoder_levers([NEW_SAM, TODAY_SAM], args.repeats, args.lever_slices,
+            record["encoder_levers"] = encoder_levers(args.lever_sams.split(","), args.repeats, args.lever_slices,
                                                       args.compile)
         record["load_end"] = _load()
         save()
