@@ -14,10 +14,11 @@ image carries the query's caption.
 """
 
 import argparse
-import json
 import os
 import tempfile
 import time
+
+from benchmarks import write_record
 
 LOSSES = ("infonce", "hn-nce", "dhn-nce")
 ORGANS = ("liver", "left lung", "right lung")
@@ -67,9 +68,8 @@ def main(argv=None):
               f"{pct(end['t2i_top5']):>7}   {row['final_loss']:>10.3f}{row['samples_per_s']:>11.1f}")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"epochs": args.epochs, "train": args.train, "test": args.test, "rows": rows,
-                       "cpus": os.cpu_count(), "load_average": os.getloadavg()[0]}, f, indent=2)
+        write_record(args.json, {"epochs": args.epochs, "train": args.train, "test": args.test, "rows": rows,
+                                 "cpus": os.cpu_count(), "load_average": os.getloadavg()[0]})
     return 0
 
 

@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks import write_record
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP = "random-biomedclip"
 TODAY_SAM, NEW_SAM = "random-sam2.1-hiera-tiny", "random-medsam2"
@@ -327,8 +329,7 @@ def main(argv=None):
 
     def save():
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(record, f, indent=2)
+            write_record(args.json, record)
 
     # the random models are built once, outside the timed runs
     subprocess.run([sys.executable, "-c", "from MedCLIPSAMLib.models import load_clip, load_sam2; "

@@ -46,7 +46,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import saliency_speed
+from . import saliency_speed, write_record
 
 SIZES = {
     "full": dict(clip="random-biomedclip", sam="random-sam2.1-hiera-tiny", mr=(150, 256, 256), ct=(300, 512, 512),
@@ -435,7 +435,7 @@ def main(argv=None):
     import torch
 
     from MedCLIPSAMLib.phantoms import make_volume
-    from MedCLIPSAMLib.runtime import atomic_output, select_device
+    from MedCLIPSAMLib.runtime import select_device
 
     device = select_device(args.device)
     mode_name = "quick" if args.quick else "full"
@@ -444,8 +444,7 @@ def main(argv=None):
            "note": "random-weight models of the real architectures: speed and memory are real, masks are not"}
 
     def save():
-        with atomic_output(args.json) as tmp_path, open(tmp_path, "w") as f:
-            json.dump(out, f, indent=2, default=float)
+        write_record(args.json, out)
 
     budget = Budget(out, args.budget_s, device, save, guesses)
     out["env"] = env_info(device)

@@ -16,11 +16,12 @@ shared: the load average is recorded before and after each measurement. Timings 
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
+
+from benchmarks import write_record
 
 CLIP = "random-biomedclip"
 NOTE = ("shared 2-core machine (other jobs ran alongside; see the load averages): compare the interleaved "
@@ -83,7 +84,7 @@ def main(argv=None):
     import torch
 
     from benchmarks.speed import cpu_description
-    from MedCLIPSAMLib.runtime import atomic_output, configure_threads, half_precision_helps
+    from MedCLIPSAMLib.runtime import configure_threads, half_precision_helps
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=3, default=(112, 256, 256))
@@ -119,9 +120,7 @@ def main(argv=None):
     record["load_end"] = _load()
     print_table(record)
     if args.json:
-        with atomic_output(args.json) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(record, f, indent=1)
+        write_record(args.json, record)
         print(f"wrote {args.json}")
     return 0
 

@@ -58,6 +58,8 @@ import time
 import numpy as np
 from dataclasses import dataclass
 
+from benchmarks import write_record
+
 SIZE = 128
 BATCH = 16
 TEMPERATURE = 0.07  # CLIP's starting temperature; the released 0.6 is for fine-tuning a pre-trained model
@@ -453,7 +455,7 @@ def main(argv=None):
     import torch
 
     from MedCLIPSAMLib.models import load_clip
-    from MedCLIPSAMLib.runtime import atomic_output, seed_everything
+    from MedCLIPSAMLib.runtime import seed_everything
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
@@ -558,8 +560,7 @@ def main(argv=None):
     out["total_seconds"] = time.perf_counter() - t0
     report(out)
     if args.json:
-        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(out, f, indent=2)
+        write_record(args.json, out)
     return out
 
 

@@ -19,10 +19,11 @@ never in tests.
 """
 
 import argparse
-import json
 import os
 import platform
 import time
+
+from benchmarks import write_record
 
 ABSENT = ("an MR slice of the head with a normal brain", "a normal brain MRI", "an MRI of a healthy brain")
 
@@ -81,7 +82,7 @@ def main(argv=None):
     from MedCLIPSAMLib.pipeline.presets import get_preset
     from MedCLIPSAMLib.pipeline.text import TextEmbeddings, make_prompt
     from MedCLIPSAMLib.pipeline.volume import VolumeOptions, VolumeSegmenter
-    from MedCLIPSAMLib.runtime import atomic_output, autocast
+    from MedCLIPSAMLib.runtime import autocast
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slices", type=int, default=32)
@@ -164,8 +165,7 @@ def main(argv=None):
         print(f"{name:28s} {b:9.2f} {a:9.2f} {b / a:8.1f}x")
     print("max |difference| before vs after: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
     if args.json:
-        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(out, f, indent=2)
+        write_record(args.json, out)
     return out
 
 

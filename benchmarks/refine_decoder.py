@@ -10,10 +10,10 @@ The timing variants use refine_speed.whole_slice_decoder (same arithmetic, every
 """
 
 import argparse
-import json
 import statistics
 import time
 
+from benchmarks import write_record
 from benchmarks.refine_speed import _load, whole_slice_decoder
 
 
@@ -24,7 +24,6 @@ def main(argv=None):
     from MedCLIPSAMLib.models import load_sam2
     from MedCLIPSAMLib.phantoms import make_volume
     from MedCLIPSAMLib.pipeline.refine import CachedEncoder, Refiner, SliceStack
-    from MedCLIPSAMLib.runtime import atomic_output
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
@@ -85,8 +84,7 @@ def main(argv=None):
         print(f"{k}: {v['median_s']:.3f} s (min {v['min_s']:.3f})")
     print(f"bf16 vs fp32: {100 * max(diffs):.2f}% of pixels at most; load {out['load_avg_start']} -> {out['load_avg_end']}")
     if args.json:
-        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(out, f, indent=2, default=float)
+        write_record(args.json, out)
     return out
 
 

@@ -12,12 +12,12 @@ Each repeat is undone through the service (Service.undo) so it starts from the s
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
 
+from benchmarks import write_record
 from benchmarks.refine_speed import GOALS, _load, summary, whole_slice_decoder
 
 
@@ -29,7 +29,7 @@ def main(argv=None):
     from MedCLIPSAMLib.pipeline.refine import SliceStack
     from MedCLIPSAMLib.pipeline.session import Session
     from MedCLIPSAMLib.pipeline.session_refine import SessionEncoder
-    from MedCLIPSAMLib.runtime import atomic_output, half_precision_helps
+    from MedCLIPSAMLib.runtime import half_precision_helps
     from MedCLIPSAMLib.service.core import Service
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,8 +112,7 @@ def main(argv=None):
           f"slices {statistics.median(props):.3f} s, click on a slice not encoded {statistics.median(fresh):.2f} s; "
           f"load average {out['load_avg_start']} -> {out['load_avg_end']}", flush=True)
     if args.json:
-        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(out, f, indent=2, default=float)
+        write_record(args.json, out)
     return out
 
 

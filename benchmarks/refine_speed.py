@@ -20,11 +20,12 @@ Timings are from a CPU shared with other jobs (load average recorded): they are 
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
 import time
+
+from benchmarks import write_record
 
 GOALS = {"click_cached_s": 0.3, "propagate_20_s": 2.0}
 
@@ -72,7 +73,7 @@ def main(argv=None):
     from MedCLIPSAMLib.models import load_sam2
     from MedCLIPSAMLib.phantoms import make_volume
     from MedCLIPSAMLib.pipeline.refine import CachedEncoder, RefinableSegment, Refiner, SliceStack
-    from MedCLIPSAMLib.runtime import atomic_output, half_precision_helps
+    from MedCLIPSAMLib.runtime import half_precision_helps
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
@@ -168,8 +169,7 @@ def main(argv=None):
           f"propagation through 20 cached slices {prop_s:.3f} s (< {GOALS['propagate_20_s']}); "
           f"load average {out['load_avg_start']} -> {out['load_avg_end']}", flush=True)
     if args.json:
-        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(out, f, indent=2, default=float)
+        write_record(args.json, out)
     return out
 
 

@@ -17,10 +17,11 @@ with the fp32 reference at the measured settings. Timings belong here, never in 
 """
 
 import argparse
-import json
 import os
 import platform
 import time
+
+from benchmarks import write_record
 
 
 def _timed(fn, *args, **kwargs):
@@ -52,7 +53,7 @@ def main(argv=None):
     import torch
 
     from MedCLIPSAMLib.models import load_clip
-    from MedCLIPSAMLib.runtime import atomic_output, select_device
+    from MedCLIPSAMLib.runtime import select_device
     from MedCLIPSAMLib.saliency import gscorecam as gs
     from MedCLIPSAMLib.saliency.common import as_batch, get_module, logit_scale, text_matrix
     from MedCLIPSAMLib.saliency.gradcam import gradcam
@@ -145,8 +146,7 @@ def main(argv=None):
                    "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                    "cpu_count": os.cpu_count(), "settings": vars(args), "gscorecam_ranking_s": rank_s,
                    "m2ib_fixed_s": m2ib_fixed, "results": rows}
-        with atomic_output(args.json) as tmp, open(tmp, "w") as handle:
-            json.dump(payload, handle, indent=2)
+        write_record(args.json, payload)
     return rows
 
 

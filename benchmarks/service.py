@@ -11,7 +11,6 @@ download included for the service; process start, model loading and file writing
 """
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -19,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import write_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedCLIPSAM"))
 
@@ -101,8 +102,7 @@ def main(argv=None):
                                      args.memory_cache_mb, folder)
         out = {"models": MODELS, "device": args.device, "memory_shape_zyx": list(args.memory_shape),
                "memory_cache_mb": args.memory_cache_mb, "memory_over_volumes": memory}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        write_record(args.json, out)
         rss = [r["rss_mb"] for r in memory]
         print(f"RSS over {len(rss)} volumes: first {rss[0]} MB, max {max(rss)} MB, last {rss[-1]} MB; wrote {args.json}")
         return
@@ -138,8 +138,7 @@ def main(argv=None):
            "second_over_first": round(rows[1]["service_s"] / first_s, 3),
            "service_info_after": {k: info[k] for k in ("cache", "memory", "sam2_cache_dtype")},
            "memory_over_volumes": memory}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    write_record(args.json, out)
     print(f"{'request':40s} {'service s':>10s} {'CLI s':>8s}")
     for r in rows:
         cli = "-" if r["cli_s"] is None else f"{r['cli_s']:.2f}"

@@ -10,7 +10,8 @@ import io
 import json
 import os
 import time
-from pathlib import Path
+
+from benchmarks import write_record
 
 MODELS = ("random-biomedclip", "random-sam2.1-hiera-tiny")
 
@@ -65,8 +66,7 @@ def main(argv=None):
         print(rows[-1], flush=True)
     out = {"shape_zyx": list(args.shape), "models": list(MODELS), "preset": "v2", "device": args.device,
            "requests": rows, "second_over_first": round(rows[1]["seconds"] / rows[0]["seconds"], 3)}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    write_record(args.json, out)
     print(f"{'request':16s} {'seconds':>8s}  stages")
     for r in rows:
         print(f"{r['request']:16s} {r['seconds']:8.1f}  {r['stages']}")

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from . import saliency_speed, volume_modes
+from . import saliency_speed, volume_modes, write_record
 
 GOALS = {"volume_speedup_vs_paper": 10.0, "default_over_floor_max": 3.0, "saliency_speedup": 3.0,
          "peak_rss_gb_max": 4.0}
@@ -205,7 +205,6 @@ def main(argv=None):
     from MedCLIPSAMLib.models import load_clip, load_sam2
     from MedCLIPSAMLib.phantoms import make_volume
     from MedCLIPSAMLib.pipeline.presets import get_preset
-    from MedCLIPSAMLib.runtime import atomic_output
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
@@ -232,14 +231,12 @@ def main(argv=None):
     if args.rederive:
         out = rederive(args.rederive)
         report(out, out["per_sam"][next(iter(out["per_sam"]))]["slices"])
-        with atomic_output(args.rederive) as tmp, open(tmp, "w") as f:
-            json.dump(out, f, indent=2, default=float)
+        write_record(args.rederive, out)
         return out
 
     def save():  # after every part, so a run cut short still leaves its figures
         if args.json:
-            with atomic_output(args.json) as tmp, open(tmp, "w") as f:
-                json.dump(out, f, indent=2, default=float)
+            write_record(args.json, out)
 
     t0 = time.perf_counter()
     out = {"device": args.device, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),

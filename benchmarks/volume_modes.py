@@ -9,10 +9,11 @@ writes JSON. Timings belong here, never in tests.
 """
 
 import argparse
-import json
 import os
 import platform
 import time
+
+from benchmarks import write_record
 
 
 def run_mode(clip, sam, settings, image, mode, gate, key_slices):
@@ -74,8 +75,7 @@ def main(argv=None):
            "sam": args.sam, "device": args.device, "threads": torch.get_num_threads(), "cpu": platform.processor(),
            "cores": os.cpu_count(), "rows": rows}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_record(args.json, out)
     return out
 
 

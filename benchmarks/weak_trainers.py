@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import write_record
+
 TARGET = "brain"
 
 
@@ -162,7 +164,7 @@ def main(argv=None):
     for name, r in results.items():
         print(f"{name:10s} {r['dice']:6.3f} {r['nsd']:6.3f} {r['train_seconds']:8.1f} {r['epoch_seconds']:9.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_record(args.json, report)
     return report
 
 
