@@ -128,16 +128,23 @@ def test_missing_file_names_the_file_the_folder_and_the_source(cached_biomedclip
     assert "text/vocab.txt" in msg and str(cached_biomedclip) in msg and BIOMEDBERT_REPO in msg
 
 
+def _load_sam2_as_published(src, checkpoint, name, published_file):
+    """Put the random checkpoint `src/checkpoint` into registry entry `name`'s cache folder under the
+    publisher's file name and load it through the registry; returns (model, the checkpoint's state dict)."""
+    import torch
+
+    folder = _place_in_cache(src, name)
+    shutil.copy(src / checkpoint, folder / published_file)
+    cache.record_files(folder, {published_file: None}, source="test")
+    return load_sam2(name), torch.load(src / checkpoint, weights_only=True)["model"]
+
+
 def test_registry_sam2_loads_from_publisher_layout(tiny_sam2):
     """A SAM 2.1 tiny checkpoint (random weights, real architecture) in the publisher's file name loads via the registry."""
     import torch
 
     src = random_models.ensure_random("sam2", "sam2.1_hiera_t")
-    folder = _place_in_cache(src, "sam2.1-hiera-tiny")
-    shutil.copy(src / "model.pt", folder / "sam2.1_hiera_tiny.pt")
-    cache.record_files(folder, {"sam2.1_hiera_tiny.pt": None}, source="test")
-    model = load_sam2("sam2.1-hiera-tiny")
-    expected = torch.load(src / "model.pt", weights_only=True)["model"]
+    model, expected = _load_sam2_as_published(src, "model.pt", "sam2.1-hiera-tiny", "sam2.1_hiera_tiny.pt")
     got = model.state_dict()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert model.image_size == 1024
@@ -150,11 +157,7 @@ def test_medsam2_loads_from_its_publisher_layout_at_512():
 
     src = random_models.ensure_random("sam2", "medsam2")
     assert sorted(p.name for p in src.iterdir()) == ["MedSAM2_latest.pt", cache.MANIFEST]
-    folder = _place_in_cache(src, "medsam2")
-    shutil.copy(src / "MedSAM2_latest.pt", folder / "MedSAM2_latest.pt")
-    cache.record_files(folder, {"MedSAM2_latest.pt": None}, source="test")
-    model = load_sam2("medsam2")
-    expected = torch.load(src / "MedSAM2_latest.pt", weights_only=True)["model"]
+    model, expected = _load_sam2_as_published(src, "MedSAM2_latest.pt", "medsam2", "MedSAM2_latest.pt")
     got = model.state_dict()
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
     assert model.image_size == 512 and model.sam_prompt_encoder.image_embedding_size == (32, 32)
