@@ -43,8 +43,12 @@ class ClipBundle:
         """L2-normalised image embeddings [B, D] of normalised [B,3,224,224] tensors."""
         import torch
 
+        from .clip_image import image_embeddings
+
         with torch.set_grad_enabled(grad):
-            features = self.model.encode_image(images.to(self.device))
+            images = images.to(self.device)
+            # without a gradient the last block can run for the pooled token alone (clip_image.py)
+            features = self.model.encode_image(images) if grad or self.model.training else image_embeddings(self, images)
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
     def preprocess_array(self, rgb):

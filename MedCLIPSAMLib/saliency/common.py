@@ -90,18 +90,6 @@ def run_until(fn, *args):
         pass
 
 
-def encode_from_block(clip, tokens, start):
-    """Image embeddings (unnormalised) from the tokens entering block `start`: the rest of the blocks,
-    the final norm, timm's pooling (the CLS token for BiomedCLIP) and open_clip's projection head.
-    Mirrors TimmModel.forward -> VisionTransformer.forward_features / forward_head."""
-    visual = clip.model.visual
-    trunk = visual.trunk
-    for block in trunk.blocks[start:]:
-        tokens = block(tokens)
-    tokens = trunk.norm(tokens)
-    return visual.head(trunk.forward_head(tokens))
-
-
 def as_batch(images, device):
     """[3,H,W] or [B,3,H,W] (tensor or array) -> float32 [B,3,H,W] on `device`."""
     x = torch.as_tensor(images, dtype=torch.float32).detach().clone()  # never write to the caller's tensor

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import MedCLIPSAMError
+from ..models.clip_image import image_embeddings
 from ..runtime import autocast as amp
 from .common import (as_batch, get_module, hooked, image_text_logit, logit_scale, minmax, prefix_tokens,
                      text_matrix, to_numpy_maps, tokens_to_grid, upsample, vit_trunk)
@@ -124,6 +125,6 @@ def _score_masked(clip, x, texts, kept, scale, batch_size, autocast):
             idx = owner[start:start + batch_size]
             masked = mask_images(x[idx], flat[start:start + batch_size])
             with amp(x.device, autocast):
-                embeddings = clip.model.encode_image(masked)
+                embeddings = image_embeddings(clip, masked)
             scores.append(image_text_logit(embeddings, texts[idx], scale))
     return torch.cat(scores).view(n_images, k)

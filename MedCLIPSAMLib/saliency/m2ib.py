@@ -19,7 +19,8 @@ while "image" puts it on the other one: noise with the image's own mean still ca
 average token, so dropping the informative tokens costs little and side effects drive the objective.
 
 Speed: blocks 0..9 do not depend on alpha, so their output is computed once and each step runs only
-blocks 10, 11, the final norm, the pooling and the projection (`encode_from_block`).
+blocks 10, 11 (the last for the pooled CLS token only: models/clip_image.py), the final norm, the pooling
+and the projection (`encode_from_block`).
 `recompute_prefix=True` instead runs the whole encoder every step with the bottleneck hooked onto block 9
 (the straightforward reference, for tests and benchmarks); both draw the same noise and give the same map.
 Several images are fitted at once: each has its own alpha and its own loss, and Adam is elementwise, so
@@ -33,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MedCLIPSAMError
+from ..models.clip_image import encode_from_block
 from ..runtime import autocast as amp
-from .common import (as_batch, encode_from_block, hooked, minmax, prefix_tokens, run_until, text_matrix,
+from .common import (as_batch, hooked, minmax, prefix_tokens, run_until, text_matrix,
                      to_numpy_maps, tokens_to_grid, upsample, vit_trunk)
 
 NOISE_STATS = ("standard", "image")
