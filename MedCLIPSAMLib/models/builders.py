@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 
 from ..errors import MedCLIPSAMError
-from ..runtime import scratch_folder
+from ..runtime import log, scratch_folder
+from .no_init import build_without_init
 
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 TEXT_FILES = ("config.json", "vocab.txt", "tokenizer_config.json")
@@ -43,6 +44,10 @@ def build_open_clip(folder, weights="auto", device="cpu"):
     config_path = folder / "open_clip_config.json"
     if not config_path.is_file():
         raise MedCLIPSAMError(f"'{folder}' is not a CLIP model folder: open_clip_config.json is missing")
+    if weights == "auto":
+        weights = weights_file(folder)
+        if weights is None:
+            raise MedCLIPSAMError(f"the CLIP folder '{folder}' has no weights ({' or '.join(WEIGHT_FILES)})")
     config = json.loads(config_path.read_text())
     text_cfg = config.get("model_cfg", {}).get("text_cfg", {})
     # open_clip reads the config from a folder, and the hub config names the text tower by a hub repo:
@@ -60,16 +65,19 @@ def build_open_clip(folder, weights="auto", device="cpu"):
         # open_clip warns on the root logger that the runtime folder has no weights: they are loaded below
         logging.disable(logging.WARNING)
         try:
-            model = open_clip.create_model(f"local-dir:{runtime}", pretrained_text=False, device=device)
+            model = None
+            if weights is not None:  # every weight comes from the checkpoint: skip the random init
+                # device=None: create_model's model.to() then leaves the meta parameters alone
+                model = build_without_init(
+                    lambda: open_clip.create_model(f"local-dir:{runtime}", pretrained_text=False, device=None),
+                    device, log)
+            if model is None:
+                model = open_clip.create_model(f"local-dir:{runtime}", pretrained_text=False, device=device)
             tokenizer = open_clip.get_tokenizer(f"local-dir:{runtime}")
         finally:
             logging.disable(logging.NOTSET)
-    if weights == "auto":
-        weights = weights_file(folder)
-        if weights is None:
-            raise MedCLIPSAMError(f"the CLIP folder '{folder}' has no weights ({' or '.join(WEIGHT_FILES)})")
     if weights is not None:
-        try:
+        try:  # strict: a model built without init must get every parameter and persistent buffer from here
             open_clip.load_checkpoint(model, str(weights), weights_only=True, device=device)
         except Exception as exc:  # unpickling / shape errors: the file is not a checkpoint of this model
             raise MedCLIPSAMError(f"cannot load CLIP weights from '{weights}': {str(exc).splitlines()[0][:200]}") from exc

@@ -12,6 +12,7 @@ from ..errors import MedCLIPSAMError
 from ..runtime import log
 from . import cache, random_models
 from .builders import instantiate_sam2, sam2_package_config
+from .no_init import build_without_init
 from .registry import get_entry
 
 RANDOM_SAM2 = {
@@ -60,14 +61,17 @@ def load_sam2(name="sam2.1-hiera-tiny", device="cpu", video=False):
     import torch
 
     cfg, checkpoint, overrides, is_random = resolve_sam2(name)
-    model = instantiate_sam2(cfg, video=video, overrides=overrides)
+    # every weight comes from the checkpoint (checked below): skip the random init that it overwrites
+    model = build_without_init(lambda: instantiate_sam2(cfg, video=video, overrides=overrides), device, log)
+    if model is None:
+        model = instantiate_sam2(cfg, video=video, overrides=overrides)
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = state["model"] if isinstance(state, dict) and "model" in state else state
         missing, unexpected = model.load_state_dict(state, strict=False)
     except Exception as exc:
         raise MedCLIPSAMError(f"cannot read the SAM2 checkpoint '{checkpoint}': {str(exc).splitlines()[0][:200]}") from exc
-    if missing or unexpected:
+    if missing or unexpected:  # never return a model with uninitialised weights
         raise MedCLIPSAMError(f"the SAM2 checkpoint '{checkpoint}' does not match its config "
                               f"({len(missing)} missing, {len(unexpected)} unexpected weights)")
     if is_random:
