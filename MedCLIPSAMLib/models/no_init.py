@@ -8,8 +8,8 @@ checkpoint and keep the values the constructor gave them. (A load then draws few
 caller's torch RNG stream after it differs from before, as it did already with the loaders' reuse cache.)
 
 The switch is thread-local (the service loads models on worker threads while other threads build modules):
-Module.register_parameter is wrapped once, for good, and the wrapper does nothing in other threads. A
-patch that is put back on exit (accelerate's init_empty_weights) would race with other threads.
+Module.register_parameter is wrapped while any thread is inside skip_init() (counted under a lock, put back
+when the last one leaves), and the wrapper does nothing in threads that are not inside it.
 """
 
 import contextlib
@@ -18,6 +18,7 @@ import threading
 _local = threading.local()
 _install_lock = threading.Lock()
 _original_register = None
+_users = 0  # threads inside skip_init(); the wrapper is in place while there are any
 
 
 def _register_parameter(module, name, param):
@@ -43,13 +44,26 @@ def _empty_twin(param, device):
 
 
 def _install():
-    global _original_register
+    """Wrap Module.register_parameter while any thread is inside skip_init() (counted)."""
+    global _original_register, _users
     import torch
 
     with _install_lock:
-        if _original_register is None:
+        if _original_register is None:  # kept for good: a thread that just entered the wrapper still calls it
             _original_register = torch.nn.Module.register_parameter
+        if _users == 0:
             torch.nn.Module.register_parameter = _register_parameter
+        _users += 1
+
+
+def _uninstall():
+    global _users
+    import torch
+
+    with _install_lock:
+        _users -= 1
+        if _users == 0:
+            torch.nn.Module.register_parameter = _original_register
 
 
 @contextlib.contextmanager
@@ -64,6 +78,7 @@ def skip_init():
         yield
     finally:
         _local.twins = outer
+        _uninstall()
 
 
 def meta_leftovers(model):

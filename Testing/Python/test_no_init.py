@@ -142,3 +142,16 @@ def test_a_buffer_derived_from_a_parameter_falls_back_to_init():
 
     assert no_init.build_without_init(Derived, "cpu") is None
     assert torch.equal(Derived().twice, torch.full((2,), 2.0))
+
+
+def test_torch_is_left_as_it_was_after_skip_init():
+    import torch
+
+    from MedCLIPSAMLib.models.no_init import skip_init
+
+    before = torch.nn.Module.register_parameter
+    with skip_init():
+        with skip_init():  # nested: still wrapped until the outer one ends
+            pass
+        assert torch.nn.Module.register_parameter is not before
+    assert torch.nn.Module.register_parameter is before
