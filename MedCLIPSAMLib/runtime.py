@@ -153,6 +153,14 @@ def atomic_output(path, suffix=None):
         raise
 
 
+@contextlib.contextmanager
+def staged_outputs():
+    """Yield staged(path) -> a temporary path beside `path` (None -> None). The files are renamed into place
+    together when the block ends without an error; an error or a cancel inside leaves none of them."""
+    with contextlib.ExitStack() as outputs:
+        yield lambda path: outputs.enter_context(atomic_output(path)) if path else None
+
+
 # Temporary files and folders are named "<prefix><owner pid>-<random>" in a known place, so that one left
 # by a process killed with SIGKILL (no cleanup runs) is recognised as stale and removed by the next run.
 SCRATCH_ROOT = "medclipsam-scratch"

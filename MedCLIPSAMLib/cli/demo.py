@@ -74,7 +74,8 @@ def run_demo(args):
 
     from ..evidence import summary_line
     from ..progress import ProgressReporter
-    from .segment import Session, write_evidence, write_result
+    from ..runtime import staged_outputs
+    from .segment import Session, write_evidence, write_outputs
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,8 +115,9 @@ def run_demo(args):
     progress.install_signal_handlers()
     session = Session(a, progress)
     result = session.segment(image)
-    write_result(result, image, str(seg_path))
-    write_evidence(a, session, result, image, staged=str)  # each file is written atomically on its own
+    with staged_outputs() as staged:  # the segmentation and its evidence renamed into place together
+        write_outputs(result, image, staged(str(seg_path)))
+        write_evidence(a, session, result, image, staged)
     png_path = out / f"{name}-overview.png"
     write_overview(png_path, image, result, session, truth, meaningless=bool(why))
     progress.finish("finished", f"wrote {seg_path}")

@@ -122,14 +122,11 @@ def write_result(result, image, output, uncertainty_output=None, progress=None, 
     reported and a cancel that came in by then (e.g. a SIGTERM while writing) removes the temporary
     files before anything is renamed: cancelled means nothing written. After the rename the run is done.
     dicom: write_dicom_seg's source_folder, method, models and random, for a .dcm output."""
-    import contextlib
+    from ..runtime import staged_outputs
 
-    from ..runtime import atomic_output
-
-    with contextlib.ExitStack() as outputs:
-        staged_uncertainty = outputs.enter_context(atomic_output(uncertainty_output)) \
-            if uncertainty_output and result.uncertainty is not None else None
-        write_outputs(result, image, outputs.enter_context(atomic_output(output)), staged_uncertainty, dicom)
+    with staged_outputs() as staged:
+        uncertainty = uncertainty_output if result.uncertainty is not None else None
+        write_outputs(result, image, staged(output), staged(uncertainty), dicom)
         if progress is not None:
             progress.advance(1)  # raises Cancelled if a cancel came in: the temporary files are removed
 
@@ -193,13 +190,11 @@ def _dicom_info(args, session):
 
 
 def run(args):
-    import contextlib
-
     from ..evidence import summary_line
     from ..io import read_volume
     from ..pipeline.text import make_prompt
     from ..progress import ProgressReporter
-    from ..runtime import atomic_output
+    from ..runtime import staged_outputs
 
     progress = ProgressReporter(args.progress)
     progress.install_signal_handlers()
@@ -224,10 +219,7 @@ def run(args):
         progress.stage("write", 1, "writing the segmentation")
         # every file goes to a temporary path and all are renamed together at the end: an error or a
         # cancel while writing leaves none of them
-        with contextlib.ExitStack() as outputs:
-            def staged(path):
-                return outputs.enter_context(atomic_output(path)) if path else None
-
+        with staged_outputs() as staged:
             uncertainty = args.uncertainty_output if result.uncertainty is not None else None
             write_outputs(result, image, staged(args.output), staged(uncertainty), _dicom_info(args, session))
             write_evidence(args, session, result, image, staged)
@@ -275,13 +267,12 @@ def _case_name(path):
 
 def run_batch(args):
     """Each rank (torchrun's RANK / WORLD_SIZE) takes every WORLD_SIZE-th case; finished outputs are skipped."""
-    import contextlib
     import os
 
     from ..errors import MedCLIPSAMError
     from ..io import read_volume
     from ..progress import ProgressReporter
-    from ..runtime import atomic_output
+    from ..runtime import staged_outputs
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     os.makedirs(args.output_dir, exist_ok=True)
@@ -301,10 +292,7 @@ def run_batch(args):
             image = read_volume(case, frame=args.frame)
             result = session.segment(image)
             saliency, report = batch_evidence_paths(args, out)
-            with contextlib.ExitStack() as outputs:  # the case's files renamed into place together
-                def staged(path):
-                    return outputs.enter_context(atomic_output(path))
-
+            with staged_outputs() as staged:  # the case's files renamed into place together
                 write_outputs(result, image, staged(out))
                 write_evidence(args, session, result, image, staged, saliency, report, case, out)
             print(f"{case} -> {out}")

@@ -257,6 +257,26 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
             pass
 
 
+def test_staged_outputs_renames_all_files_together_or_none(tmp_path):
+    from MedCLIPSAMLib.runtime import staged_outputs
+
+    seg, report = tmp_path / "a.seg.nrrd", tmp_path / "a.report.json"
+    report.write_text("old report")
+    with pytest.raises(RuntimeError):
+        with staged_outputs() as staged:
+            Path(staged(seg)).write_text("seg")
+            Path(staged(report)).write_text("new report")
+            assert staged(None) is None  # an output not asked for
+            raise RuntimeError("cancelled after both were written")
+    assert sorted(os.listdir(tmp_path)) == ["a.report.json"] and report.read_text() == "old report"
+    with staged_outputs() as staged:
+        Path(staged(seg)).write_text("seg")
+        Path(staged(report)).write_text("new report")
+        assert not seg.exists()  # nothing is in place before the block ends
+    assert seg.read_text() == "seg" and report.read_text() == "new report"
+    assert sorted(os.listdir(tmp_path)) == ["a.report.json", "a.seg.nrrd"]
+
+
 def test_models_list_aligns_its_columns_with_long_names(monkeypatch, capsys):
     from MedCLIPSAMLib.cli import main
     from MedCLIPSAMLib.models import registry
