@@ -1,7 +1,7 @@
 """The segmentation service against the process-per-run CLI, side by side in one run, with full-size
-random-weight models (BiomedCLIP architecture + SAM 2.1 Hiera tiny).
+random-weight models (BiomedCLIP architecture + MedSAM2, the default SAM; `--models` for others).
 
-    python -m benchmarks.service [--shape 28 256 256] [--preset v2] [--cli-requests N] [--skip-requests] [--json OUT.json]
+    python -m benchmarks.service [--shape 28 256 256] [--preset v2] [--models CLIP,SAM] [--cli-requests N] [--skip-requests] [--json OUT.json]
 
 Four requests on one MR phantom, each through `medclipsam serve` (one service, started once) and through a
 new `medclipsam segment` process: a first prompt, a second prompt on the same volume, the first prompt
@@ -23,13 +23,13 @@ from benchmarks import write_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedCLIPSAM"))
 
-MODELS = "random-biomedclip,random-sam2.1-hiera-tiny"
+MODELS = "random-biomedclip,random-medsam2"  # the records before this default used random-sam2.1-hiera-tiny
 
 
-def cli_run(volume, prompt, preset, out, device):
+def cli_run(volume, prompt, preset, out, device, models):
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "MedCLIPSAMLib", "segment", volume, "--prompt", prompt, "--preset", preset,
-                    "--output", out, "--models", MODELS, "--device", device, "--progress", "none"],
+                    "--output", out, "--models", models, "--device", device, "--progress", "none"],
                    check=True, capture_output=True)
     return time.perf_counter() - start
 
@@ -43,13 +43,13 @@ def service_run(client, volume_id, prompt, preset, out):
     return time.perf_counter() - start, status
 
 
-def memory_over_volumes(python, device, count, shape, cache_mb, folder):
+def memory_over_volumes(python, device, count, shape, cache_mb, folder, models):
     """RSS of a service with a small cache budget after each of `count` different volumes."""
     from MedCLIPSAMLib.io import write_volume
     from MedCLIPSAMLib.phantoms import make_volume
     from MedCLIPSAMModuleLib.service import LocalService
 
-    service = LocalService(python, ["--models", MODELS, "--device", device, "--cache-mb", str(cache_mb),
+    service = LocalService(python, ["--models", models, "--device", device, "--cache-mb", str(cache_mb),
                                     "--max-volumes", "4"])
     client = service.ensure()
     rows = []
@@ -80,6 +80,7 @@ def main(argv=None):
     p.add_argument("--other-preset", default="fast")
     p.add_argument("--prompts", nargs=2, default=("brain tumor", "brain"))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--models", default=MODELS)
     p.add_argument("--memory-volumes", type=int, default=8)
     p.add_argument("--memory-shape", type=int, nargs=3, default=(6, 128, 128))
     p.add_argument("--memory-cache-mb", type=float, default=128)
@@ -99,15 +100,15 @@ def main(argv=None):
                                                           args.other_preset)]
     if args.skip_requests:
         memory = memory_over_volumes(sys.executable, args.device, args.memory_volumes, tuple(args.memory_shape),
-                                     args.memory_cache_mb, folder)
-        out = {"models": MODELS, "device": args.device, "memory_shape_zyx": list(args.memory_shape),
+                                     args.memory_cache_mb, folder, args.models)
+        out = {"models": args.models, "device": args.device, "memory_shape_zyx": list(args.memory_shape),
                "memory_cache_mb": args.memory_cache_mb, "memory_over_volumes": memory}
         write_record(args.json, out)
         rss = [r["rss_mb"] for r in memory]
         print(f"RSS over {len(rss)} volumes: first {rss[0]} MB, max {max(rss)} MB, last {rss[-1]} MB; wrote {args.json}")
         return
     start = time.perf_counter()
-    service = LocalService(sys.executable, ["--models", MODELS, "--device", args.device])
+    service = LocalService(sys.executable, ["--models", args.models, "--device", args.device])
     client = service.ensure()
     service_start = time.perf_counter() - start
     print(f"service started in {service_start:.1f} s", flush=True)
@@ -119,7 +120,7 @@ def main(argv=None):
         for k, (name, prompt, preset) in enumerate(steps):
             served, status = service_run(client, volume_id, prompt, preset, os.path.join(folder, "s.seg.nrrd"))
             print(f"{name}: service {served:.2f} s", flush=True)
-            cli = (cli_run(volume, prompt, preset, os.path.join(folder, "c.seg.nrrd"), args.device)
+            cli = (cli_run(volume, prompt, preset, os.path.join(folder, "c.seg.nrrd"), args.device, args.models)
                    if k < args.cli_requests else None)
             report = status["report"][0]
             rows.append({"request": name, "prompt": prompt, "preset": preset, "service_s": round(served, 2),
@@ -130,9 +131,9 @@ def main(argv=None):
     finally:
         service.stop()
     memory = memory_over_volumes(sys.executable, args.device, args.memory_volumes, tuple(args.memory_shape),
-                                 args.memory_cache_mb, folder)
+                                 args.memory_cache_mb, folder, args.models)
     first_s = rows[0]["service_s"]
-    out = {"shape_zyx": list(args.shape), "models": MODELS, "device": args.device, "preset": args.preset,
+    out = {"shape_zyx": list(args.shape), "models": args.models, "device": args.device, "preset": args.preset,
            "cpu": platform.processor() or platform.machine(), "threads": os.cpu_count(),
            "service_start_s": round(service_start, 2), "upload_s": round(upload, 3), "requests": rows,
            "second_over_first": round(rows[1]["service_s"] / first_s, 3),
