@@ -46,9 +46,8 @@ class ClipBundle:
         from .clip_image import image_embeddings
 
         with torch.set_grad_enabled(grad):
-            images = images.to(self.device)
-            # without a gradient the last block can run for the pooled token alone (clip_image.py)
-            features = self.model.encode_image(images) if grad or self.model.training else image_embeddings(self, images)
+            # the last block for the pooled token alone where that is exact (clip_image.py)
+            features = image_embeddings(self, images.to(self.device))
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
     def preprocess_array(self, rgb):

@@ -8,14 +8,10 @@ a backward pass), about 40% of its fitting. The result equals the full forward u
 (Testing/Python/test_clip_image.py compares them); other architectures take the full path.
 """
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
-
-class _Stop(Exception):
-    """Raised from a pre-hook to end a forward pass once the wanted input is captured."""
+from .hooks import hooked, run_until
 
 
 def pools_first_token(trunk, block):
@@ -68,22 +64,6 @@ def encode_from_block(clip, tokens, start):
     return visual.head(trunk.forward_head(tokens))
 
 
-@contextlib.contextmanager
-def _input_of(module):
-    """Capture the first input of `module` in the yielded list and end the forward pass there."""
-    store = []
-
-    def hook(_module, args):
-        store.append(args[0])
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
 def image_embeddings(clip, images):
     """Unnormalised image embeddings [B,D] of normalised images [B,3,H,W], like open_clip's
     model.encode_image, with the last block computed for the pooled token only where that is exact."""
@@ -92,9 +72,6 @@ def image_embeddings(clip, images):
     blocks = getattr(trunk, "blocks", None)
     if not blocks or not hasattr(visual, "head") or not pools_first_token(trunk, blocks[-1]):
         return clip.model.encode_image(images)
-    with _input_of(blocks[-1]) as store:
-        try:
-            clip.model.encode_image(images)
-        except _Stop:
-            pass
+    with hooked(blocks[-1], stop=True, before=True) as store:  # the tokens entering the last block
+        run_until(clip.model.encode_image, images)
     return encode_from_block(clip, store[0], len(blocks) - 1)

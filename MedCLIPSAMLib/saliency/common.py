@@ -6,13 +6,13 @@ All methods work on an open_clip model whose visual tower is a timm ViT wrapped 
 projection. Tokens are [B, N, C] with `trunk.num_prefix_tokens` prefix tokens (the CLS token) first.
 """
 
-import contextlib
 import re
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import MedCLIPSAMError
+from ..models.hooks import hooked, run_until  # noqa: F401 (the saliency methods import them from here)
 
 _PART = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[-?\d+\])*)$")
 
@@ -55,39 +55,6 @@ def tokens_to_grid(tokens, n_prefix):
     if side * side != count:
         raise MedCLIPSAMError(f"cannot arrange {count} patch tokens on a square grid")
     return patches.reshape(batch, side, side, channels).permute(0, 3, 1, 2)
-
-
-class _StopForward(Exception):
-    """Raised from a hook to end a forward pass once the wanted activation is captured."""
-
-
-@contextlib.contextmanager
-def hooked(module, replace=None, stop=False):
-    """Capture `module`'s output in the yielded list; `replace(output)` substitutes it; `stop` ends the
-    forward pass right there (the caller wraps the call in `run_until`). The hook is always removed."""
-    store = []
-
-    def hook(_module, _inputs, output):
-        if replace is not None:
-            output = replace(output)
-        store.append(output)
-        if stop:
-            raise _StopForward
-        return output
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-def run_until(fn, *args):
-    """Call fn(*args), treating a _StopForward from a hook as a normal end."""
-    try:
-        fn(*args)
-    except _StopForward:
-        pass
 
 
 def as_batch(images, device):
