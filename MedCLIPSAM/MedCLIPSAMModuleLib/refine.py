@@ -28,6 +28,11 @@ class RefineError(Exception):
     """A refine request that could not be made; str() is one sentence for the user."""
 
 
+def sentence(exc):
+    """What the panel shows of an error: its first line (its type's name when it has no text)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def _digest(array):
     import hashlib
 
@@ -41,10 +46,10 @@ class RefineLogic:
         self.scene = scene
         self.service = service
         self.temporaryDirectory = temporaryDirectory
-        # knownVolume(volumeNode, client) -> the id of an upload made by someone else (Apply's service
+        # knownVolume(nodeId, stamp, client) -> the id of an upload made by someone else (Apply's service
         # backend) that is still valid, or None: a click then reuses that segmentation's encodings
         self.knownVolume = knownVolume
-        self._uploads = {}      # volume node id -> (volume id, image data MTime)
+        self._uploads = {}      # volume node id -> (volume id, stamp(): voxels MTime + geometry)
         self._synced = {}       # (volume id, key) -> digest of the segment as the service holds it
         self.lastReply = None
 
@@ -449,8 +454,7 @@ class RefineRunner:
         try:
             self.logic.send(request)
         except Exception as exc:        # handed to the GUI thread, which shows its sentence
-            request.error = exc if isinstance(exc, RefineError) else RefineError(str(exc).splitlines()[0] if str(exc)
-                                                                                 else type(exc).__name__)
+            request.error = exc if isinstance(exc, RefineError) else RefineError(sentence(exc))
 
     def poll(self):
         if self._request is None or self._thread.is_alive():

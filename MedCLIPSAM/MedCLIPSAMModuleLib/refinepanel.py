@@ -17,7 +17,7 @@ vtkMRMLSelectionNode.h:87,94, vtkMRMLInteractionNode.h:31,43,52); qMRMLSegmentSe
 import slicer
 
 from .i18n import tr as _
-from .refine import VIEW_NAMES, RefineError, RefineLogic, RefineRunner
+from .refine import VIEW_NAMES, RefineLogic, RefineRunner, sentence
 
 POSITIVE_COLOR = (0.0, 0.85, 0.0)     # SegmentWithSAM / nnInteractive: green includes, red excludes
 NEGATIVE_COLOR = (0.95, 0.1, 0.1)
@@ -225,16 +225,12 @@ class RefineSection:
             self._chosenService = self._service()
             request = prepare()
         except Exception as exc:
-            self.statusLabel.text = self._sentence(exc)
+            self.statusLabel.text = sentence(exc)
             return
         self._done = done
         self.statusLabel.text = _("Correcting...")
         self.runner.start(request)
         self.timer.start()
-
-    @staticmethod
-    def _sentence(exc):
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
     def _poll(self):
         request = self.runner.poll() if self.runner is not None else None
@@ -248,7 +244,7 @@ class RefineSection:
             self.statusLabel.text = self._done(logic.finish(request))
         except Exception as exc:     # the service's own sentence, or an unexpected failure
             logic.abandon(request)
-            self.statusLabel.text = self._sentence(exc)
+            self.statusLabel.text = sentence(exc)
         self.timer.stop()
         if self._pending is not None:
             pending, self._pending = self._pending, None
