@@ -1,5 +1,5 @@
-"""Pieces shared by the saliency methods: layer lookup, hooks, ViT token <-> grid, the image-text logit,
-upsampling and min-max.
+"""Pieces shared by the saliency methods: layer lookup, ViT token <-> grid, the image-text logit,
+upsampling and min-max (the forward hooks are in models/hooks.py).
 
 All methods work on an open_clip model whose visual tower is a timm ViT wrapped by open_clip's TimmModel
 (BiomedCLIP and the tiny-random model): `visual.trunk` is the timm VisionTransformer, `visual.head` the
@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MedCLIPSAMError
-from ..models.hooks import hooked, run_until  # noqa: F401 (the saliency methods import them from here)
 
 _PART = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[-?\d+\])*)$")
 

@@ -14,8 +14,9 @@ commutes with the affine min-max (only the epsilons differ).
 
 import torch
 
+from ..models.hooks import hooked
 from ..runtime import autocast as amp
-from .common import (as_batch, get_module, hooked, image_text_logit, logit_scale, minmax, prefix_tokens,
+from .common import (as_batch, get_module, image_text_logit, logit_scale, minmax, prefix_tokens,
                      text_matrix, to_numpy_maps, tokens_to_grid, upsample, vit_trunk)
 
 DEFAULT_LAYER = "visual.trunk.blocks[11].norm1"

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 
 from ..errors import MedCLIPSAMError
 from ..models.clip_image import encode_from_block
+from ..models.hooks import hooked, run_until
 from ..runtime import autocast as amp
-from .common import (as_batch, hooked, minmax, prefix_tokens, run_until, text_matrix,
-                     to_numpy_maps, tokens_to_grid, upsample, vit_trunk)
+from .common import (as_batch, minmax, prefix_tokens, text_matrix, to_numpy_maps, tokens_to_grid, upsample,
+                     vit_trunk)
 
 NOISE_STATS = ("standard", "image")
 

@@ -246,7 +246,7 @@ def test_m2ib_map_follows_the_text_to_its_quadrant(tiny_clip):
     text is the embedding direction of one half. Image and model are the same for both texts and the two
     squares look alike, so a map that follows the image alone cannot pass for both texts: each map must
     land on its own text's quadrant."""
-    from MedCLIPSAMLib.saliency.common import hooked
+    from MedCLIPSAMLib.models.hooks import hooked
     from MedCLIPSAMLib.saliency.m2ib import run_m2ib
 
     clip, readout, half = _quadrant_readout_clip(tiny_clip)
