@@ -125,9 +125,22 @@ def write_msd(root, labels_style="msd"):
     (root / "dataset.json").write_text(json.dumps(meta))
 
 
+def write_figshare(root):
+    """N.mat with a cjdata struct, as MATLAB's older format (scipy writes it; the published v7.3 is HDF5)."""
+    from scipy.io import savemat
+
+    (root / "brainTumorDataPublic_1-766").mkdir(parents=True)
+    for i in range(1, 11):
+        p = make_image("mr", (40, 48), seed=i)
+        data = {"label": 1.0, "PID": str(i), "image": (p.image * 100).astype(np.int16),
+                "tumorMask": (p.labels["tumor"] > 0).astype(np.uint8), "tumorBorder": np.zeros((1, 4))}
+        savemat(root / "brainTumorDataPublic_1-766" / f"{i}.mat", {"cjdata": data})
+
+
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory):
     root = tmp_path_factory.mktemp("papers")
+    write_figshare(root / "figshare")
     write_busi(root / "busi")
     write_authors(root / "brain")
     write_covidqu(root / "covidqu")
@@ -152,6 +165,15 @@ def test_readers_and_splits(stand_ins, tmp_path):
     assert brain.layout == "authors"
     assert [len(brain.split(s)) for s in ("train", "val", "test")] == [3, 1, 3]
     assert brain.split("test", limit=2) == brain.split("test")[:2]
+
+    mats = load_dataset("brain", root / "figshare")             # the figshare .mat files
+    assert mats.layout == "public" and [c.id for c in mats.cases] == [f"mat_{i}" for i in range(1, 11)]
+    assert all(c.split == split_of(c.id[4:]) for c in mats.cases)
+    from benchmarks.papers.datasets import read_image
+
+    p = make_image("mr", (40, 48), seed=3)
+    assert np.array_equal(read_mask(mats, mats.cases[2]), (p.labels["tumor"] > 0).astype(np.uint8))
+    assert read_image(mats, mats.cases[2]).shape == (40, 48)
 
     cxr = load_dataset("covidqu", root / "covidqu")
     assert [len(cxr.split(s)) for s in ("train", "val", "test")] == [4, 2, 4]   # the publisher's folders
@@ -241,22 +263,19 @@ def test_msd_volume(stand_ins, tmp_path):
     assert record["rows"][0]["paper"] is None and record["dataset"]["title"] == "MSD Liver"
 
 
-def _cli(*args, env=None):
-    import os
-
-    full = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "benchmarks.papers", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, env=full, timeout=300)
-
-
-def test_missing_model_and_bad_folder_say_one_sentence(stand_ins, tmp_path):
+def test_missing_model_and_bad_folder_say_one_sentence(stand_ins, tmp_path, monkeypatch, capsys):
     root, _ = stand_ins
     out = tmp_path / "r.json"
-    run = _cli("busi", root / "busi", "--models", "biomedclip,sam2.1-hiera-large", "--json", out,
-               env={"MEDCLIPSAM_HOME": str(tmp_path / "empty-home")})
-    assert run.returncode == 1 and "Traceback" not in run.stderr
-    (line,) = run.stderr.strip().splitlines()
+    monkeypatch.setenv("MEDCLIPSAM_HOME", str(tmp_path / "empty-home"))     # offline, nothing downloaded
+    assert papers.main(["busi", str(root / "busi"), "--json", str(out), "--device", "cpu"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: model 'biomedclip' is not available: missing open_clip_config.json")
     assert not out.exists()
-    run = _cli("covidqu", tmp_path / "nowhere", "--json", out)
+    # the command itself, in a process of its own: a wrong folder stops before any model loads
+    import os
+
+    run = subprocess.run([sys.executable, "-m", "benchmarks.papers", "covidqu", str(tmp_path / "nowhere"),
+                          "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 1 and run.stderr.strip() == f"error: data folder '{tmp_path / 'nowhere'}' does not exist"
+    assert not out.exists()

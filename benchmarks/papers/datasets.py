@@ -163,7 +163,8 @@ def lungct_public(root):
 
 def brain_public(root):
     """Figshare brain tumour data set (Cheng et al.; Kaggle ashkhagan/figshare-brain-tumor-dataset): N.mat
-    files (MATLAB v7.3: cjdata.image, cjdata.tumorMask), read with h5py. The case's name decides its split."""
+    files (cjdata.image, cjdata.tumorMask; see _read_mat), anywhere under root. The case number decides
+    its split."""
     mats = sorted(Path(root).rglob("*.mat"), key=lambda p: (len(p.stem), p.stem))
     mats = [p for p in mats if p.stem.isdigit()]
     if not mats:
@@ -276,11 +277,20 @@ def _read_3d(path):
 
 
 def _read_mat(path):
+    """cjdata.image and cjdata.tumorMask of a figshare case: MATLAB v7.3 (HDF5, as published) through h5py,
+    older MATLAB files (some re-uploads) through scipy."""
+    from scipy.io import loadmat
+
+    try:
+        data = loadmat(path, simplify_cells=True)["cjdata"]
+        return {"image": np.asarray(data["image"], np.float32), "mask": np.asarray(data["tumorMask"])}
+    except NotImplementedError:   # scipy's answer to a v7.3 file
+        pass
     try:
         import h5py
     except ImportError:
-        raise MedCLIPSAMError("reading the figshare brain tumour .mat files needs h5py ('pip install h5py'), or "
-                              "use the MedCLIP-SAMv2 prepared folders (test_images/, test_masks/)") from None
+        raise MedCLIPSAMError("reading the figshare brain tumour .mat files (MATLAB v7.3) needs h5py ('pip install "
+                              "h5py'), or use the MedCLIP-SAMv2 prepared folders (test_images/, test_masks/)") from None
     with h5py.File(path, "r") as f:
         data = f["cjdata"]
         # MATLAB stores column-major: h5py reads the transpose

@@ -194,32 +194,29 @@ class Runner:
         return read_volume(case.image, frame=0)
 
     def _weak_inputs(self, folder, pseudo, cases):
-        """List files of the training images and their pseudo-labels, named alike (by case id)."""
+        """List files of the training images and their pseudo-labels, linked under the same case names (the
+        trainer pairs them by name; a .mat image is written out as NRRD)."""
         import SimpleITK as sitk
 
         data = folder / "data"
         (data / "images").mkdir(parents=True, exist_ok=True)
+        (data / "labels").mkdir(exist_ok=True)
         images, labels = [], []
         for case in cases:
             suffix = ".png" if self.dataset.dims == 2 else ".nii.gz"
-            image_link = data / "images" / f"{case.id}{'.nrrd' if case.image.endswith('.mat') else _ext(case.image)}"
-            if not image_link.exists():
+            image = data / "images" / f"{case.id}{'.nrrd' if case.image.endswith('.mat') else _ext(case.image)}"
+            label = data / "labels" / f"{case.id}{suffix}"
+            if not image.exists():
                 if case.image.endswith(".mat"):
-                    sitk.WriteImage(self._weak_image(case), str(image_link))
+                    sitk.WriteImage(self._weak_image(case), str(image))
                 else:
-                    os.symlink(os.path.abspath(case.image), image_link)
-            images.append(str(image_link))
-            labels.append(str(pseudo / f"{case.id}.mask{suffix}"))
-        # the pseudo-label files are named <id>.mask.png: link them under the images' names
-        (data / "labels").mkdir(exist_ok=True)
-        linked = []
-        for case, label in zip(cases, labels):
-            link = data / "labels" / f"{case.id}{_ext(label)}"
-            if not link.exists():
-                os.symlink(os.path.abspath(label), link)
-            linked.append(str(link))
+                    os.symlink(os.path.abspath(case.image), image)
+            if not label.exists():
+                os.symlink(os.path.abspath(pseudo / f"{case.id}.mask{suffix}"), label)
+            images.append(str(image))
+            labels.append(str(label))
         (data / "images.txt").write_text("\n".join(images) + "\n")
-        (data / "labels.txt").write_text("\n".join(linked) + "\n")
+        (data / "labels.txt").write_text("\n".join(labels) + "\n")
         return data / "images.txt", data / "labels.txt"
 
 
