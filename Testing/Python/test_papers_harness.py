@@ -86,7 +86,8 @@ def write_covidqu(root):
                 p = make_image("xray", (48, 48), seed=i + 7 * len(split) + len(group))
                 name = f"{group.lower()}_{split}_{i}.png"
                 Image.fromarray(_u8(p.image)).save(base / split / group / "images" / name)
-                Image.fromarray(_mask(p.labels, "left lung", "right lung")).save(base / split / group / "lung masks" / name)
+                lungs = _mask(p.labels, "left lung", "right lung")
+                Image.fromarray(lungs).save(base / split / group / "lung masks" / name)
 
 
 def write_lungct(root):
@@ -193,6 +194,27 @@ def test_readers_and_splits(stand_ins, tmp_path):
     assert msd.dims == 3 and msd.targets == [(1, "liver")] and len(msd.split("test")) == 1
     write_msd(tmp_path / "v2style", labels_style="nnunet")
     assert load_dataset("msd", tmp_path / "v2style").targets == [(1, "liver")]
+
+
+def test_rows_settings_and_published_figures():
+    from benchmarks.papers.published import PUBLISHED, paper_figure
+    from benchmarks.papers.stages import plan
+    from MedCLIPSAMLib.errors import MedCLIPSAMError
+
+    (v1,) = plan("busi", "v1")
+    s = v1.settings
+    assert (v1.name, s.saliency, s.postprocess, s.top_n) == ("zero-shot-v1", "gscorecam", "crf", 1)
+    assert paper_figure("busi", "zero-shot-v1") == {"dice": 67.82, "nsd": None, "source": "v1-in-v2", "note": ""}
+    lungs = plan("covidqu", "v2", weak=True, ablation=True, finetuned=True)
+    assert [s.name for s in lungs][2:4] == ["ablation:saliency", "ablation:+dhn-nce"]
+    assert [s.finetuned for s in lungs] == [True, True, False, True, True, True, True, True]
+    assert (lungs[0].settings.top_n, lungs[0].settings.keep_largest) == (2, 2)      # the scripts' lung setting
+    assert plan("brain", "v2")[0].settings.saliency_settings["beta"] == 2.0
+    with pytest.raises(MedCLIPSAMError, match="the ablation rows are MedCLIP-SAMv2's: use --preset v2"):
+        plan("busi", "v1", ablation=True)
+    # the v2 means over the four data sets are the paper's own summary figures
+    for stage, mean in (("zero-shot-v2", 77.61), ("weak-v2", 82.11)):
+        assert round(np.mean([PUBLISHED[k][stage]["dice"] for k in ("busi", "brain", "covidqu", "lungct")]), 2) == mean
 
 
 def test_run_resumes_and_prints_the_papers_figures(stand_ins, tmp_path, capsys):
