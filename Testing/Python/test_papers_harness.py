@@ -271,6 +271,12 @@ def test_weak_and_ablation_rows(stand_ins, tmp_path, capsys):
     # the same settings share one cache: +sam and +weak repeat zero-shot-v2 and weak-v2
     assert rows["ablation:+sam"]["from_cache"] == 1 and rows["ablation:+weak"]["from_cache"] == 1
     assert record["per_case"]["ablation:+weak"] == record["per_case"]["weak-v2"]
+    # one network, trained on the training split's pseudo-labels, predicted the test split
+    (trained,) = Path(f"{out}.cache").glob("weak-*/trained.json")
+    brain = load_dataset("brain", root / "brain")
+    assert json.loads(trained.read_text())["cases"] == [c.id for c in brain.split("train", 1)]
+    assert [c["case"] for c in record["per_case"]["weak-v2"]] == [c.id for c in brain.split("test", 1)]
+    assert record["per_case"]["weak-v2"] != record["per_case"]["zero-shot-v2"]
     printed = capsys.readouterr().out
     assert "* the paper's ablation figure is the mean over its four data sets" in printed
 
