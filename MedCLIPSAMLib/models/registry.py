@@ -93,7 +93,7 @@ RANDOM_MODELS = {
 DEFAULT_CLIP = "biomedclip"
 # MedSAM2 (SAM 2.1 tiny fine-tuned on 3D medical images, 512 px): a quarter of the 1024 px encoder's pixels
 # (benchmarks/cpu_minute.py) and, in its paper, more accurate on CT / MRI / PET than SAM 2.1 at 1024.
-# SAM 2.1 at 1024 stays one flag away: --models sam2.1-hiera-tiny (README, Performance).
+# SAM 2.1 at 1024 stays one flag away: --models sam2.1-hiera-tiny (benchmarks/README.md, cpu_minute.py).
 DEFAULT_SAM2 = "medsam2"
 
 
