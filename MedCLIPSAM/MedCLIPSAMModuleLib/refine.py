@@ -121,47 +121,148 @@ class RefineLogic:
         lo[along] = hi[along] = np.floor(ijk[-1, along] + 0.5)
         return [list((ijkToRas @ np.r_[c, 1.0])[:3]) for c in (lo, hi)]
 
-    # -- the segment's voxels on the volume's grid ---------------------------------------------------
+    # -- the segment's voxels on the volume's grid, written back on the segment's own grid -------------
+    @staticmethod
+    def _segmentationToVolume(segmentationNode, volumeNode):
+        """4x4 (numpy): the segmentation's own RAS frame -> the volume's own RAS frame (parent transforms);
+        RefineError when a non-linear transform lies between them (slices cannot be mapped voxel to voxel)."""
+        import numpy as np
+        import slicer
+        import vtk
+
+        matrix = vtk.vtkMatrix4x4()
+        # Libs/MRML/Core/vtkMRMLTransformNode.h:176 (v5.10.0): 0 when the transform is not linear
+        if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+                segmentationNode.GetParentTransformNode(), volumeNode.GetParentTransformNode(), matrix):
+            raise RefineError(_("The segmentation is under a non-linear transform relative to the input volume; "
+                                "harden the transform before refining."))
+        return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
     def segmentArray(self, segmentationNode, segmentId, volumeNode):
-        """The segment as a (k, j, i) uint8 array on the volume's grid (Slicer's own export)."""
+        """The segment as a (k, j, i) uint8 array on the volume's grid (Slicer's own resampling).
+
+        GenerateMergedLabelmapInReferenceGeometry is what ExportSegmentsToLabelmapNode runs before it puts
+        the image into a labelmap node (vtkSlicerSegmentationsModuleLogic.cxx:1150-1200, v5.10.0); called
+        directly, no node is added: the export would also add a "<segmentation>_ColorTable" node on every
+        call (.cxx:1235-1244). It maps the segment through both parent transforms (.cxx:1008-1035)."""
+        import numpy as np
         import slicer
         import vtk
         from vtk.util import numpy_support
 
+        self._segmentationToVolume(segmentationNode, volumeNode)    # refused before anything is sent
+        segmentationNode.GetSegmentation().CreateRepresentation(
+            slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName())
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segmentId)
-        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__medclipsam_refine__")
-        try:
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                    segmentationNode, ids, labelmap, volumeNode):
-                raise RefineError(_("The segment could not be read on the volume's grid."))
-            image = labelmap.GetImageData()
-            dims = image.GetDimensions()
-            array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
-            return (array != 0).astype("uint8")
-        finally:
-            display = labelmap.GetDisplayNode()
-            if display is not None:
-                self.scene.RemoveNode(display)
-            self.scene.RemoveNode(labelmap)
+        image = slicer.vtkOrientedImageData()
+        slicer.vtkSlicerSegmentationsModuleLogic.GenerateMergedLabelmapInReferenceGeometry(
+            segmentationNode, volumeNode, ids, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, image)
+        dims = volumeNode.GetImageData().GetDimensions()
+        out = np.zeros(dims[::-1], np.uint8)
+        e = image.GetExtent()
+        if image.GetPointData().GetScalars() is None or e[0] > e[1] or e[2] > e[3] or e[4] > e[5]:
+            return out
+        array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+            e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+        lo = [max(e[2 * a], 0) for a in range(3)]
+        hi = [min(e[2 * a + 1], dims[a] - 1) for a in range(3)]
+        if all(lo[a] <= hi[a] for a in range(3)):
+            out[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] = array[
+                lo[2] - e[4]:hi[2] - e[4] + 1, lo[1] - e[2]:hi[1] - e[2] + 1, lo[0] - e[0]:hi[0] - e[0] + 1] != 0
+        return out
+
+    def _ownGrid(self, segmentationNode, segmentId, volumeNode):
+        """(the segment's own labelmap (a copy, in the segmentation's frame), its lattice's IJK -> own RAS
+        matrix): the segment's grid when it has voxels, else the segmentation's reference geometry (the
+        Segment Editor's grid, oversampled or not), else the volume's."""
+        import numpy as np
+        import slicer
+        import vtk
+
+        image = slicer.vtkOrientedImageData()
+        # applyParentTransform=False: the segmentation's own frame (vtkSlicerSegmentationsModuleLogic.h:395-405)
+        slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentationNode, segmentId, image, False)
+        e = image.GetExtent()
+        lattice = image
+        if e[0] > e[1] or e[2] > e[3] or e[4] > e[5]:
+            lattice = slicer.vtkOrientedImageData()
+            text = segmentationNode.GetSegmentation().GetConversionParameter(
+                slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+            if not text or not slicer.vtkSegmentationConverter.DeserializeImageGeometry(text, lattice, False):
+                matrix = np.linalg.inv(self._segmentationToVolume(segmentationNode, volumeNode)) @ \
+                    self._mrml().ijk_to_ras_from_node(volumeNode)
+                return image, matrix
+        matrix = vtk.vtkMatrix4x4()
+        lattice.GetImageToWorldMatrix(matrix)
+        return image, np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
     def writeSlices(self, segmentationNode, segmentId, volumeNode, array, numpyAxis, indices):
-        """Write `array` (the segment read by segmentArray with the slices `indices` replaced) into the segment.
+        """Write the slices `indices` of `array` (the segment on the volume's (k, j, i) grid) into the segment,
+        on the segment's own grid and in the segmentation's own frame: a voxel of that grid changes only
+        when its centre lies in one of those slices of the volume (it takes the value of the volume voxel it
+        lies in), every other voxel stays bit for bit, whatever the segmentation's geometry (oversampled
+        by the Segment Editor) or the parent transforms of the volume and the segmentation (linear).
 
-        SetBinaryLabelmapToSegment in MODE_REPLACE empties the segment outside the extent it is given
-        (vtkSegmentationModifier::AppendLabelmapToSegment), so the whole array goes in: every other slice
-        holds the segment's own voxels, read on the same grid, and comes back bit for bit (checked by
-        Testing/Python/test_slicer_refine.py). Nothing is written when no slice changed."""
+        The image is made here in Python, so nothing is left to unregister: CreateOrientedImageDataFromVolumeNode
+        would return a new reference Python must UnRegister (vtkSlicerSegmentationsModuleLogic.h:107,
+        v5.10.0; SegmentEditorMaskVolumeEffect.py:364 does) and would copy the volume's voxels. MODE_REPLACE
+        makes the given image the segment's labelmap (vtkSegmentationModifier.cxx:313-356: CopyImage), so
+        it holds the segment's own voxels around the changed ones. Nothing is written when no slice changed."""
+        import numpy as np
         import slicer
+        import vtk
         from vtk.util import numpy_support
 
         if not indices:
             return
+        toVolume = self._segmentationToVolume(segmentationNode, volumeNode)
         segmentationNode.GetSegmentation().SeparateSegmentLabelmap(segmentId)   # other segments untouched
-        image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volumeNode)
-        image.AllocateScalars(3, 1)     # VTK_UNSIGNED_CHAR
-        scalars = numpy_support.numpy_to_vtk(array.astype("uint8").ravel(), deep=True, array_type=3)
-        image.GetPointData().SetScalars(scalars)
+        current, ownIjkToRas = self._ownGrid(segmentationNode, segmentId, volumeNode)
+        toVolumeIjk = np.linalg.inv(self._mrml().ijk_to_ras_from_node(volumeNode)) @ toVolume @ ownIjkToRas
+        dims = array.shape[::-1]                      # (i, j, k) of the volume
+        along = 2 - int(numpyAxis)
+        lo, hi = [-0.5] * 3, [d - 0.5 for d in dims]
+        lo[along], hi[along] = min(indices) - 0.5, max(indices) + 0.5
+        corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        own = (np.linalg.inv(toVolumeIjk) @ corners.T).T[:, :3]
+        region = [(int(np.floor(own[:, a].min())), int(np.ceil(own[:, a].max()))) for a in range(3)]
+        # the image written: the segment's own extent and the changed region, on its own lattice
+        e = current.GetExtent()
+        hasOwn = e[0] <= e[1] and e[2] <= e[3] and e[4] <= e[5]
+        extent = [region[a][s] if not hasOwn else (min if s == 0 else max)(region[a][s], e[2 * a + s])
+                  for a in range(3) for s in (0, 1)]
+        shape = tuple(extent[2 * a + 1] - extent[2 * a] + 1 for a in (2, 1, 0))
+        out = np.zeros(shape, np.uint8)
+        if hasOwn and current.GetPointData().GetScalars() is not None:
+            label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+            values = numpy_support.vtk_to_numpy(current.GetPointData().GetScalars()).reshape(
+                e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+            out[e[4] - extent[4]:e[5] - extent[4] + 1, e[2] - extent[2]:e[3] - extent[2] + 1,
+                e[0] - extent[0]:e[1] - extent[0] + 1] = values == label
+        changed = np.zeros(dims[along], bool)
+        changed[list(indices)] = True
+        jj, ii = np.meshgrid(np.arange(region[1][0], region[1][1] + 1), np.arange(region[0][0], region[0][1] + 1),
+                             indexing="ij")
+        for k in range(region[2][0], region[2][1] + 1):     # one plane at a time: bounded memory
+            p = toVolumeIjk @ np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k), np.ones(ii.size)])
+            v = np.floor(p[:3] + 0.5).astype(np.int64)     # the volume voxel each centre lies in
+            inside = np.all((v >= 0) & (v < np.array(dims)[:, None]), axis=0)
+            inside[inside] = changed[v[along, inside]]
+            plane = out[k - extent[4], region[1][0] - extent[2]:region[1][1] - extent[2] + 1,
+                        region[0][0] - extent[0]:region[0][1] - extent[0] + 1].reshape(-1)
+            plane[inside] = array[v[2, inside], v[1, inside], v[0, inside]] != 0
+            out[k - extent[4], region[1][0] - extent[2]:region[1][1] - extent[2] + 1,
+                region[0][0] - extent[0]:region[0][1] - extent[0] + 1] = plane.reshape(jj.shape)
+        image = slicer.vtkOrientedImageData()
+        image.SetExtent(*extent)
+        matrix = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                matrix.SetElement(r, c, float(ownIjkToRas[r, c]))
+        image.SetGeometryFromImageToWorldMatrix(matrix)
+        image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(out.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
         if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
                 image, segmentationNode, segmentId, 0):    # MODE_REPLACE
             raise RefineError(_("The changed slices could not be written into the segment."))
