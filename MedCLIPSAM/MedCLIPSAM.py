@@ -365,9 +365,9 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event):
-        for job in (self.job, self.weakSection.job):
-            if job is not None and job.isRunning:
-                job.cancel()  # its result (or its plot) would land in a closed scene
+        if self.job is not None and self.job.isRunning:
+            self.job.cancel()  # its result would land in a closed scene
+        self.weakSection.onSceneStartClose()  # training goes on: it needs nothing from the scene
         self.evidenceSection.clear()
         self.setParameterNode(None)
 

@@ -98,6 +98,13 @@ class WeakSupervisionSection:
             self.panel._timer.start()
             self.updateWeakButtons()
 
+    def onSceneStartClose(self):
+        """File > Close Scene: training keeps running (its images were copied when it started); its chart
+        comes back in the new scene with the next epoch."""
+        if self.job is not None and self.job.isRunning:
+            self.job.sceneClosed()
+        self._shownChart = None
+
     def onWeakCancel(self):
         if self.job is not None and self.job.isRunning:
             self.job.cancel()

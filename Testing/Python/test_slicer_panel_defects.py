@@ -1,0 +1,90 @@
+"""Issue 32, the panel's side (items 5-12): closing the scene, dialogs, the install, the service refine
+uses, shortcuts, place mode, worker threads under a main thread that holds the Python lock, and re-runs
+into a segmentation. MRML parts are slicer-core's; where the fact is about Qt, PythonQt or Slicer's
+Python helpers, the test re-creates that behaviour from the source it cites (Slicer v5.10.0) and runs the
+module's real code against it.
+"""
+
+import json
+import os
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+
+from test_slicer_module import load_module_file  # noqa: E402
+
+from MedCLIPSAMModuleLib.weakpanel import WeakSupervisionSection  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def mod():
+    return load_module_file()
+
+
+# ------------------------------------------------------------- 7. closing the scene keeps training going
+STAND_IN_TRAINING = textwrap.dedent('''
+    import json, os, sys, time
+    args = sys.argv[1:]
+    flag = os.environ["FAKE_FLAG"]
+    if args[0] == "pseudo-label":
+        out = args[args.index("--output-dir") + 1]
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "labels.txt"), "w").write("x\\n")
+        sys.exit(0)
+    out = args[args.index("--output") + 1]
+    os.makedirs(out, exist_ok=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"epoch": 1, "loss": 0.9, "val_dice": 0.1, "lr": 0.001}) + "\\n")
+    while not os.path.exists(flag):
+        time.sleep(0.02)
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"epoch": 2, "loss": 0.5, "val_dice": 0.3, "lr": 0.001}) + "\\n")
+    json.dump({"format": "medclipsam-weak-v1", "label_names": ["tumor"],
+               "snapshots": [{"file": "snapshot-1.pt", "epoch": 2}]}, open(os.path.join(out, "config.json"), "w"))
+    open(os.path.join(out, "snapshot-1.pt"), "wb").write(b"weights")
+''')
+
+
+def test_7_closing_the_scene_does_not_cancel_training(mod, tmp_path, monkeypatch):
+    """Training from scene volumes (copied when it started): File > Close Scene leaves it running; it
+    registers its model, and its chart comes back in the new scene with every epoch."""
+    from MedCLIPSAMLib import mrml, phantoms
+
+    monkeypatch.setenv("MEDCLIPSAM_HOME", str(tmp_path / "home"))
+    script = tmp_path / "cli.py"
+    script.write_text(STAND_IN_TRAINING)
+    scene = slicer.vtkMRMLScene()
+    logic = mod.MedCLIPSAMLogic(scene=scene)
+    logic.cliPrefix = [sys.executable, str(script)]
+    logic.extraEnvironment = {"FAKE_FLAG": str(tmp_path / "go")}
+    volume = mrml.volume_node_from_sitk(scene, phantoms.make_volume("mr", shape=(4, 16, 16), seed=0).image, "v")
+    panel = types.SimpleNamespace(job=None, evidenceSection=types.SimpleNamespace(clear=lambda: None),
+                                  setParameterNode=lambda node: None)
+    panel.weakSection = WeakSupervisionSection(panel)
+    closing = mod.MedCLIPSAMWidget.onSceneStartClose
+    tag = scene.AddObserver(scene.StartCloseEvent, lambda caller, event: closing(panel, caller, event))
+    job = panel.weakSection.job = logic.startWeakSupervision([volume], ["tumor"], "net", str(tmp_path / "models"),
+                                                             epochs=2)
+    deadline = time.monotonic() + 60
+    while job.tableNode is None:
+        assert job.poll() and time.monotonic() < deadline
+        time.sleep(0.02)
+    table = job.tableNode
+    scene.Clear(0)                                            # File > Close Scene
+    scene.RemoveObserver(tag)
+    assert not scene.IsNodePresent(table) and job.isRunning and not job.process.cancelRequested
+    (tmp_path / "go").write_text("")
+    result = job.wait(60)
+    assert result.status == "succeeded", result.message
+    assert result.model["name"] == "net"
+    assert scene.IsNodePresent(result.tableNode) and result.tableNode.GetNumberOfRows() == 2
