@@ -26,14 +26,13 @@ SHORTCUTS = {"positive": "Ctrl+Shift+A", "negative": "Ctrl+Shift+D", "box": "Ctr
 
 
 class RefineSection:
-    """panel: the MedCLIPSAMWidget (its ui, parameter node and logic). Requests go to the service of the
-    Logic's serviceBackend when there is one (uploads and encodings shared), else to `service` (LocalService /
-    RemoteService of service.py), else to a local service started with the module's Python."""
+    """panel: the MedCLIPSAMWidget (its ui, parameter node and logic). Requests go to `service` when given
+    (LocalService / RemoteService of service.py), else to the service the Logic's serviceBackend uses for
+    Apply with the panel's settings (uploads and encodings shared)."""
 
     def __init__(self, panel, service=None):
         self.panel = panel
         self.service = service
-        self._ownService = None
         self.logic = None
         self.nodes = {}
         self._observations = []
@@ -167,18 +166,14 @@ class RefineSection:
 
     # -- requests --------------------------------------------------------------------------------------
     def _service(self):
-        """GUI thread: the service to use: Apply's (the Logic's serviceBackend: same models, warm encodings),
-        else the one given, else a local one started by this section."""
-        backend = getattr(self.panel.logic, "serviceBackend", None)
-        service = getattr(backend, "service", None) or self.service
-        if service is None:
-            if self._ownService is None:
-                from .service import LocalService
-
-                logic = self.panel.logic
-                self._ownService = LocalService(logic.python(), env=logic.environment())
-            service = self._ownService
-        return service
+        """GUI thread: the service to use: the one given (scripts, tests), else the one Apply's backend uses
+        with the panel's mode, models and device (uploads and encodings shared); ValueError (one sentence)
+        when the settings give none (no local service is started behind the settings' back)."""
+        if self.service is not None:
+            return self.service
+        node = self.panel._parameterNode
+        return self.panel.logic.serviceBackend.refineService(node.models if node else "",
+                                                             node.device if node else "auto")
 
     def ensure(self):
         """The client (RefineLogic calls this on the worker thread): of the service _run chose."""
@@ -312,6 +307,3 @@ class RefineSection:
             shortcut.disconnect("activated()")
             shortcut.setParent(None)
         self._shortcuts = []
-        if self._ownService is not None:
-            self._ownService.stop()
-            self._ownService = None

@@ -145,6 +145,23 @@ class ServiceBackend:
                 self.logic.python(), extra, env=self.logic.environment(), idle_exit=self.idleExit))
         return retired
 
+    def refineService(self, models="", device="auto"):
+        """The service click refinement sends to: the one Apply uses with the panel's settings (mode, URL,
+        token, models, device), started by the refine worker on its first use; ValueError (one sentence)
+        when the settings give none. Called on the GUI thread; a replaced local service stops on a thread."""
+        if self.mode == "off":
+            raise ValueError(_("Click refinement needs the segmentation service: choose a local or remote service "
+                               "in 'Setup and advanced'."))
+        if self.mode == "local" and not serviceCanRun():
+            raise ValueError(_("Click refinement needs the local segmentation service, and fastapi and uvicorn are "
+                               "not installed in Slicer's Python."))
+        retired = self._serviceFor(models, device)
+        if retired:
+            threading.Thread(target=lambda: [service.stop() for service in retired], name="medclipsam-retire",
+                             daemon=True).start()
+        self._watchScene()
+        return self.service
+
     def stop(self):
         """Stop a local service (Slicer closes, the module reloads); a remote one is left alone."""
         if self.service is not None:

@@ -88,3 +88,36 @@ def test_7_closing_the_scene_does_not_cancel_training(mod, tmp_path, monkeypatch
     assert result.status == "succeeded", result.message
     assert result.model["name"] == "net"
     assert scene.IsNodePresent(result.tableNode) and result.tableNode.GetNumberOfRows() == 2
+
+
+# ------------------------------------------- 9. refine before the first Apply uses the configured service
+def test_9_refine_uses_the_configured_service_or_says_why_not(mod, monkeypatch):
+    """Before any Apply: "remote" refines on the remote service, "local" on the local service Apply will
+    use (the panel's models and device), "off" gets one sentence; nothing starts a service behind the
+    settings' back."""
+    from MedCLIPSAMModuleLib import servicebackend
+    from MedCLIPSAMModuleLib.refinepanel import RefineSection
+    from MedCLIPSAMModuleLib.service import LocalService, RemoteService
+
+    monkeypatch.setattr(servicebackend, "serviceCanRun", lambda: True)
+    logic = mod.MedCLIPSAMLogic(scene=slicer.vtkMRMLScene())
+    panel = types.SimpleNamespace(logic=logic, _parameterNode=types.SimpleNamespace(models="tiny-random",
+                                                                                    device="cpu"))
+    section = RefineSection(panel)
+    try:
+        logic.serviceBackend.configure("remote", "https://gpu.example:8443", "secret")
+        remote = section._service()
+        assert isinstance(remote, RemoteService) and remote.client.url == "https://gpu.example:8443"
+        assert remote.client.token == "secret"
+        logic.serviceBackend.configure("local")
+        local = section._service()
+        assert isinstance(local, LocalService) and local.process is None          # started by the worker
+        assert local.extra_args[:4] == ["--models", "tiny-random", "--device", "cpu"]
+        assert servicebackend._localServices[("local", "tiny-random", "cpu")] is local   # Apply's own
+        logic.serviceBackend.configure("off")
+        with pytest.raises(ValueError) as err:
+            section._service()
+        assert str(err.value) == ("Click refinement needs the segmentation service: choose a local or remote "
+                                  "service in 'Setup and advanced'.")
+    finally:
+        logic.serviceBackend.stop()
