@@ -549,7 +549,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                               zeroShotModels=not entry)
 
     def startSegmentation(self):
-        with slicer.util.tryWithErrorDisplay(_("MedCLIP-SAM could not start."), waitCursor=True):
+        with panelstate.errorShownOnce(_("MedCLIP-SAM could not start.")):  # inside Apply's: one dialog
             node = self._parameterNode
             self.showProgress(self.ui.progressBar, self.ui.statusLabel, _("Starting..."))
             try:

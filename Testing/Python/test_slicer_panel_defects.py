@@ -121,3 +121,50 @@ def test_9_refine_uses_the_configured_service_or_says_why_not(mod, monkeypatch):
                                   "service in 'Setup and advanced'.")
     finally:
         logic.serviceBackend.stop()
+
+
+# ------------------------------------------------------------------------ 8. one error, one dialog
+def recreated_try_with_error_display(shown):
+    """slicer.util.tryWithErrorDisplay as Base/Python/slicer/util.py:3368-3409 (v5.10.0) has it: on an
+    exception it shows errorDisplay(message + error) and re-raises."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def tryWithErrorDisplay(message=None, show=True, waitCursor=False):
+        try:
+            yield
+        except Exception as e:
+            if show:
+                shown.append(f"{message}\n\n{e}" if message is not None else str(e))
+            raise
+
+    return tryWithErrorDisplay
+
+
+def test_8_a_start_up_error_inside_apply_shows_one_dialog(mod, monkeypatch):
+    """Apply -> setup (nothing to install or verify: it goes on at once) -> startSegmentation, which fails:
+    one dialog, not one per nested tryWithErrorDisplay."""
+    from MedCLIPSAMModuleLib.modeljobs import requiredModels
+    from MedCLIPSAMModuleLib.setupflow import SetupFlow
+
+    shown = []
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", recreated_try_with_error_display(shown), raising=False)
+    logic = mod.MedCLIPSAMLogic(scene=slicer.vtkMRMLScene())
+    logic.verifiedModels.update(requiredModels(""))
+    panel = mod.MedCLIPSAMWidget.__new__(mod.MedCLIPSAMWidget)
+    label = types.SimpleNamespace(text="")
+    panel.logic, panel.job = logic, None
+    panel._parameterNode = types.SimpleNamespace(
+        trainedModel="", models="", inputVolume=None, prompts="tumor", outputSegmentation=None, preset="fast",
+        axis="axial", device="cpu", computeUncertainty=False, show3D=False, absentIf="")
+    panel.ui = types.SimpleNamespace(progressBar=types.SimpleNamespace(hide=lambda: None, setFormat=lambda t: None,
+                                                                       show=lambda: None, value=0),
+                                     statusLabel=label)
+    panel.saveSettings = lambda: None
+    panel.setupFlow = SetupFlow(logic, panel, missingPackages=lambda packages: [])
+    try:
+        panel.onApplyButton()
+    except ValueError:
+        pass        # (in Slicer the slot prints it; the dialogs are what the user sees)
+    assert shown == ["MedCLIP-SAM could not start.\n\nSelect an input volume that has image data."]
+    assert label.text == ""
