@@ -168,3 +168,48 @@ def test_8_a_start_up_error_inside_apply_shows_one_dialog(mod, monkeypatch):
         pass        # (in Slicer the slot prints it; the dialogs are what the user sees)
     assert shown == ["MedCLIP-SAM could not start.\n\nSelect an input volume that has image data."]
     assert label.text == ""
+
+
+# ------------------------------------------------------------------- 10. the install cannot start twice
+class SetupPanel:
+    """SetupFlow's view of the panel: dialogs recorded, and updateButtons as the panel's (Apply enabled
+    unless the setup runs)."""
+
+    def __init__(self):
+        self.flow, self.seen, self.applyEnabled = None, [], True
+
+    def confirm(self, text):
+        self.seen.append("confirm")
+        return True
+
+    def status(self, text):
+        self.seen.append(text)
+
+    def updateButtons(self):
+        self.applyEnabled = not self.flow.isRunning
+
+
+def test_10_apply_pressed_while_pip_runs_does_not_start_a_second_install(mod):
+    """slicer.util.pip_install calls processEvents for each line pip prints (util.py:3944, v5.10.0): a
+    click on Apply is handled while the first install still runs. Re-created: the stand-in install lets
+    that click through (calls ensure again, as the event loop would) between its 'lines'."""
+    from MedCLIPSAMModuleLib.setupflow import SetupFlow
+
+    logic = mod.MedCLIPSAMLogic(scene=slicer.vtkMRMLScene())
+    panel = SetupPanel()
+    installs, done, started = [], [], []
+    missing = [("fastapi", "fastapi", "0.110", None)]
+
+    def pip_install_pumping_events(packages):
+        installs.append(packages)
+        if len(installs) == 1:
+            for _line in range(3):                    # each line of pip's output: processEvents()
+                if panel.applyEnabled:                # the user presses Apply meanwhile
+                    flow.ensure(lambda: started.append(1), zeroShotModels=False)
+        done.append(packages)
+
+    flow = panel.flow = SetupFlow(logic, panel, missingPackages=lambda packages: [] if done else missing,
+                                  install=pip_install_pumping_events)
+    flow.ensure(lambda: started.append(1), zeroShotModels=False)
+    assert len(installs) == 1 and panel.seen.count("confirm") == 1
+    assert started == [1] and panel.applyEnabled and not flow.isRunning
