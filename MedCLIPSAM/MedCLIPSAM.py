@@ -355,8 +355,10 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self.initializeParameterNode()
         self._volumeWatcher.attach(slicer.mrmlScene)  # the 'loaded volumes' count, only while shown
+        getattr(self, "refineSection", None) and self.refineSection.enter()  # its shortcuts, only while shown
 
     def exit(self):
+        getattr(self, "refineSection", None) and self.refineSection.exit()
         self._volumeWatcher.detach()
         self.saveSettings()
         if self._parameterNode:

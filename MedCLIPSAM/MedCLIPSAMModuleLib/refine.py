@@ -567,3 +567,78 @@ class RefineRunner:
         """Block until the running request is done (tests, module cleanup)."""
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+class PlaceMode:
+    """Place mode for the Refine section's markups nodes on Slicer's one interaction node, put back as it was.
+
+    start(node, persistent, onEnded) makes `node` the active place node and enters Place mode with the
+    persistence asked for, remembering the persistence found the first time (SetPlaceModePersistence is
+    global to the interaction node: vtkMRMLInteractionNode.h:43, v5.10.0). Whatever ends it - a one-time
+    placement done (Slicer returns to ViewTransform itself: vtkSlicerMarkupsWidget.cxx:1198), Escape, the
+    mouse-mode toolbar, another module's place node (vtkMRMLSelectionNode.h:154), stop() - calls onEnded()
+    once (the panel unchecks its button) and restores the persistence, unless someone changed it since.
+    Observed: InteractionModeChangedEvent (vtkMRMLInteractionNode.cxx:105-118) and the selection node's
+    ActivePlaceNodeIDChangedEvent. Qt-free (slicer-core scene)."""
+
+    def __init__(self, interactionNode, selectionNode):
+        self.interaction, self.selection = interactionNode, selectionNode
+        self.nodeId = None
+        self._onEnded = None
+        self._saved = None          # (persistence found, persistence set) while active
+        self._tags = []
+        self._starting = False
+
+    @property
+    def active(self):
+        return self._saved is not None
+
+    def start(self, node, persistent, onEnded=None):
+        interaction = self.interaction
+        if not self.active:
+            self._saved = (interaction.GetPlaceModePersistence(), None)
+            self._tags = [(interaction, interaction.AddObserver(interaction.InteractionModeChangedEvent, self._check)),
+                          (self.selection, self.selection.AddObserver(
+                              self.selection.ActivePlaceNodeIDChangedEvent, self._check))]
+        elif self._onEnded is not None and self.nodeId != node.GetID():
+            previous, self._onEnded = self._onEnded, None
+            previous()                       # another button takes over: the previous one unchecks
+        wanted = 1 if persistent else 0
+        self.nodeId, self._onEnded, self._saved = None, onEnded, (self._saved[0], wanted)
+        self._starting = True                # the events of our own changes are not an end
+        try:
+            self.selection.SetReferenceActivePlaceNodeClassName(node.GetClassName())
+            self.selection.SetActivePlaceNodeID(node.GetID())
+            interaction.SetPlaceModePersistence(wanted)
+            interaction.SetCurrentInteractionMode(interaction.Place)
+        finally:
+            self._starting = False
+        self.nodeId = node.GetID()
+
+    def stop(self):
+        """Leave place mode if it is still ours (the panel's button unchecked, the module left)."""
+        if not self.active:
+            return
+        if self.interaction.GetCurrentInteractionMode() == self.interaction.Place and \
+                self.selection.GetActivePlaceNodeID() == self.nodeId:
+            self.interaction.SetCurrentInteractionMode(self.interaction.ViewTransform)   # -> _check -> _end
+        self._end()
+
+    def _check(self, caller=None, event=None):
+        if self.active and not self._starting and (
+                self.interaction.GetCurrentInteractionMode() != self.interaction.Place or
+                self.selection.GetActivePlaceNodeID() != self.nodeId):
+            self._end()
+
+    def _end(self):
+        if not self.active:
+            return
+        for node, tag in self._tags:
+            node.RemoveObserver(tag)
+        self._tags = []
+        found, wanted = self._saved
+        if self.interaction.GetPlaceModePersistence() == wanted:     # nobody changed it since
+            self.interaction.SetPlaceModePersistence(found)
+        onEnded, self._onEnded, self.nodeId, self._saved = self._onEnded, None, None, None
+        if onEnded is not None:
+            onEnded()

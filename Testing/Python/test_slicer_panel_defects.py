@@ -213,3 +213,152 @@ def test_10_apply_pressed_while_pip_runs_does_not_start_a_second_install(mod):
     flow.ensure(lambda: started.append(1), zeroShotModels=False)
     assert len(installs) == 1 and panel.seen.count("confirm") == 1
     assert started == [1] and panel.applyEnabled and not flow.isRunning
+
+
+# ------------------------------------------------------------ 5. shortcuts: the module's, only while shown
+class ShortcutWindow:
+    """Qt's shortcut map for one main window, as far as it matters here: shortcuts made on the window with
+    the default context (Qt::WindowShortcut) fire wherever the focus is in it; a key held by two enabled
+    shortcuts is ambiguous and neither fires (QShortcut::activatedAmbiguously, Qt 5 QShortcutMap)."""
+
+    def __init__(self):
+        self.shortcuts = []
+
+    def press(self, key):
+        matches = [s for s in self.shortcuts if s.enabled and s.key == key]
+        if len(matches) == 1:
+            for slot in matches[0].slots:
+                slot()
+        return len(matches)
+
+
+class QShortcut:
+    def __init__(self, key, parent, name=None):
+        self.key, self.enabled, self.slots, self.name = key.text, True, [], name
+        parent.shortcuts.append(self)
+
+    def setEnabled(self, on):
+        self.enabled = bool(on)
+
+    def connect(self, signal, slot):
+        self.slots.append(slot)
+
+
+RECREATED_QT = types.SimpleNamespace(QShortcut=QShortcut, QKeySequence=lambda text: types.SimpleNamespace(text=text))
+# Slicer v5.10.0's own main-window shortcuts with Ctrl+Shift (git grep over the tag): the Markups toolbar
+# (qMRMLMarkupsToolBar.cxx:84-86, on while the toolbar exists), the Sequences player
+# (qMRMLSequenceBrowserPlayWidget.cxx:41-43); the Segment Editor's undo / redo while it is shown
+# (qMRMLSegmentEditorWidget.cxx:2340-2352; QKeySequence::Redo is Ctrl+Shift+Z on X11, Ctrl+Y on Windows)
+SLICER_ALWAYS = ["Ctrl+Shift+A", "Ctrl+Shift+T", "Ctrl+Shift+Space", "Ctrl+Shift+Down", "Ctrl+Shift+Left",
+                 "Ctrl+Shift+Right"]
+SEGMENT_EDITOR = ["Z", "Ctrl+Z", "Y", "Ctrl+Shift+Z", "Ctrl+Y"]
+# Qt 5's standard keys with Ctrl+Shift+letter (qplatformtheme.cpp keyBindings: Deselect, Redo, SaveAs,
+# AddTab (KDE), FindPrevious, FullScreen (KDE)); Ctrl+Shift+U starts Unicode input under IBus / GTK
+TAKEN_ELSEWHERE = {"Ctrl+Shift+A", "Ctrl+Shift+Z", "Ctrl+Shift+S", "Ctrl+Shift+N", "Ctrl+Shift+G", "Ctrl+Shift+F",
+                   "Ctrl+Shift+U"}
+
+
+def test_5_refine_shortcuts_work_only_while_the_module_is_shown_and_clash_with_nothing(mod, monkeypatch):
+    from MedCLIPSAMModuleLib.refinepanel import SHORTCUTS, RefineSection
+
+    window = ShortcutWindow()
+    fired = []
+    for key in SLICER_ALWAYS:
+        QShortcut(RECREATED_QT.QKeySequence(key), window).connect("activated()", lambda key=key: fired.append(key))
+    editor = [QShortcut(RECREATED_QT.QKeySequence(key), window) for key in SEGMENT_EDITOR]
+    for s in editor:
+        s.setEnabled(False)                              # the Segment Editor is not shown
+        s.connect("activated()", lambda key=s.key: fired.append("editor " + key))
+    panel = types.SimpleNamespace(logic=None, _parameterNode=None, initializeParameterNode=lambda: None,
+                                  _volumeWatcher=types.SimpleNamespace(attach=lambda scene: None,
+                                                                       detach=lambda: None),
+                                  saveSettings=lambda: None)
+    section = panel.refineSection = RefineSection(panel)
+    section.toggle = lambda kind: fired.append(kind)
+    section.onUndo = lambda: fired.append("undo")
+    section.makeShortcuts(RECREATED_QT, window)
+    ours = {SHORTCUTS[k]: k for k in ("positive", "negative", "box", "undo")}
+    assert not set(ours) & (set(SLICER_ALWAYS) | set(SEGMENT_EDITOR) | TAKEN_ELSEWHERE)
+
+    for key in ours:                                     # the module not shown yet: nothing
+        window.press(key)
+    assert fired == []
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+    mod.MedCLIPSAMWidget.enter(panel)                    # Slicer shows the module
+    for key, kind in ours.items():
+        assert window.press(key) == 1                    # one owner: it fires
+    assert fired == ["positive", "negative", "box", "undo"]
+    assert window.press("Ctrl+Shift+A") == 1 and fired[-1] == "Ctrl+Shift+A"    # the Markups toolbar's still
+    fired.clear()
+    mod.MedCLIPSAMWidget.exit(panel)                     # another module, say the Segment Editor
+    for s in editor:
+        s.setEnabled(True)
+    for key in ours:
+        window.press(key)
+    assert window.press("Ctrl+Shift+Z") == 1
+    assert fired == ["editor Ctrl+Shift+Z"]              # its Redo works; none of ours fired
+
+
+# ---------------------------------------------------- 6. place mode persistence is put back as found
+def interaction_nodes(scene):
+    interaction = slicer.vtkMRMLInteractionNode()
+    interaction.SetSingletonTag("Singleton")
+    scene.AddNode(interaction)
+    selection = slicer.vtkMRMLSelectionNode()
+    selection.SetSingletonTag("Singleton")
+    scene.AddNode(selection)
+    return interaction, selection
+
+
+class Button:
+    def __init__(self, section, kind):
+        self.section, self.kind, self._checked, self.blocked = section, kind, False, False
+
+    def blockSignals(self, on):
+        self.blocked = on
+
+    @property
+    def checked(self):
+        return self._checked
+
+    @checked.setter
+    def checked(self, on):
+        changed, self._checked = self._checked != on, on
+        if changed and not self.blocked:          # toggled(bool), as QAbstractButton emits it
+            self.section.onPlaceToggled(self.kind, on)
+
+
+def test_6_place_mode_is_put_back_and_the_box_button_unchecks_after_its_one_placement(monkeypatch):
+    from MedCLIPSAMModuleLib.refinepanel import RefineSection
+
+    scene = slicer.vtkMRMLScene()
+    interaction, selection = interaction_nodes(scene)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    logic = types.SimpleNamespace(GetInteractionNode=lambda: interaction, GetSelectionNode=lambda: selection)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(applicationLogic=lambda: logic), raising=False)
+    section = RefineSection(types.SimpleNamespace(logic=None, _parameterNode=None))
+    section.buttons = {kind: Button(section, kind) for kind in ("positive", "negative", "box")}
+    interaction.SetPlaceModePersistence(0)               # the user's setting (Slicer's default)
+
+    section.buttons["positive"].checked = True          # + Point: persistent place mode for the point list
+    assert interaction.GetCurrentInteractionMode() == interaction.Place and interaction.GetPlaceModePersistence()
+    section.buttons["negative"].checked = True          # - Point takes over; + Point unchecks
+    assert not section.buttons["positive"].checked
+    assert selection.GetActivePlaceNodeID() == section.nodes["negative"].GetID()
+    interaction.SetCurrentInteractionMode(interaction.ViewTransform)       # Escape / the mouse-mode toolbar
+    assert not section.buttons["negative"].checked and interaction.GetPlaceModePersistence() == 0
+
+    section.buttons["box"].checked = True               # Box: one placement
+    assert interaction.GetPlaceModePersistence() == 0 and interaction.GetCurrentInteractionMode() == interaction.Place
+    interaction.SetCurrentInteractionMode(interaction.ViewTransform)       # vtkSlicerMarkupsWidget.cxx:1198
+    assert not section.buttons["box"].checked          # the next box is one click, not two
+
+    interaction.SetPlaceModePersistence(1)               # the user's setting now: persistent
+    section.buttons["positive"].checked = True
+    another = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "someone else's")
+    selection.SetActivePlaceNodeID(another.GetID())       # the Markups module places its own node
+    assert not section.buttons["positive"].checked and interaction.GetPlaceModePersistence() == 1
+    section.buttons["box"].checked = True
+    section.exit()                                      # the module is left while placing
+    assert not section.buttons["box"].checked and interaction.GetPlaceModePersistence() == 1
+    assert interaction.GetCurrentInteractionMode() == interaction.ViewTransform
