@@ -329,6 +329,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onTimer)
+        self.logic.serviceBackend.wake = self._timer.start  # its forget thread moves only while we tick
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
@@ -530,7 +531,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----------------------------------------------------------------------------------- run
     def onTimer(self):
         """Poll everything that runs; stop when nothing does."""
-        running = False
+        running = self.logic.serviceBackend.busy
         for job in (self.job, self.weakSection.job, self.setupFlow.job):
             running = (job is not None and job.poll()) or running
         if self._gpuQuery is not None:

@@ -201,8 +201,15 @@ class RefineSection:
                                                              node.device if node else "auto")
 
     def ensure(self):
-        """The client (RefineLogic calls this on the worker thread): of the service _run chose."""
-        return self._chosenService.ensure()
+        """The client (RefineLogic calls this on the worker thread): of the service _run chose; the worker
+        also stops a local service the settings replaced and drops removed volumes' uploads."""
+        backend = getattr(self.panel.logic, "serviceBackend", None) if self.service is None else None
+        if backend is not None:
+            backend.stopRetired()
+        client = self._chosenService.ensure()
+        if backend is not None:
+            backend.forgetPending()
+        return client
 
     def _knownVolume(self, nodeId, stamp, client):
         """The id under which Apply's service backend uploaded this node, while still valid (None else).

@@ -12,6 +12,8 @@ slicer-core scene, against a real `medclipsam serve` with tiny-random models).
 import base64
 import os
 import sys
+import threading
+import types
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +293,102 @@ def test_4_a_non_linear_transform_between_them_is_refused_in_one_sentence(tmp_pa
     assert str(err.value) == ("The segmentation is under a non-linear transform relative to the input volume; "
                               "harden the transform before refining.")
     assert voxels(seg, "tumor") == before
+
+
+# ---------------------------------------- 11. workers under a main thread that holds the Python lock
+class GilHoldingMainThread:
+    """Slicer's main thread as PythonQt leaves it (thread support off: PythonQtThreadSupport.cpp:45): it keeps
+    the Python lock while Qt's event loop idles, and runs Python only in timer callbacks. Re-created: the
+    main thread sleeps 50-200 ms inside a ctypes.PyDLL call (which keeps the lock) between ticks; a tick
+    runs the callbacks of the timers that are active. A worker thread left without an active timer would
+    move only when some other Python happens to run: that is a failure here, not a wait."""
+
+    def __init__(self, seed=0):
+        import ctypes
+        import ctypes.util
+        import random
+
+        self.libc = ctypes.PyDLL(ctypes.util.find_library("c"))
+        self.rng = random.Random(seed)
+        self.ticks = 0
+
+    def run(self, done, timers, workersAlive, limit=1500):
+        """Tick until done(); timers: [(isActive(), callback)]. Returns the number of ticks."""
+        while not done():
+            assert self.ticks < limit, "the workers did not finish in bounded time"
+            self.libc.usleep(self.rng.randint(50, 200) * 1000)      # Qt idles, holding the lock
+            active = [callback for isActive, callback in timers if isActive()]
+            assert active or not workersAlive(), "a worker thread runs with no timer to move it"
+            for callback in active:
+                callback()
+            self.ticks += 1
+        return self.ticks
+
+
+needs_libc = pytest.mark.skipif(sys.platform != "linux", reason="re-creates the held lock with libc's usleep")
+
+
+@needs_libc
+def test_11_a_refine_request_with_its_upload_finishes_while_the_main_thread_holds_the_lock(tmp_path, service):
+    """The panel's path: prepare here, RefineRunner's thread uploads and refines, the section's 50 ms timer
+    polls (active while busy) and writes the result (RefineSection._poll)."""
+    from MedCLIPSAMModuleLib.refine import RefineRunner
+
+    scene, logic, volume, seg, ph = make_scene(tmp_path, service)
+    runner = RefineRunner(logic)
+    positive = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "positive")
+    positive.AddControlPoint(*ras(volume, (18, 20, 3)))
+    request = logic.prepareRefine(seg, "tumor", volume, positive, propagate=False)
+    assert request.image is not None                       # the volume goes up with this request
+    finished = []
+
+    def poll():                                            # RefineSection._poll
+        done = runner.poll()
+        if done is not None:
+            finished.append(logic.finish(done))
+
+    runner.start(request)
+    GilHoldingMainThread().run(lambda: bool(finished), [(lambda: runner.busy, poll)],
+                               lambda: runner._thread.is_alive())
+    assert finished == [[3]] and logic.lastReply["clicked_slice"] == 3
+
+
+@needs_libc
+def test_11_a_service_job_and_test_connection_and_forgetting_finish_while_the_main_thread_holds_the_lock(
+        tmp_path, service, monkeypatch):
+    """Apply through the service (upload, job following, downloads: ServiceJob's worker) polled by the
+    panel's 200 ms timer (MedCLIPSAMWidget.onTimer); "Test connection" (ServicePanel's thread and timer);
+    then the volume removed: the forget thread wakes the panel's timer, which ticks until it is done."""
+    from test_slicer_module import load_module_file
+
+    mod = load_module_file()
+    logic = mod.MedCLIPSAMLogic(scene=slicer.vtkMRMLScene())
+    logic.serviceBackend.configure("remote", service.client.url, service.client.token)   # the running service
+    volume, _ph = logic.createPhantomVolume("head", seed=0, shape=(4, 32, 28))
+    timer = types.SimpleNamespace(active=False)
+    timer.start = lambda: setattr(timer, "active", True)
+    timer.stop = lambda: setattr(timer, "active", False)
+    panel = types.SimpleNamespace(logic=logic, job=None, weakSection=types.SimpleNamespace(job=None),
+                                  setupFlow=types.SimpleNamespace(job=None), _gpuQuery=None, _timer=timer)
+    logic.serviceBackend.wake = timer.start                  # as MedCLIPSAMWidget.setup wires it
+    main = GilHoldingMainThread()
+    panel.job = logic.startSegmentation(volume, ["tumor"], models="tiny-random", device="cpu", preset="fast")
+    timer.start()                                            # startSegmentation's panel starts it
+    main.run(lambda: not panel.job.isRunning, [(lambda: timer.active, lambda: mod.MedCLIPSAMWidget.onTimer(panel))],
+             lambda: panel.job.process.thread.is_alive())
+    assert panel.job.result.status == "succeeded", panel.job.result.message
+    assert panel.job.uploaded and service.ensure().info()["volumes"] >= 1
+
+    answer = []                                              # ServicePanel._inBackground + _collect
+    thread = threading.Thread(target=lambda: answer.append(logic.serviceBackend.testConnection()))
+    thread.start()
+    main.run(lambda: not thread.is_alive(), [(lambda: True, lambda: None)], thread.is_alive)
+    assert answer[0][0] and answer[0][1].startswith("Connected: medclipsam ")
+
+    volumes = service.ensure().info()["volumes"]
+    logic.scene.RemoveNode(volume)                           # its upload is forgotten at the service
+    assert timer.active
+    # the timer ticks until the forget thread is done, then stops itself (nothing left to poll)
+    main.run(lambda: not timer.active, [(lambda: timer.active, lambda: mod.MedCLIPSAMWidget.onTimer(panel))],
+             lambda: logic.serviceBackend.busy)
+    assert not logic.serviceBackend.busy and service.ensure().info()["volumes"] == volumes - 1
