@@ -296,36 +296,7 @@ def test_4_a_non_linear_transform_between_them_is_refused_in_one_sentence(tmp_pa
 
 
 # ---------------------------------------- 11. workers under a main thread that holds the Python lock
-class GilHoldingMainThread:
-    """Slicer's main thread as PythonQt leaves it (thread support off: PythonQtThreadSupport.cpp:45): it keeps
-    the Python lock while Qt's event loop idles, and runs Python only in timer callbacks. Re-created: the
-    main thread sleeps 50-200 ms inside a ctypes.PyDLL call (which keeps the lock) between ticks; a tick
-    runs the callbacks of the timers that are active. A worker thread left without an active timer would
-    move only when some other Python happens to run: that is a failure here, not a wait."""
-
-    def __init__(self, seed=0):
-        import ctypes
-        import ctypes.util
-        import random
-
-        self.libc = ctypes.PyDLL(ctypes.util.find_library("c"))
-        self.rng = random.Random(seed)
-        self.ticks = 0
-
-    def run(self, done, timers, workersAlive, limit=1500):
-        """Tick until done(); timers: [(isActive(), callback)]. Returns the number of ticks."""
-        while not done():
-            assert self.ticks < limit, "the workers did not finish in bounded time"
-            self.libc.usleep(self.rng.randint(50, 200) * 1000)      # Qt idles, holding the lock
-            active = [callback for isActive, callback in timers if isActive()]
-            assert active or not workersAlive(), "a worker thread runs with no timer to move it"
-            for callback in active:
-                callback()
-            self.ticks += 1
-        return self.ticks
-
-
-needs_libc = pytest.mark.skipif(sys.platform != "linux", reason="re-creates the held lock with libc's usleep")
+from test_slicer_panel_defects import GilHoldingMainThread, needs_libc  # noqa: E402
 
 
 @needs_libc

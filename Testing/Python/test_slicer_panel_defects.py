@@ -5,15 +5,12 @@ Python helpers, the test re-creates that behaviour from the source it cites (Sli
 module's real code against it.
 """
 
-import json
-import os
 import sys
 import textwrap
 import time
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
@@ -362,3 +359,55 @@ def test_6_place_mode_is_put_back_and_the_box_button_unchecks_after_its_one_plac
     section.exit()                                      # the module is left while placing
     assert not section.buttons["box"].checked and interaction.GetPlaceModePersistence() == 1
     assert interaction.GetCurrentInteractionMode() == interaction.ViewTransform
+
+
+# ---------------------------------------- 11. workers under a main thread that holds the Python lock
+class GilHoldingMainThread:
+    """Slicer's main thread as PythonQt leaves it (thread support off: PythonQtThreadSupport.cpp:45): it keeps
+    the Python lock while Qt's event loop idles, and runs Python only in timer callbacks. Re-created: the
+    main thread sleeps 50-200 ms inside a ctypes.PyDLL call (which keeps the lock) between ticks; a tick
+    runs the callbacks of the timers that are active. A worker thread left without an active timer would
+    move only when some other Python happens to run: that is a failure here, not a wait."""
+
+    def __init__(self, seed=0):
+        import ctypes
+        import ctypes.util
+        import random
+
+        self.libc = ctypes.PyDLL(ctypes.util.find_library("c"))
+        self.rng = random.Random(seed)
+        self.ticks = 0
+
+    def run(self, done, timers, workersAlive, limit=1500):
+        """Tick until done(); timers: [(isActive(), callback)]. Returns the number of ticks."""
+        while not done():
+            assert self.ticks < limit, "the workers did not finish in bounded time"
+            self.libc.usleep(self.rng.randint(50, 200) * 1000)      # Qt idles, holding the lock
+            active = [callback for isActive, callback in timers if isActive()]
+            assert active or not workersAlive(), "a worker thread runs with no timer to move it"
+            for callback in active:
+                callback()
+            self.ticks += 1
+        return self.ticks
+
+
+needs_libc = pytest.mark.skipif(sys.platform != "linux", reason="re-creates the held lock with libc's usleep")
+
+
+@needs_libc
+def test_11_process_readers_lose_no_line_while_the_main_thread_holds_the_lock(tmp_path):
+    """A process (here `models verify`'s place) prints 20,000 lines, more than a pipe holds, and exits: its
+    reader threads move one read per tick, the panel's 200 ms timer polls the job; every line arrives,
+    the child is never stuck on a full pipe for good, and the job ends."""
+    from MedCLIPSAMModuleLib.modeljobs import ModelsJob
+
+    script = tmp_path / "chatty.py"
+    script.write_text("for k in range(20000):\n    print(f'line {k}', flush=k % 500 == 0)\n")
+    seen, done = [], []
+    job = ModelsJob(["m"], lambda name: [sys.executable, str(script)],
+                    progressCallback=lambda name, percent, line: seen.append(line), completedCallback=done.append)
+    job.start()
+    GilHoldingMainThread().run(lambda: bool(done), [(lambda: job.isRunning, job.poll)],
+                               lambda: any(t.is_alive() for t in job.process._threads) if job.process else False)
+    assert seen == [f"line {k}" for k in range(20000)]
+    assert done[0]["m"][0] is True
