@@ -9,7 +9,6 @@ import sys
 import textwrap
 import time
 import types
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,6 @@ from test_slicer_module import load_module_file  # noqa: E402
 
 from MedCLIPSAMModuleLib.weakpanel import WeakSupervisionSection  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
