@@ -409,3 +409,119 @@ def test_11_process_readers_lose_no_line_while_the_main_thread_holds_the_lock(tm
                                lambda: any(t.is_alive() for t in job.process._threads) if job.process else False)
     assert seen == [f"line {k}" for k in range(20000)]
     assert done[0]["m"][0] is True
+
+
+# --------------------------------------------- 12. plot clicks after a layout change; re-runs keep segments
+class Signal:
+    def __init__(self):
+        self.slots = []
+
+    def emit(self, *args):
+        for slot in list(self.slots):
+            slot(*args)
+
+
+class PlotView:
+    """qMRMLPlotView as far as it matters: dataSelected(vtkStringArray*, vtkCollection*) to connected slots."""
+
+    def __init__(self):
+        self.dataSelected = Signal()
+
+    def connect(self, signal, slot):
+        self.dataSelected.slots.append(slot)
+
+    def disconnect(self, signal, slot):
+        self.dataSelected.slots.remove(slot)
+
+
+class LayoutManager:
+    """qMRMLLayoutManager as far as it matters: plot widgets of the current layout (a layout with another
+    plot view brings a widget that did not exist before), and layoutChanged(int) after a switch
+    (Libs/MRML/Widgets/qMRMLLayoutManager.h:148,158,274 in v5.10.0)."""
+
+    def __init__(self):
+        self.views, self.layoutChanged = [PlotView()], Signal()
+
+    @property
+    def plotViewCount(self):
+        return len(self.views)
+
+    def plotWidget(self, i):
+        return types.SimpleNamespace(plotView=lambda: self.views[i])
+
+    def connect(self, signal, slot):
+        assert signal == "layoutChanged(int)"
+        self.layoutChanged.slots.append(slot)
+
+    def disconnect(self, signal, slot):
+        self.layoutChanged.slots.remove(slot)
+
+    def switch(self, layout):
+        self.views = [PlotView(), PlotView()]           # e.g. a layout with two plot views
+        self.layoutChanged.emit(layout)
+
+
+def test_12_plot_clicks_still_move_the_slices_after_a_layout_change(monkeypatch):
+    import vtk
+
+    from MedCLIPSAMModuleLib.evidencepanel import EvidenceSection
+
+    monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
+    layout = LayoutManager()
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(layoutManager=lambda: layout), raising=False)
+    section = EvidenceSection(types.SimpleNamespace())
+    jumps = []
+    section.view.jumpToSelection = lambda ids, points: jumps.append((ids, points))
+    section._chartShown = True                           # onShowChart after ShowChartInLayout
+    section._connectPlotViews()
+    ids, selection, points = vtk.vtkStringArray(), vtk.vtkCollection(), vtk.vtkIdTypeArray()
+    ids.InsertNextValue("vtkMRMLPlotSeriesNode1")
+    points.InsertNextValue(3)
+    selection.AddItem(points)
+    layout.views[0].dataSelected.emit(ids, selection)
+    layout.switch(36)
+    layout.views[1].dataSelected.emit(ids, selection)   # a click in the new layout's plot view
+    assert jumps == [(["vtkMRMLPlotSeriesNode1"], [[3]])] * 2
+    section.cleanup()
+    assert layout.layoutChanged.slots == []
+
+
+def test_12_a_re_run_keeps_the_segment_its_display_and_the_editor_selection(tmp_path):
+    """Re-running a prompt into the same segmentation replaces the segment's voxels in place: its ID,
+    visibility and opacity (display node, keyed by segment ID) and the Segment Editor's selected segment
+    stay (removing and adding the segment reset them)."""
+    import numpy as np
+
+    from MedCLIPSAMLib import io, mrml, phantoms
+
+    ph = phantoms.make_volume("mr", shape=(4, 24, 20), seed=0)
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
+    volume = mrml.volume_node_from_sitk(scene, ph.image, "v")
+    first, second = np.zeros((4, 24, 20), np.uint8), np.zeros((4, 24, 20), np.uint8)
+    first[1, 5:10, 5:10], second[2, 8:16, 6:12] = 1, 1
+    other = np.zeros_like(first)
+    other[0, :3, :3] = 1
+    io.write_segmentation(str(tmp_path / "a.seg.nrrd"), [{"name": "tumor", "mask": first},
+                                                          {"name": "other", "mask": other}], ph.image)
+    io.write_segmentation(str(tmp_path / "b.seg.nrrd"), [{"name": "tumor", "mask": second}], ph.image)
+    node = mrml.import_segmentation_file(scene, str(tmp_path / "a.seg.nrrd"), volume)["node"]
+    tumor = node.GetSegmentation().GetSegmentIdBySegmentName("tumor")
+    display = node.GetDisplayNode()
+    display.SetSegmentVisibility(tumor, False)
+    display.SetSegmentOpacity2DFill(tumor, 0.25)
+    editor = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor.SetAndObserveSegmentationNode(node)
+    editor.SetSelectedSegmentID(tumor)
+
+    result = mrml.import_segmentation_file(scene, str(tmp_path / "b.seg.nrrd"), volume, node)
+    assert result["replaced"] == [tumor] and node.GetSegmentation().GetSegmentIdBySegmentName("tumor") == tumor
+    assert not display.GetSegmentVisibility(tumor)
+    assert display.GetSegmentOpacity2DFill(tumor) == pytest.approx(0.25)
+    assert editor.GetSelectedSegmentID() == tumor
+    labelmap = mrml.export_segments_to_labelmap(scene, node, volume, segment_ids=[tumor])
+    from vtk.util import numpy_support
+
+    voxels = numpy_support.vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars()).reshape(4, 24, 20)
+    assert np.array_equal(voxels != 0, second.astype(bool))
+    assert mrml.segment_names(node) == ["tumor", "other"]
