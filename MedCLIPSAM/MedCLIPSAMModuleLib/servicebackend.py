@@ -467,7 +467,7 @@ class ServiceJob:
             self._post("log", self.service.notice)
             self._progress("service", self.service.notice)
         volumeId = self._volumeOn(client)
-        if volumeId is None:
+        if volumeId is None or self._cancel.is_set():   # (a long upload may end after Widget.cleanup)
             return ("cancelled", None)
         self.backend.forgetPending()     # changed (as found just now) or removed nodes' uploads
         try:

@@ -525,3 +525,81 @@ def test_12_a_re_run_keeps_the_segment_its_display_and_the_editor_selection(tmp_
     voxels = numpy_support.vtk_to_numpy(labelmap.GetImageData().GetPointData().GetScalars()).reshape(4, 24, 20)
     assert np.array_equal(voxels != 0, second.astype(bool))
     assert mrml.segment_names(node) == ["tumor", "other"]
+
+
+class HeldService:
+    """A stand-in service on 127.0.0.1 that holds the upload until `release` is set (a slow link to a
+    remote service); it records every request it gets."""
+
+    def __init__(self):
+        import http.server
+        import json
+        import threading
+
+        self.release, self.uploading, self.paths = threading.Event(), threading.Event(), []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, body):
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                outer.paths.append("GET " + self.path)
+                self._answer({"state": "cancelled", "job_id": "j1"})
+
+            def do_POST(self):
+                outer.paths.append("POST " + self.path)
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path == "/volumes":
+                    outer.uploading.set()
+                    outer.release.wait(60)
+                    self._answer({"volume_id": "v1", "size": 1})
+                else:
+                    self._answer({"job_id": "j1", "state": "queued"})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_12_a_worker_left_blocked_by_cleanup_ends_as_cancelled_without_submitting_or_touching_the_scene(mod):
+    """Slicer closes (Widget.cleanup: cancel, 10 s join) while the service job's worker is blocked in a long
+    upload to a remote service: the join gives up, the worker is a daemon (it cannot keep Slicer from
+    exiting), and when the upload ends it submits nothing, calls nothing and leaves the scene alone."""
+    held = HeldService()
+    try:
+        scene = slicer.vtkMRMLScene()
+        logic = mod.MedCLIPSAMLogic(scene=scene)
+        logic.serviceBackend.configure("remote", held.url, "token")
+        volume, _ph = logic.createPhantomVolume("v", shape=(4, 16, 16))
+        called = []
+        job = logic.startSegmentation(volume, ["tumor"], preset="fast", device="cpu",
+                                      completedCallback=called.append)
+        deadline = time.monotonic() + 60
+        while not held.uploading.is_set():                  # the panel's timer writes the volume file
+            assert job.poll() and time.monotonic() < deadline
+            time.sleep(0.02)
+        nodes = scene.GetNumberOfNodes()
+        job.completedCallback = None                        # MedCLIPSAMWidget.cleanup
+        job.cancel()
+        assert job.process.wait(timeout=0.5) is False and job.process.thread.daemon
+        held.release.set()                                  # the upload ends after Slicer's cleanup
+        job.process.thread.join(60)
+        assert not job.process.thread.is_alive()
+        assert [p for p in held.paths if p.startswith("POST /jobs")] == []
+        assert called == [] and scene.GetNumberOfNodes() == nodes
+    finally:
+        held.close()
