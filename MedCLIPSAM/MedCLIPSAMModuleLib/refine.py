@@ -7,10 +7,12 @@ cached SAM2 encodings; this logic is its client in the scene:
 - the segment is sent as it is now (packed bits) only when it differs from what the service last gave
   back, so edits made meanwhile in the Segment Editor are the starting mask, and the service keys the
   segment by (volume id, "<segmentation node id>:<segment id>");
-- the reply's slices (np.take(mask, index, axis) of the (k, j, i) array) replace those slices of the
-  segment as read on the volume's grid, written back with vtkSlicerSegmentationsModuleLogic.
-  SetBinaryLabelmapToSegment: the other slices come back bit for bit, and the segment's name, colour and
-  terminology and the other segments are left as they were.
+- the segment is read on the volume's grid without adding a node (GenerateMergedLabelmapInReferenceGeometry);
+  the reply's slices (np.take(mask, index, axis) of the (k, j, i) array) are written onto the segment's
+  own grid and frame (oversampled by the Segment Editor or not, under linear parent transforms): only
+  voxels whose centre lies in a changed slice change, the rest stays bit for bit, and the segment's name,
+  colour and terminology and the other segments are left as they were; an undo of the last steps puts
+  the segment's own voxels back exactly.
 Threads: a request is prepared from the scene on the GUI thread (points, ROI, the segment's voxels, a
 snapshot of the volume when it may have to be uploaded), sent on a worker thread by RefineRunner (network
 only: start or reach the service, upload, refine), and written into the segment back on the GUI thread
@@ -22,6 +24,7 @@ volume's own frame when it sits under a transform. Loading this file imports no 
 from .i18n import tr as _
 
 VIEW_NAMES = {"axial": "Red", "coronal": "Green", "sagittal": "Yellow"}
+UNDO_KEPT = 20      # refine steps whose own-grid changes are kept for an exact undo
 
 
 class RefineError(Exception):
@@ -51,6 +54,7 @@ class RefineLogic:
         self.knownVolume = knownVolume
         self._uploads = {}      # volume node id -> (volume id, stamp(): voxels MTime + geometry)
         self._synced = {}       # (volume id, key) -> digest of the segment as the service holds it
+        self._history = {}      # key -> the last refines' own-grid changes (writeSlices), for exact undo
         self.lastReply = None
 
     # -- geometry (numpy, MedCLIPSAMLib's own rules) -------------------------------------------------
@@ -209,14 +213,12 @@ class RefineLogic:
         would return a new reference Python must UnRegister (vtkSlicerSegmentationsModuleLogic.h:107,
         v5.10.0; SegmentEditorMaskVolumeEffect.py:364 does) and would copy the volume's voxels. MODE_REPLACE
         makes the given image the segment's labelmap (vtkSegmentationModifier.cxx:313-356: CopyImage), so
-        it holds the segment's own voxels around the changed ones. Nothing is written when no slice changed."""
+        it holds the segment's own voxels around the changed ones. Nothing is written when no slice changed.
+        Returns the voxels it changed (positions, values before and after), for restore()."""
         import numpy as np
-        import slicer
-        import vtk
-        from vtk.util import numpy_support
 
         if not indices:
-            return
+            return None
         toVolume = self._segmentationToVolume(segmentationNode, volumeNode)
         segmentationNode.GetSegmentation().SeparateSegmentLabelmap(segmentId)   # other segments untouched
         current, ownIjkToRas = self._ownGrid(segmentationNode, segmentId, volumeNode)
@@ -229,18 +231,8 @@ class RefineLogic:
         own = (np.linalg.inv(toVolumeIjk) @ corners.T).T[:, :3]
         region = [(int(np.floor(own[:, a].min())), int(np.ceil(own[:, a].max()))) for a in range(3)]
         # the image written: the segment's own extent and the changed region, on its own lattice
-        e = current.GetExtent()
-        hasOwn = e[0] <= e[1] and e[2] <= e[3] and e[4] <= e[5]
-        extent = [region[a][s] if not hasOwn else (min if s == 0 else max)(region[a][s], e[2 * a + s])
-                  for a in range(3) for s in (0, 1)]
-        shape = tuple(extent[2 * a + 1] - extent[2 * a] + 1 for a in (2, 1, 0))
-        out = np.zeros(shape, np.uint8)
-        if hasOwn and current.GetPointData().GetScalars() is not None:
-            label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
-            values = numpy_support.vtk_to_numpy(current.GetPointData().GetScalars()).reshape(
-                e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
-            out[e[4] - extent[4]:e[5] - extent[4] + 1, e[2] - extent[2]:e[3] - extent[2] + 1,
-                e[0] - extent[0]:e[1] - extent[0] + 1] = values == label
+        extent, out = self._ownVoxels(segmentationNode, segmentId, current, region)
+        before = out.copy()
         changed = np.zeros(dims[along], bool)
         changed[list(indices)] = True
         jj, ii = np.meshgrid(np.arange(region[1][0], region[1][1] + 1), np.arange(region[0][0], region[0][1] + 1),
@@ -255,6 +247,36 @@ class RefineLogic:
             plane[inside] = array[v[2, inside], v[1, inside], v[0, inside]] != 0
             out[k - extent[4], region[1][0] - extent[2]:region[1][1] - extent[2] + 1,
                 region[0][0] - extent[0]:region[0][1] - extent[0] + 1] = plane.reshape(jj.shape)
+        self._writeOwn(segmentationNode, segmentId, extent, ownIjkToRas, out)
+        where = np.nonzero(before != out)
+        return {"lattice": ownIjkToRas, "positions": tuple(w + extent[4 - 2 * a] for a, w in enumerate(where)),
+                "before": before[where], "after": out[where]}
+
+    def _ownVoxels(self, segmentationNode, segmentId, current, region):
+        """(extent, (k, j, i) uint8 array): the segment's own voxels (`current`, its labelmap) on an extent
+        that also holds `region` ([(lo, hi)] per i, j, k of its lattice)."""
+        import numpy as np
+        from vtk.util import numpy_support
+
+        e = current.GetExtent()
+        hasOwn = e[0] <= e[1] and e[2] <= e[3] and e[4] <= e[5]
+        extent = [region[a][s] if not hasOwn else (min if s == 0 else max)(region[a][s], e[2 * a + s])
+                  for a in range(3) for s in (0, 1)]
+        out = np.zeros(tuple(extent[2 * a + 1] - extent[2 * a] + 1 for a in (2, 1, 0)), np.uint8)
+        if hasOwn and current.GetPointData().GetScalars() is not None:
+            label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+            values = numpy_support.vtk_to_numpy(current.GetPointData().GetScalars()).reshape(
+                e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+            out[e[4] - extent[4]:e[5] - extent[4] + 1, e[2] - extent[2]:e[3] - extent[2] + 1,
+                e[0] - extent[0]:e[1] - extent[0] + 1] = values == label
+        return extent, out
+
+    @staticmethod
+    def _writeOwn(segmentationNode, segmentId, extent, ownIjkToRas, out):
+        import slicer
+        import vtk
+        from vtk.util import numpy_support
+
         image = slicer.vtkOrientedImageData()
         image.SetExtent(*extent)
         matrix = vtk.vtkMatrix4x4()
@@ -266,6 +288,29 @@ class RefineLogic:
         if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
                 image, segmentationNode, segmentId, 0):    # MODE_REPLACE
             raise RefineError(_("The changed slices could not be written into the segment."))
+
+    def restore(self, segmentationNode, segmentId, volumeNode, patch):
+        """Undo a write exactly on the segment's own grid: the voxels `patch` (writeSlices' return) changed
+        get their values back, when the segment still holds what was written there (no edit since) on the
+        same grid; returns False (nothing done) otherwise. On a grid finer than the volume's, the service's
+        undo alone would bring the slices back at the volume's resolution."""
+        import numpy as np
+
+        segmentationNode.GetSegmentation().SeparateSegmentLabelmap(segmentId)
+        current, ownIjkToRas = self._ownGrid(segmentationNode, segmentId, volumeNode)
+        if not np.allclose(ownIjkToRas, patch["lattice"], atol=1e-9):
+            return False
+        k, j, i = patch["positions"]
+        if not len(k):
+            return True
+        region = [(int(i.min()), int(i.max())), (int(j.min()), int(j.max())), (int(k.min()), int(k.max()))]
+        extent, out = self._ownVoxels(segmentationNode, segmentId, current, region)
+        at = (k - extent[4], j - extent[2], i - extent[0])
+        if not np.array_equal(out[at], patch["after"]):
+            return False
+        out[at] = patch["before"]
+        self._writeOwn(segmentationNode, segmentId, extent, ownIjkToRas, out)
+        return True
 
     # -- service (send() runs on any thread: network only, no scene access) ------------------------------
     def _client(self):
@@ -370,8 +415,21 @@ class RefineLogic:
             raise RefineError(_("The segment was removed while its correction was computed."))
         current = self.segmentArray(segmentation, request.segmentId, request.volumeNode)
         indices = self._apply(request.reply, request.array, current)
-        self.writeSlices(segmentation, request.segmentId, request.volumeNode, current, int(request.reply["axis"]),
-                         indices)
+        # each refine's own-grid change is kept, so an undo puts back exactly what was there (finer grid
+        # included) when the service undoes those same slices and the segment was not edited since
+        history = self._history.setdefault(request.key, [])
+        axis = int(request.reply["axis"])
+        if request.undo:
+            top = history[-1] if history else None
+            if top is not None and top["indices"] == sorted(indices) and (
+                    not indices or self.restore(segmentation, request.segmentId, request.volumeNode, top)):
+                history.pop()
+            else:       # not the step kept (edited since, or older than UNDO_KEPT): the service's slices
+                history.clear()
+                self.writeSlices(segmentation, request.segmentId, request.volumeNode, current, axis, indices)
+        else:
+            patch = self.writeSlices(segmentation, request.segmentId, request.volumeNode, current, axis, indices)
+            history[:] = history[-(UNDO_KEPT - 1):] + [dict(patch or {}, indices=sorted(indices))]
         self._synced[(request.volumeId, request.key)] = _digest(request.array)
         self.lastReply = request.reply
         return indices
@@ -472,8 +530,10 @@ class RefineLogic:
             raise RefineError(_("Choose the input volume the segment was made on."))
         array = self.segmentArray(segmentationNode, segmentId, volumeNode)
         key = self.key(segmentationNode, segmentId)
-        return self._request(volumeNode, segmentationNode, segmentId, array,
-                             lambda client, volumeId: client.undo(volumeId, key))
+        request = self._request(volumeNode, segmentationNode, segmentId, array,
+                                lambda client, volumeId: client.undo(volumeId, key))
+        request.undo = True
+        return request
 
     def prepareNewSegmentFromBox(self, segmentationNode, volumeNode, roiNode, name=None, propagate=True,
                                  axis="axial", planeNormal=None, window=None):
@@ -524,6 +584,7 @@ class RefineRequest:
         self.image = None             # the volume's snapshot, when it may have to be uploaded
         self.force = False            # upload even when Apply's upload is known
         self.createdSegment = False
+        self.undo = False             # an undo request (finish restores the own-grid voxels it can)
         self.needsUpload = False
         self.reply = None
         self.error = None
