@@ -423,7 +423,7 @@ def _replace_voxels(segmentation_node, segment_id, segment, labelmap_name):
     place: the segment keeps its ID, place, name, colour, terminology and the display node's per-segment
     visibility and opacity (keyed by ID), and the Segment Editor keeps it selected - removing and adding
     it again would reset these. Its own layer first, so that the segments it shared one with stay; then
-    MODE_REPLACE makes the given image its labelmap (vtkSegmentationModifier.cxx:313-356, v5.10.0)."""
+    MODE_REPLACE makes the given image its labelmap (vtkSegmentationModifier.cxx:315-358, v5.10.0)."""
     slicer = _slicer()
     from vtk.util import numpy_support
 

@@ -212,8 +212,9 @@ class RefineLogic:
         The image is made here in Python, so nothing is left to unregister: CreateOrientedImageDataFromVolumeNode
         would return a new reference Python must UnRegister (vtkSlicerSegmentationsModuleLogic.h:107,
         v5.10.0; SegmentEditorMaskVolumeEffect.py:364 does) and would copy the volume's voxels. MODE_REPLACE
-        makes the given image the segment's labelmap (vtkSegmentationModifier.cxx:313-356: CopyImage), so
-        it holds the segment's own voxels around the changed ones. Nothing is written when no slice changed.
+        makes the given image the segment's labelmap (vtkSegmentationModifier.cxx:315-358, CopyImage at 354:
+        vtkOrientedImageDataResample.cxx:1205-1221), so it holds the segment's own voxels around the changed
+        ones. Nothing is written when no slice changed.
         Returns the voxels it changed (positions, values before and after), for restore()."""
         import numpy as np
 
