@@ -183,6 +183,7 @@ class ServiceBackend:
             for key in [k for k, v in _localServices.items() if v is self.service]:
                 del _localServices[key]
         self.service, self._key = None, None
+        self.stopRetired()          # replaced by refineService and not yet stopped by a refine worker
         with self._lock:
             self._sent.clear()
             self._forget.clear()

@@ -603,3 +603,26 @@ def test_12_a_worker_left_blocked_by_cleanup_ends_as_cancelled_without_submittin
         assert called == [] and scene.GetNumberOfNodes() == nodes
     finally:
         held.close()
+
+
+def test_9_a_local_service_refine_replaced_is_stopped_by_a_worker_or_at_cleanup(mod, monkeypatch):
+    """Other models or device for a refine: the service they replace is stopped by the refine worker
+    (stopRetired, never on the GUI thread), or by the backend's stop() at cleanup."""
+    from MedCLIPSAMModuleLib import servicebackend
+
+    monkeypatch.setattr(servicebackend, "serviceCanRun", lambda: True)
+    stopped = []
+    logic = mod.MedCLIPSAMLogic(scene=slicer.vtkMRMLScene())
+    backend = logic.serviceBackend
+    first = backend.refineService("tiny-random", "cpu")
+    first.stop = lambda: stopped.append("first")
+    second = backend.refineService("tiny-random", "auto")
+    assert second is not first and stopped == []            # nothing stopped on the calling thread
+    backend.stopRetired()                                   # the refine worker, before ensure()
+    assert stopped == ["first"]
+    second.stop = lambda: stopped.append("second")
+    third = backend.refineService("", "cpu")
+    third.stop = lambda: stopped.append("third")
+    backend.stop()                                          # Widget.cleanup
+    assert stopped == ["first", "third", "second"]
+    servicebackend.stopLocalServices()
