@@ -7,7 +7,9 @@ slicer-core scene, against a real `medclipsam serve` with tiny-random models).
 3. under a 12 mm translation (of the volume, of the segmentation, of both) the clicked slice lands where
    the click was, nothing else moves on the segmentation's own grid, and undo restores it bit for bit;
 4. a segmentation oversampled 2x in-plane keeps its grid: only the voxels of the changed slices change,
-   and undo puts the fine voxels back exactly;
+   and undo puts the fine voxels back exactly; a non-linear transform between them gets one sentence;
+11. a refine request, a service job, Test connection and forgetting an upload finish while the main thread
+   holds the Python lock between 50-200 ms ticks (GilHoldingMainThread, test_slicer_panel_defects.py).
 """
 
 import base64
