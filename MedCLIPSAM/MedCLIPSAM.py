@@ -329,6 +329,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onTimer)
+        self.logic.serviceBackend.wake = self._timer.start  # its forget thread moves only while we tick
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
@@ -355,8 +356,10 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self.initializeParameterNode()
         self._volumeWatcher.attach(slicer.mrmlScene)  # the 'loaded volumes' count, only while shown
+        getattr(self, "refineSection", None) and self.refineSection.enter()  # its shortcuts, only while shown
 
     def exit(self):
+        getattr(self, "refineSection", None) and self.refineSection.exit()
         self._volumeWatcher.detach()
         self.saveSettings()
         if self._parameterNode:
@@ -365,9 +368,9 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event):
-        for job in (self.job, self.weakSection.job):
-            if job is not None and job.isRunning:
-                job.cancel()  # its result (or its plot) would land in a closed scene
+        if self.job is not None and self.job.isRunning:
+            self.job.cancel()  # its result would land in a closed scene
+        self.weakSection.onSceneStartClose()  # training goes on: it needs nothing from the scene
         self.evidenceSection.clear()
         self.setParameterNode(None)
 
@@ -528,7 +531,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----------------------------------------------------------------------------------- run
     def onTimer(self):
         """Poll everything that runs; stop when nothing does."""
-        running = False
+        running = self.logic.serviceBackend.busy
         for job in (self.job, self.weakSection.job, self.setupFlow.job):
             running = (job is not None and job.poll()) or running
         if self._gpuQuery is not None:
@@ -549,7 +552,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                               zeroShotModels=not entry)
 
     def startSegmentation(self):
-        with slicer.util.tryWithErrorDisplay(_("MedCLIP-SAM could not start."), waitCursor=True):
+        with panelstate.errorShownOnce(_("MedCLIP-SAM could not start.")):  # inside Apply's: one dialog
             node = self._parameterNode
             self.showProgress(self.ui.progressBar, self.ui.statusLabel, _("Starting..."))
             try:
@@ -698,6 +701,8 @@ class MedCLIPSAMTest(ScriptedLoadableModuleTest):
         self.test_SegmentPhantom()
         self.setUp()
         self.test_CancelLeavesSceneUnchanged()
+        self.setUp()
+        self.test_RefineLeavesNoNodes()
         if dependencies.missingPackages(dependencies.TRAINING_PACKAGES):
             self.delayDisplay("Weak-supervision self-test skipped: MONAI is not installed")
             return
@@ -756,6 +761,48 @@ class MedCLIPSAMTest(ScriptedLoadableModuleTest):
         self.assertFalse(os.path.exists(job.tempDir))
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodeCount)
         self.delayDisplay("Cancel test passed")
+
+    def test_RefineLeavesNoNodes(self):
+        """Clicks through the service with random test models: 5 refines, 2 undos and a new segment from a
+        box leave the scene's node count as it was (no colour table or labelmap per click)."""
+        import numpy as np
+
+        from MedCLIPSAMModuleLib.refine import RefineLogic
+        from MedCLIPSAMModuleLib.servicebackend import serviceCanRun
+
+        if not serviceCanRun():
+            self.delayDisplay("Refine self-test skipped: fastapi and uvicorn are not installed")
+            return
+        self.delayDisplay("Refining a segment with clicks")
+        logic = MedCLIPSAMLogic()
+        volume, _phantom = logic.createPhantomVolume()
+        segmentation = self._run(logic, volume, ["tumor"]).segmentationNode
+        segmentId = segmentation.GetSegmentation().GetSegmentIdBySegmentName("tumor")
+        scene = slicer.mrmlScene
+        ijkToRas = mrml().ijk_to_ras_from_node(volume)
+
+        def ras(i, j, k):
+            return list((ijkToRas @ np.array([i, j, k, 1.0]))[:3])
+
+        positive = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "positive")
+        negative = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "negative")
+        box = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+        a, b = np.array(ras(6, 6, 2)), np.array(ras(24, 30, 2))
+        box.SetCenter(*((a + b) / 2))
+        box.SetSize(*np.abs(b - a))
+        refine = RefineLogic(scene, logic.serviceBackend.refineService("tiny-random", "cpu"),
+                             logic.temporaryDirectory())
+        nodeCount = scene.GetNumberOfNodes()
+        for n, (i, j, k) in enumerate([(16, 20, 3), (18, 22, 3), (15, 19, 2), (4, 4, 4), (17, 18, 1)]):
+            (negative if n == 3 else positive).AddControlPoint(*ras(i, j, k))
+            refine.refine(segmentation, segmentId, volume, positive, negative, propagate=False,
+                          latestPoint=ras(i, j, k))
+        refine.undo(segmentation, segmentId, volume)
+        refine.undo(segmentation, segmentId, volume)
+        refine.newSegmentFromBox(segmentation, volume, box, propagate=False)
+        self.assertEqual(scene.GetNumberOfNodes(), nodeCount)
+        self.assertEqual(segmentation.GetSegmentation().GetNumberOfSegments(), 2)
+        self.delayDisplay("Refine test passed")
 
     def test_WeakSupervisionPhantom(self):
         """Pseudo-label two phantoms with the random test models, train a 4-filter network for 2 epochs,

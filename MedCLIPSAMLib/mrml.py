@@ -388,14 +388,7 @@ def import_segmentation_file(scene, path, reference_volume_node, segmentation_no
             segment_name = segment.GetName()
             existing_id = target.GetSegmentIdBySegmentName(segment_name) if replace_existing else ""
             if existing_id:
-                old = target.GetSegment(existing_id)
-                segment.SetColor(old.GetColor())
-                if terminology_of(old):
-                    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology_of(old))
-                position = target.GetSegmentIndex(existing_id)
-                target.RemoveSegment(existing_id)
-                before = target.GetNthSegmentID(position) if position < target.GetNumberOfSegments() else ""
-                target.AddSegment(segment, existing_id, before)
+                _replace_voxels(segmentation_node, existing_id, segment, labelmap_name)
                 segment_ids.append(existing_id)
                 replaced.append(existing_id)
             else:
@@ -423,6 +416,29 @@ def import_segmentation_file(scene, path, reference_volume_node, segmentation_no
     del private_scene
     return {"node": segmentation_node, "segment_ids": segment_ids, "added": added, "replaced": replaced,
             "created": created}
+
+
+def _replace_voxels(segmentation_node, segment_id, segment, labelmap_name):
+    """The voxels of `segment` (a copy from a file) become those of the node's segment `segment_id`, in
+    place: the segment keeps its ID, place, name, colour, terminology and the display node's per-segment
+    visibility and opacity (keyed by ID), and the Segment Editor keeps it selected - removing and adding
+    it again would reset these. Its own layer first, so that the segments it shared one with stay; then
+    MODE_REPLACE makes the given image its labelmap (vtkSegmentationModifier.cxx:315-358, v5.10.0)."""
+    slicer = _slicer()
+    from vtk.util import numpy_support
+
+    segmentation_node.GetSegmentation().SeparateSegmentLabelmap(segment_id)
+    image = slicer.vtkOrientedImageData()
+    image.DeepCopy(segment.GetRepresentation(labelmap_name))
+    scalars = image.GetPointData().GetScalars()
+    if scalars is not None:     # 0 / 1: the file's label value is not the segment's
+        mask = (numpy_support.vtk_to_numpy(scalars) == segment.GetLabelValue()).astype(np.uint8)
+        image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(mask, deep=True, array_type=3))
+    else:
+        image.SetExtent(0, -1, 0, -1, 0, -1)
+        image.AllocateScalars(3, 1)
+    if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, 0):
+        raise ValueError(f"the voxels of segment '{segment.GetName()}' could not be replaced")
 
 
 def _copy_segment(segmentation, segment_id, labelmap_name):

@@ -21,6 +21,7 @@ class EvidenceSection:
         self.view = EvidenceView(slicer.mrmlScene)
         self.cleaner = EvidenceCleaner(self.onEvidenceRemoved)
         self._plotViews = []
+        self._layoutManager = None      # watched for layoutChanged while a chart is shown
         self._chartShown = False
 
     # ------------------------------------------------------------------------------ widgets
@@ -70,6 +71,12 @@ class EvidenceSection:
     def cleanup(self):
         self.cleaner.detach()
         self._disconnectPlotViews()
+        if self._layoutManager is not None:
+            try:
+                self._layoutManager.disconnect("layoutChanged(int)", self._onLayoutChanged)
+            except (RuntimeError, ValueError):
+                pass
+            self._layoutManager = None
 
     # ------------------------------------------------------------------------------ state
     def showResult(self, result):
@@ -145,10 +152,19 @@ class EvidenceSection:
     def _connectPlotViews(self):
         self._disconnectPlotViews()
         layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None and self._layoutManager is not layoutManager:
+            # a layout may bring plot views that did not exist when the chart was shown: connect them too
+            # (qMRMLLayoutManager::layoutChanged(int), Libs/MRML/Widgets/qMRMLLayoutManager.h:274, v5.10.0)
+            layoutManager.connect("layoutChanged(int)", self._onLayoutChanged)
+            self._layoutManager = layoutManager
         for i in range(layoutManager.plotViewCount if layoutManager else 0):
             plotView = layoutManager.plotWidget(i).plotView()
             plotView.connect(DATA_SELECTED, self.onDataSelected)
             self._plotViews.append(plotView)
+
+    def _onLayoutChanged(self, layout=None):
+        if self._chartShown:
+            self._connectPlotViews()
 
     def _disconnectPlotViews(self):
         for plotView in self._plotViews:

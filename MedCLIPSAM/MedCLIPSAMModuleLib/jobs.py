@@ -312,6 +312,13 @@ class WeakSupervisionJob(BackgroundJob):
         if self.metricsCallback:
             self.metricsCallback(self.tableNode, self.chartNode)
 
+    def sceneClosed(self):
+        """The scene is closing: the run goes on (weak.start copied the volumes into its own folder, a
+        folder of images is read by the process), the table and chart go with the scene and are made
+        again, with every epoch so far, at the next metrics update."""
+        self.tableNode, self.chartNode, self.seriesNodes = None, None, []
+        self._metricsStamp = None
+
     def _removePlotNodes(self):
         scene = self.logic.scene
         for node in [self.chartNode, *self.seriesNodes, self.tableNode]:

@@ -12,6 +12,8 @@ Slicer facts these rest on (v5.10.0):
   both derive from vtkMRMLScalarVolumeNode, so the input combo lists these two exact classes.
 """
 
+import contextlib
+
 import vtk
 
 INPUT_VOLUME_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
@@ -111,3 +113,17 @@ class SceneVolumeWatcher:
     def _onNodeEvent(self, caller, event, node):
         if isInputVolume(node):
             self.callback()
+
+
+@contextlib.contextmanager
+def errorShownOnce(message, waitCursor=True):
+    """slicer.util.tryWithErrorDisplay that stops the error once shown. Slicer's shows its dialog and
+    re-raises (Base/Python/slicer/util.py:3395-3409, v5.10.0), so a start-up step run inside another one
+    (Apply -> setup -> startSegmentation) showed two dialogs for one error."""
+    import slicer
+
+    try:
+        with slicer.util.tryWithErrorDisplay(message, waitCursor=waitCursor):
+            yield
+    except Exception:
+        pass        # shown, with its traceback in the dialog's details

@@ -7,10 +7,12 @@ cached SAM2 encodings; this logic is its client in the scene:
 - the segment is sent as it is now (packed bits) only when it differs from what the service last gave
   back, so edits made meanwhile in the Segment Editor are the starting mask, and the service keys the
   segment by (volume id, "<segmentation node id>:<segment id>");
-- the reply's slices (np.take(mask, index, axis) of the (k, j, i) array) replace those slices of the
-  segment as read on the volume's grid, written back with vtkSlicerSegmentationsModuleLogic.
-  SetBinaryLabelmapToSegment: the other slices come back bit for bit, and the segment's name, colour and
-  terminology and the other segments are left as they were.
+- the segment is read on the volume's grid without adding a node (GenerateMergedLabelmapInReferenceGeometry);
+  the reply's slices (np.take(mask, index, axis) of the (k, j, i) array) are written onto the segment's
+  own grid and frame (oversampled by the Segment Editor or not, under linear parent transforms): only
+  voxels whose centre lies in a changed slice change, the rest stays bit for bit, and the segment's name,
+  colour and terminology and the other segments are left as they were; an undo of the last steps puts
+  the segment's own voxels back exactly.
 Threads: a request is prepared from the scene on the GUI thread (points, ROI, the segment's voxels, a
 snapshot of the volume when it may have to be uploaded), sent on a worker thread by RefineRunner (network
 only: start or reach the service, upload, refine), and written into the segment back on the GUI thread
@@ -22,6 +24,7 @@ volume's own frame when it sits under a transform. Loading this file imports no 
 from .i18n import tr as _
 
 VIEW_NAMES = {"axial": "Red", "coronal": "Green", "sagittal": "Yellow"}
+UNDO_KEPT = 20      # refine steps whose own-grid changes are kept for an exact undo
 
 
 class RefineError(Exception):
@@ -51,6 +54,7 @@ class RefineLogic:
         self.knownVolume = knownVolume
         self._uploads = {}      # volume node id -> (volume id, stamp(): voxels MTime + geometry)
         self._synced = {}       # (volume id, key) -> digest of the segment as the service holds it
+        self._history = {}      # key -> the last refines' own-grid changes (writeSlices), for exact undo
         self.lastReply = None
 
     # -- geometry (numpy, MedCLIPSAMLib's own rules) -------------------------------------------------
@@ -121,50 +125,193 @@ class RefineLogic:
         lo[along] = hi[along] = np.floor(ijk[-1, along] + 0.5)
         return [list((ijkToRas @ np.r_[c, 1.0])[:3]) for c in (lo, hi)]
 
-    # -- the segment's voxels on the volume's grid ---------------------------------------------------
+    # -- the segment's voxels on the volume's grid, written back on the segment's own grid -------------
+    @staticmethod
+    def _segmentationToVolume(segmentationNode, volumeNode):
+        """4x4 (numpy): the segmentation's own RAS frame -> the volume's own RAS frame (parent transforms);
+        RefineError when a non-linear transform lies between them (slices cannot be mapped voxel to voxel)."""
+        import numpy as np
+        import slicer
+        import vtk
+
+        matrix = vtk.vtkMatrix4x4()
+        # Libs/MRML/Core/vtkMRMLTransformNode.h:176 (v5.10.0): 0 when the transform is not linear
+        if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+                segmentationNode.GetParentTransformNode(), volumeNode.GetParentTransformNode(), matrix):
+            raise RefineError(_("The segmentation is under a non-linear transform relative to the input volume; "
+                                "harden the transform before refining."))
+        return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
     def segmentArray(self, segmentationNode, segmentId, volumeNode):
-        """The segment as a (k, j, i) uint8 array on the volume's grid (Slicer's own export)."""
+        """The segment as a (k, j, i) uint8 array on the volume's grid (Slicer's own resampling).
+
+        GenerateMergedLabelmapInReferenceGeometry is what ExportSegmentsToLabelmapNode runs before it puts
+        the image into a labelmap node (vtkSlicerSegmentationsModuleLogic.cxx:1150-1200, v5.10.0); called
+        directly, no node is added: the export would also add a "<segmentation>_ColorTable" node on every
+        call (.cxx:1235-1244). It maps the segment through both parent transforms (.cxx:1008-1035)."""
+        import numpy as np
         import slicer
         import vtk
         from vtk.util import numpy_support
 
+        self._segmentationToVolume(segmentationNode, volumeNode)    # refused before anything is sent
+        segmentationNode.GetSegmentation().CreateRepresentation(
+            slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName())
         ids = vtk.vtkStringArray()
         ids.InsertNextValue(segmentId)
-        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__medclipsam_refine__")
-        try:
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                    segmentationNode, ids, labelmap, volumeNode):
-                raise RefineError(_("The segment could not be read on the volume's grid."))
-            image = labelmap.GetImageData()
-            dims = image.GetDimensions()
-            array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
-            return (array != 0).astype("uint8")
-        finally:
-            display = labelmap.GetDisplayNode()
-            if display is not None:
-                self.scene.RemoveNode(display)
-            self.scene.RemoveNode(labelmap)
+        image = slicer.vtkOrientedImageData()
+        slicer.vtkSlicerSegmentationsModuleLogic.GenerateMergedLabelmapInReferenceGeometry(
+            segmentationNode, volumeNode, ids, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, image)
+        dims = volumeNode.GetImageData().GetDimensions()
+        out = np.zeros(dims[::-1], np.uint8)
+        e = image.GetExtent()
+        if image.GetPointData().GetScalars() is None or e[0] > e[1] or e[2] > e[3] or e[4] > e[5]:
+            return out
+        array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+            e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+        lo = [max(e[2 * a], 0) for a in range(3)]
+        hi = [min(e[2 * a + 1], dims[a] - 1) for a in range(3)]
+        if all(lo[a] <= hi[a] for a in range(3)):
+            out[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] = array[
+                lo[2] - e[4]:hi[2] - e[4] + 1, lo[1] - e[2]:hi[1] - e[2] + 1, lo[0] - e[0]:hi[0] - e[0] + 1] != 0
+        return out
+
+    def _ownGrid(self, segmentationNode, segmentId, volumeNode):
+        """(the segment's own labelmap (a copy, in the segmentation's frame), its lattice's IJK -> own RAS
+        matrix): the segment's grid when it has voxels, else the segmentation's reference geometry (the
+        Segment Editor's grid, oversampled or not), else the volume's."""
+        import numpy as np
+        import slicer
+        import vtk
+
+        image = slicer.vtkOrientedImageData()
+        # applyParentTransform=False: the segmentation's own frame (vtkSlicerSegmentationsModuleLogic.h:395-405)
+        slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+            segmentationNode, segmentId, image, False)
+        e = image.GetExtent()
+        lattice = image
+        if e[0] > e[1] or e[2] > e[3] or e[4] > e[5]:
+            lattice = slicer.vtkOrientedImageData()
+            text = segmentationNode.GetSegmentation().GetConversionParameter(
+                slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+            if not text or not slicer.vtkSegmentationConverter.DeserializeImageGeometry(text, lattice, False):
+                matrix = np.linalg.inv(self._segmentationToVolume(segmentationNode, volumeNode)) @ \
+                    self._mrml().ijk_to_ras_from_node(volumeNode)
+                return image, matrix
+        matrix = vtk.vtkMatrix4x4()
+        lattice.GetImageToWorldMatrix(matrix)
+        return image, np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
     def writeSlices(self, segmentationNode, segmentId, volumeNode, array, numpyAxis, indices):
-        """Write `array` (the segment read by segmentArray with the slices `indices` replaced) into the segment.
+        """Write the slices `indices` of `array` (the segment on the volume's (k, j, i) grid) into the segment,
+        on the segment's own grid and in the segmentation's own frame: a voxel of that grid changes only
+        when its centre lies in one of those slices of the volume (it takes the value of the volume voxel it
+        lies in), every other voxel stays bit for bit, whatever the segmentation's geometry (oversampled
+        by the Segment Editor) or the parent transforms of the volume and the segmentation (linear).
 
-        SetBinaryLabelmapToSegment in MODE_REPLACE empties the segment outside the extent it is given
-        (vtkSegmentationModifier::AppendLabelmapToSegment), so the whole array goes in: every other slice
-        holds the segment's own voxels, read on the same grid, and comes back bit for bit (checked by
-        Testing/Python/test_slicer_refine.py). Nothing is written when no slice changed."""
-        import slicer
-        from vtk.util import numpy_support
+        The image is made here in Python, so nothing is left to unregister: CreateOrientedImageDataFromVolumeNode
+        would return a new reference Python must UnRegister (vtkSlicerSegmentationsModuleLogic.h:107,
+        v5.10.0; SegmentEditorMaskVolumeEffect.py:364 does) and would copy the volume's voxels. MODE_REPLACE
+        makes the given image the segment's labelmap (vtkSegmentationModifier.cxx:315-358, CopyImage at 354:
+        vtkOrientedImageDataResample.cxx:1205-1221), so it holds the segment's own voxels around the changed
+        ones. Nothing is written when no slice changed.
+        Returns the voxels it changed (positions, values before and after), for restore()."""
+        import numpy as np
 
         if not indices:
-            return
+            return None
+        toVolume = self._segmentationToVolume(segmentationNode, volumeNode)
         segmentationNode.GetSegmentation().SeparateSegmentLabelmap(segmentId)   # other segments untouched
-        image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(volumeNode)
-        image.AllocateScalars(3, 1)     # VTK_UNSIGNED_CHAR
-        scalars = numpy_support.numpy_to_vtk(array.astype("uint8").ravel(), deep=True, array_type=3)
-        image.GetPointData().SetScalars(scalars)
+        current, ownIjkToRas = self._ownGrid(segmentationNode, segmentId, volumeNode)
+        toVolumeIjk = np.linalg.inv(self._mrml().ijk_to_ras_from_node(volumeNode)) @ toVolume @ ownIjkToRas
+        dims = array.shape[::-1]                      # (i, j, k) of the volume
+        along = 2 - int(numpyAxis)
+        lo, hi = [-0.5] * 3, [d - 0.5 for d in dims]
+        lo[along], hi[along] = min(indices) - 0.5, max(indices) + 0.5
+        corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+        own = (np.linalg.inv(toVolumeIjk) @ corners.T).T[:, :3]
+        region = [(int(np.floor(own[:, a].min())), int(np.ceil(own[:, a].max()))) for a in range(3)]
+        # the image written: the segment's own extent and the changed region, on its own lattice
+        extent, out = self._ownVoxels(segmentationNode, segmentId, current, region)
+        before = out.copy()
+        changed = np.zeros(dims[along], bool)
+        changed[list(indices)] = True
+        jj, ii = np.meshgrid(np.arange(region[1][0], region[1][1] + 1), np.arange(region[0][0], region[0][1] + 1),
+                             indexing="ij")
+        for k in range(region[2][0], region[2][1] + 1):     # one plane at a time: bounded memory
+            p = toVolumeIjk @ np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k), np.ones(ii.size)])
+            v = np.floor(p[:3] + 0.5).astype(np.int64)     # the volume voxel each centre lies in
+            inside = np.all((v >= 0) & (v < np.array(dims)[:, None]), axis=0)
+            inside[inside] = changed[v[along, inside]]
+            plane = out[k - extent[4], region[1][0] - extent[2]:region[1][1] - extent[2] + 1,
+                        region[0][0] - extent[0]:region[0][1] - extent[0] + 1].reshape(-1)
+            plane[inside] = array[v[2, inside], v[1, inside], v[0, inside]] != 0
+            out[k - extent[4], region[1][0] - extent[2]:region[1][1] - extent[2] + 1,
+                region[0][0] - extent[0]:region[0][1] - extent[0] + 1] = plane.reshape(jj.shape)
+        self._writeOwn(segmentationNode, segmentId, extent, ownIjkToRas, out)
+        where = np.nonzero(before != out)
+        return {"lattice": ownIjkToRas, "positions": tuple(w + extent[4 - 2 * a] for a, w in enumerate(where)),
+                "before": before[where], "after": out[where]}
+
+    def _ownVoxels(self, segmentationNode, segmentId, current, region):
+        """(extent, (k, j, i) uint8 array): the segment's own voxels (`current`, its labelmap) on an extent
+        that also holds `region` ([(lo, hi)] per i, j, k of its lattice)."""
+        import numpy as np
+        from vtk.util import numpy_support
+
+        e = current.GetExtent()
+        hasOwn = e[0] <= e[1] and e[2] <= e[3] and e[4] <= e[5]
+        extent = [region[a][s] if not hasOwn else (min if s == 0 else max)(region[a][s], e[2 * a + s])
+                  for a in range(3) for s in (0, 1)]
+        out = np.zeros(tuple(extent[2 * a + 1] - extent[2 * a] + 1 for a in (2, 1, 0)), np.uint8)
+        if hasOwn and current.GetPointData().GetScalars() is not None:
+            label = segmentationNode.GetSegmentation().GetSegment(segmentId).GetLabelValue()
+            values = numpy_support.vtk_to_numpy(current.GetPointData().GetScalars()).reshape(
+                e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
+            out[e[4] - extent[4]:e[5] - extent[4] + 1, e[2] - extent[2]:e[3] - extent[2] + 1,
+                e[0] - extent[0]:e[1] - extent[0] + 1] = values == label
+        return extent, out
+
+    @staticmethod
+    def _writeOwn(segmentationNode, segmentId, extent, ownIjkToRas, out):
+        import slicer
+        import vtk
+        from vtk.util import numpy_support
+
+        image = slicer.vtkOrientedImageData()
+        image.SetExtent(*extent)
+        matrix = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                matrix.SetElement(r, c, float(ownIjkToRas[r, c]))
+        image.SetGeometryFromImageToWorldMatrix(matrix)
+        image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(out.ravel(), deep=True, array_type=vtk.VTK_UNSIGNED_CHAR))
         if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
                 image, segmentationNode, segmentId, 0):    # MODE_REPLACE
             raise RefineError(_("The changed slices could not be written into the segment."))
+
+    def restore(self, segmentationNode, segmentId, volumeNode, patch):
+        """Undo a write exactly on the segment's own grid: the voxels `patch` (writeSlices' return) changed
+        get their values back, when the segment still holds what was written there (no edit since) on the
+        same grid; returns False (nothing done) otherwise. On a grid finer than the volume's, the service's
+        undo alone would bring the slices back at the volume's resolution."""
+        import numpy as np
+
+        segmentationNode.GetSegmentation().SeparateSegmentLabelmap(segmentId)
+        current, ownIjkToRas = self._ownGrid(segmentationNode, segmentId, volumeNode)
+        if not np.allclose(ownIjkToRas, patch["lattice"], atol=1e-9):
+            return False
+        k, j, i = patch["positions"]
+        if not len(k):
+            return True
+        region = [(int(i.min()), int(i.max())), (int(j.min()), int(j.max())), (int(k.min()), int(k.max()))]
+        extent, out = self._ownVoxels(segmentationNode, segmentId, current, region)
+        at = (k - extent[4], j - extent[2], i - extent[0])
+        if not np.array_equal(out[at], patch["after"]):
+            return False
+        out[at] = patch["before"]
+        self._writeOwn(segmentationNode, segmentId, extent, ownIjkToRas, out)
+        return True
 
     # -- service (send() runs on any thread: network only, no scene access) ------------------------------
     def _client(self):
@@ -269,8 +416,21 @@ class RefineLogic:
             raise RefineError(_("The segment was removed while its correction was computed."))
         current = self.segmentArray(segmentation, request.segmentId, request.volumeNode)
         indices = self._apply(request.reply, request.array, current)
-        self.writeSlices(segmentation, request.segmentId, request.volumeNode, current, int(request.reply["axis"]),
-                         indices)
+        # each refine's own-grid change is kept, so an undo puts back exactly what was there (finer grid
+        # included) when the service undoes those same slices and the segment was not edited since
+        history = self._history.setdefault(request.key, [])
+        axis = int(request.reply["axis"])
+        if request.undo:
+            top = history[-1] if history else None
+            if top is not None and top["indices"] == sorted(indices) and (
+                    not indices or self.restore(segmentation, request.segmentId, request.volumeNode, top)):
+                history.pop()
+            else:       # not the step kept (edited since, or older than UNDO_KEPT): the service's slices
+                history.clear()
+                self.writeSlices(segmentation, request.segmentId, request.volumeNode, current, axis, indices)
+        else:
+            patch = self.writeSlices(segmentation, request.segmentId, request.volumeNode, current, axis, indices)
+            history[:] = history[-(UNDO_KEPT - 1):] + [dict(patch or {}, indices=sorted(indices))]
         self._synced[(request.volumeId, request.key)] = _digest(request.array)
         self.lastReply = request.reply
         return indices
@@ -371,8 +531,10 @@ class RefineLogic:
             raise RefineError(_("Choose the input volume the segment was made on."))
         array = self.segmentArray(segmentationNode, segmentId, volumeNode)
         key = self.key(segmentationNode, segmentId)
-        return self._request(volumeNode, segmentationNode, segmentId, array,
-                             lambda client, volumeId: client.undo(volumeId, key))
+        request = self._request(volumeNode, segmentationNode, segmentId, array,
+                                lambda client, volumeId: client.undo(volumeId, key))
+        request.undo = True
+        return request
 
     def prepareNewSegmentFromBox(self, segmentationNode, volumeNode, roiNode, name=None, propagate=True,
                                  axis="axial", planeNormal=None, window=None):
@@ -423,6 +585,7 @@ class RefineRequest:
         self.image = None             # the volume's snapshot, when it may have to be uploaded
         self.force = False            # upload even when Apply's upload is known
         self.createdSegment = False
+        self.undo = False             # an undo request (finish restores the own-grid voxels it can)
         self.needsUpload = False
         self.reply = None
         self.error = None
@@ -466,3 +629,78 @@ class RefineRunner:
         """Block until the running request is done (tests, module cleanup)."""
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+class PlaceMode:
+    """Place mode for the Refine section's markups nodes on Slicer's one interaction node, put back as it was.
+
+    start(node, persistent, onEnded) makes `node` the active place node and enters Place mode with the
+    persistence asked for, remembering the persistence found the first time (SetPlaceModePersistence is
+    global to the interaction node: vtkMRMLInteractionNode.h:43, v5.10.0). Whatever ends it - a one-time
+    placement done (Slicer returns to ViewTransform itself: vtkSlicerMarkupsWidget.cxx:1198), Escape, the
+    mouse-mode toolbar, another module's place node (vtkMRMLSelectionNode.h:154), stop() - calls onEnded()
+    once (the panel unchecks its button) and restores the persistence, unless someone changed it since.
+    Observed: InteractionModeChangedEvent (vtkMRMLInteractionNode.cxx:105-118) and the selection node's
+    ActivePlaceNodeIDChangedEvent. Qt-free (slicer-core scene)."""
+
+    def __init__(self, interactionNode, selectionNode):
+        self.interaction, self.selection = interactionNode, selectionNode
+        self.nodeId = None
+        self._onEnded = None
+        self._saved = None          # (persistence found, persistence set) while active
+        self._tags = []
+        self._starting = False
+
+    @property
+    def active(self):
+        return self._saved is not None
+
+    def start(self, node, persistent, onEnded=None):
+        interaction = self.interaction
+        if not self.active:
+            self._saved = (interaction.GetPlaceModePersistence(), None)
+            self._tags = [(interaction, interaction.AddObserver(interaction.InteractionModeChangedEvent, self._check)),
+                          (self.selection, self.selection.AddObserver(
+                              self.selection.ActivePlaceNodeIDChangedEvent, self._check))]
+        elif self._onEnded is not None and self.nodeId != node.GetID():
+            previous, self._onEnded = self._onEnded, None
+            previous()                       # another button takes over: the previous one unchecks
+        wanted = 1 if persistent else 0
+        self.nodeId, self._onEnded, self._saved = None, onEnded, (self._saved[0], wanted)
+        self._starting = True                # the events of our own changes are not an end
+        try:
+            self.selection.SetReferenceActivePlaceNodeClassName(node.GetClassName())
+            self.selection.SetActivePlaceNodeID(node.GetID())
+            interaction.SetPlaceModePersistence(wanted)
+            interaction.SetCurrentInteractionMode(interaction.Place)
+        finally:
+            self._starting = False
+        self.nodeId = node.GetID()
+
+    def stop(self):
+        """Leave place mode if it is still ours (the panel's button unchecked, the module left)."""
+        if not self.active:
+            return
+        if self.interaction.GetCurrentInteractionMode() == self.interaction.Place and \
+                self.selection.GetActivePlaceNodeID() == self.nodeId:
+            self.interaction.SetCurrentInteractionMode(self.interaction.ViewTransform)   # -> _check -> _end
+        self._end()
+
+    def _check(self, caller=None, event=None):
+        if self.active and not self._starting and (
+                self.interaction.GetCurrentInteractionMode() != self.interaction.Place or
+                self.selection.GetActivePlaceNodeID() != self.nodeId):
+            self._end()
+
+    def _end(self):
+        if not self.active:
+            return
+        for node, tag in self._tags:
+            node.RemoveObserver(tag)
+        self._tags = []
+        found, wanted = self._saved
+        if self.interaction.GetPlaceModePersistence() == wanted:     # nobody changed it since
+            self.interaction.SetPlaceModePersistence(found)
+        onEnded, self._onEnded, self.nodeId, self._saved = self._onEnded, None, None, None
+        if onEnded is not None:
+            onEnded()

@@ -3,7 +3,8 @@
 Choose the segment; place positive (green) / negative (red) points or a box (ROI) in the slice view of the
 segmentation's axis: each placement is applied at once (the markups nodes' PointPositionDefinedEvent, and
 PointEndInteractionEvent when a box is resized); Undo; "Propagate" or "This slice only"; "New segment from
-box" for an object with no words. Keyboard shortcuts (QShortcut on the main window) are in the tooltips.
+box" for an object with no words. Keyboard shortcuts (QShortcut on the main window, on only while the
+module is shown) are in the tooltips; place mode is put back as found (PlaceMode, refine.py).
 The segmentation stays a normal one: the Segment Editor keeps working on it.
 
 Slicer facts used (v5.10.0): vtkMRMLMarkupsNode::PointPositionDefinedEvent / PointEndInteractionEvent
@@ -17,27 +18,34 @@ vtkMRMLSelectionNode.h:87,94, vtkMRMLInteractionNode.h:31,43,52); qMRMLSegmentSe
 import slicer
 
 from .i18n import tr as _
-from .refine import VIEW_NAMES, RefineLogic, RefineRunner, sentence
+from .refine import VIEW_NAMES, PlaceMode, RefineLogic, RefineRunner, sentence
 
 POSITIVE_COLOR = (0.0, 0.85, 0.0)     # SegmentWithSAM / nnInteractive: green includes, red excludes
 NEGATIVE_COLOR = (0.95, 0.1, 0.1)
 BOX_COLOR = (1.0, 0.85, 0.0)
-SHORTCUTS = {"positive": "Ctrl+Shift+A", "negative": "Ctrl+Shift+D", "box": "Ctrl+Shift+B", "undo": "Ctrl+Shift+Z"}
+# Keys no part of Slicer v5.10.0 nor Qt's standard keys take: Ctrl+Shift+A is the Markups toolbar's
+# (qMRMLMarkupsToolBar.cxx:84-86 also Ctrl+Shift+T / Space) and Qt's Deselect on X11, Ctrl+Shift+Z is Redo
+# (the Segment Editor's, qMRMLSegmentEditorWidget.cxx:2350), Ctrl+Shift+Down/Left/Right the Sequences
+# player's (qMRMLSequenceBrowserPlayWidget.cxx:41-43); Qt's table (qplatformtheme.cpp keyBindings) also
+# has Ctrl+Shift+S/N/G/F; Ctrl+Shift+U is Unicode input in IBus / GTK. Made on the main window, as the
+# Segment Editor does (qMRMLSegmentEditorWidget.cxx:2299-2307), and enabled only while the module is
+# shown (enter / exit, as SegmentEditor.py:118,136 installs and removes its own).
+SHORTCUTS = {"positive": "Ctrl+Shift+P", "negative": "Ctrl+Shift+M", "box": "Ctrl+Shift+B", "undo": "Ctrl+Shift+R"}
 
 
 class RefineSection:
-    """panel: the MedCLIPSAMWidget (its ui, parameter node and logic). Requests go to the service of the
-    Logic's serviceBackend when there is one (uploads and encodings shared), else to `service` (LocalService /
-    RemoteService of service.py), else to a local service started with the module's Python."""
+    """panel: the MedCLIPSAMWidget (its ui, parameter node and logic). Requests go to `service` when given
+    (LocalService / RemoteService of service.py), else to the service the Logic's serviceBackend uses for
+    Apply with the panel's settings (uploads and encodings shared)."""
 
     def __init__(self, panel, service=None):
         self.panel = panel
         self.service = service
-        self._ownService = None
         self.logic = None
         self.nodes = {}
         self._observations = []
         self._shortcuts = []
+        self.placeMode = None       # PlaceMode on Slicer's interaction and selection nodes, made on first use
         self.runner = None
         self._pending = None        # the latest placement made while a request ran: sent after it
         self._done = None
@@ -109,13 +117,29 @@ class RefineSection:
         self.timer.setInterval(50)
         self.timer.connect("timeout()", self._poll)
 
-        window = slicer.util.mainWindow()
+        self.makeShortcuts(qt, slicer.util.mainWindow())
+        return self
+
+    def makeShortcuts(self, qt, window):
+        """The section's shortcuts on `window`, off until enter()."""
         for kind, slot in (("positive", lambda: self.toggle("positive")), ("negative", lambda: self.toggle("negative")),
                            ("box", lambda: self.toggle("box")), ("undo", self.onUndo)):
             shortcut = qt.QShortcut(qt.QKeySequence(SHORTCUTS[kind]), window)
+            shortcut.setEnabled(False)
             shortcut.connect("activated()", slot)
             self._shortcuts.append(shortcut)
-        return self
+
+    def enter(self):
+        """The module is shown: its shortcuts work."""
+        for shortcut in self._shortcuts:
+            shortcut.setEnabled(True)
+
+    def exit(self):
+        """The module is left: its shortcuts stop, and its place mode ends (persistence put back)."""
+        for shortcut in self._shortcuts:
+            shortcut.setEnabled(False)
+        if self.placeMode is not None:
+            self.placeMode.stop()
 
     def toggle(self, kind):
         self.buttons[kind].checked = not self.buttons[kind].checked
@@ -146,43 +170,46 @@ class RefineSection:
         return node
 
     def onPlaceToggled(self, kind, on):
-        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        if self.placeMode is None:
+            logic = slicer.app.applicationLogic()
+            self.placeMode = PlaceMode(logic.GetInteractionNode(), logic.GetSelectionNode())
         if not on:
-            if interaction.GetCurrentInteractionMode() == interaction.Place:
-                interaction.SetCurrentInteractionMode(interaction.ViewTransform)
+            self.placeMode.stop()
             return
-        for other, button in self.buttons.items():
-            if other != kind and button.checked:
-                button.blockSignals(True)
-                button.checked = False
-                button.blockSignals(False)
         node = self._node(kind)
         if kind == "box" and node.GetNumberOfControlPoints():
             node.RemoveAllControlPoints()      # a new box replaces the previous one
-        selection = slicer.app.applicationLogic().GetSelectionNode()
-        selection.SetReferenceActivePlaceNodeClassName(node.GetClassName())
-        selection.SetActivePlaceNodeID(node.GetID())
-        interaction.SetPlaceModePersistence(0 if kind == "box" else 1)
-        interaction.SetCurrentInteractionMode(interaction.Place)
+        # points stay in place mode; a box is one placement, after which Slicer leaves place mode
+        self.placeMode.start(node, persistent=kind != "box", onEnded=lambda kind=kind: self._uncheck(kind))
+
+    def _uncheck(self, kind):
+        """Place mode ended (placement done, Escape, another tool): the button shows it, without a signal."""
+        button = self.buttons[kind]
+        button.blockSignals(True)
+        button.checked = False
+        button.blockSignals(False)
 
     # -- requests --------------------------------------------------------------------------------------
     def _service(self):
-        """GUI thread: the service to use: Apply's (the Logic's serviceBackend: same models, warm encodings),
-        else the one given, else a local one started by this section."""
-        backend = getattr(self.panel.logic, "serviceBackend", None)
-        service = getattr(backend, "service", None) or self.service
-        if service is None:
-            if self._ownService is None:
-                from .service import LocalService
-
-                logic = self.panel.logic
-                self._ownService = LocalService(logic.python(), env=logic.environment())
-            service = self._ownService
-        return service
+        """GUI thread: the service to use: the one given (scripts, tests), else the one Apply's backend uses
+        with the panel's mode, models and device (uploads and encodings shared); ValueError (one sentence)
+        when the settings give none (no local service is started behind the settings' back)."""
+        if self.service is not None:
+            return self.service
+        node = self.panel._parameterNode
+        return self.panel.logic.serviceBackend.refineService(node.models if node else "",
+                                                             node.device if node else "auto")
 
     def ensure(self):
-        """The client (RefineLogic calls this on the worker thread): of the service _run chose."""
-        return self._chosenService.ensure()
+        """The client (RefineLogic calls this on the worker thread): of the service _run chose; the worker
+        also stops a local service the settings replaced and drops removed volumes' uploads."""
+        backend = getattr(self.panel.logic, "serviceBackend", None) if self.service is None else None
+        if backend is not None:
+            backend.stopRetired()
+        client = self._chosenService.ensure()
+        if backend is not None:
+            backend.forgetPending()
+        return client
 
     def _knownVolume(self, nodeId, stamp, client):
         """The id under which Apply's service backend uploaded this node, while still valid (None else).
@@ -308,10 +335,9 @@ class RefineSection:
         for node, tag in self._observations:
             node.RemoveObserver(tag)
         self._observations = []
+        if self.placeMode is not None:
+            self.placeMode.stop()
         for shortcut in self._shortcuts:
             shortcut.disconnect("activated()")
             shortcut.setParent(None)
         self._shortcuts = []
-        if self._ownService is not None:
-            self._ownService.stop()
-            self._ownService = None

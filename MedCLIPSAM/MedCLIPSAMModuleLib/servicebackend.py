@@ -82,6 +82,13 @@ class ServiceBackend:
         self._forget = []           # (client, volume id) to drop at the service
         self._lock = threading.RLock()
         self._observed = None       # (scene, observer tag)
+        # Slicer never turns on PythonQt's thread support (PythonQtThreadSupport.cpp:45 defaults off): the
+        # main thread keeps the Python lock while Qt idles, so a worker thread moves only while a timer
+        # callback runs Python. wake() is the panel's timer start: called when a thread starts here
+        # outside a job (the forget thread), so that the panel polls (busy) until it is done.
+        self.wake = None
+        self._forgetThread = None
+        self._retired = []          # local services replaced by refineService, for the refine worker to stop
 
     # -- the seam -------------------------------------------------------------------------------
     def startSegmentation(self, inputVolume, prompts, segmentationNode=None, preset="v2", axis="axial",
@@ -145,6 +152,30 @@ class ServiceBackend:
                 self.logic.python(), extra, env=self.logic.environment(), idle_exit=self.idleExit))
         return retired
 
+    def refineService(self, models="", device="auto"):
+        """The service click refinement sends to: the one Apply uses with the panel's settings (mode, URL,
+        token, models, device), started by the refine worker on its first use; ValueError (one sentence)
+        when the settings give none. Called on the GUI thread; a replaced local service is stopped by the
+        refine worker (stopRetired)."""
+        if self.mode == "off":
+            raise ValueError(_("Click refinement needs the segmentation service: choose a local or remote service "
+                               "in 'Setup and advanced'."))
+        if self.mode == "local" and not serviceCanRun():
+            raise ValueError(_("Click refinement needs the local segmentation service, and fastapi and uvicorn are "
+                               "not installed in Slicer's Python."))
+        retired = self._serviceFor(models, device)
+        with self._lock:
+            self._retired += retired        # stopped by the refine worker (stopRetired), not on this thread
+        self._watchScene()
+        return self.service
+
+    def stopRetired(self):
+        """Worker threads: stop the local services refineService replaced (another models / device)."""
+        with self._lock:
+            retired, self._retired = self._retired, []
+        for service in retired:
+            service.stop()
+
     def stop(self):
         """Stop a local service (Slicer closes, the module reloads); a remote one is left alone."""
         if self.service is not None:
@@ -152,6 +183,7 @@ class ServiceBackend:
             for key in [k for k, v in _localServices.items() if v is self.service]:
                 del _localServices[key]
         self.service, self._key = None, None
+        self.stopRetired()          # replaced by refineService and not yet stopped by a refine worker
         with self._lock:
             self._sent.clear()
             self._forget.clear()
@@ -263,7 +295,17 @@ class ServiceBackend:
 
     def _onNodeRemoved(self, caller=None, event=None):
         if getattr(self, "_sent", None) and self._dropRemoved():   # (no _sent: Python is shutting down)
-            threading.Thread(target=self.forgetPending, name="medclipsam-forget", daemon=True).start()
+            if not self.busy:
+                self._forgetThread = threading.Thread(target=self.forgetPending, name="medclipsam-forget",
+                                                      daemon=True)
+                self._forgetThread.start()
+            if self.wake is not None:
+                self.wake()
+
+    @property
+    def busy(self):
+        """A thread of the backend's own (not a job's) still runs: the panel's timer keeps ticking."""
+        return self._forgetThread is not None and self._forgetThread.is_alive()
 
 
 class _Worker:
@@ -426,7 +468,7 @@ class ServiceJob:
             self._post("log", self.service.notice)
             self._progress("service", self.service.notice)
         volumeId = self._volumeOn(client)
-        if volumeId is None:
+        if volumeId is None or self._cancel.is_set():   # (a long upload may end after Widget.cleanup)
             return ("cancelled", None)
         self.backend.forgetPending()     # changed (as found just now) or removed nodes' uploads
         try:

@@ -18,10 +18,11 @@ class SetupFlow:
         self.missingPackages = missingPackages
         self.install = install
         self.job = None
+        self.installing = False
 
     @property
     def isRunning(self):
-        return self.job is not None and self.job.isRunning
+        return self.installing or (self.job is not None and self.job.isRunning)
 
     def cancel(self):
         if self.job is not None:
@@ -29,6 +30,9 @@ class SetupFlow:
 
     def ensure(self, then, models="", training=False, zeroShotModels=True):
         """Packages, then models; then() once everything is ready. Returns at once."""
+        if self.installing:     # Apply or Start pressed again while pip runs (it pumps the event loop)
+            self.ui.status(_("Python packages are being installed; wait until it ends."))
+            return
         packages = dependencies.PYTHON_PACKAGES + (dependencies.TRAINING_PACKAGES if training else [])
         missing = self.missingPackages(packages)
         if missing and not self.installPackages(missing):
@@ -49,9 +53,22 @@ class SetupFlow:
             self.ui.status(_("Missing Python packages: {names}").format(names=names))
             return False
         self.ui.status(_("Installing {names}...").format(names=names))
-        self.install(missing)
+        # slicer.util.pip_install pumps the event loop for every line pip prints (Base/Python/slicer/util.py:
+        # 3944, v5.10.0): Apply stays clickable unless the panel greys it out now (isRunning is True)
+        self.installing = True
+        self._buttons()
+        try:
+            self.install(missing)
+        finally:
+            self.installing = False
+            self._buttons()
         self.ui.status(_("Python packages installed."))
         return True
+
+    def _buttons(self):
+        update = getattr(self.ui, "updateButtons", None)
+        if update is not None:
+            update()
 
     def offerDownload(self, failed, then=None):
         """failed: [(name, message)]. Download after asking; otherwise say which file goes where."""

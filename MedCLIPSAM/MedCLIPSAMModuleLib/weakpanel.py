@@ -5,7 +5,7 @@ import os
 
 import slicer
 
-from . import prompts, weak
+from . import panelstate, prompts, weak
 from .i18n import tr as _
 
 
@@ -79,7 +79,7 @@ class WeakSupervisionSection:
         self.panel.setupFlow.ensure(self.startWeakSupervision, self.panel._parameterNode.models, training=True)
 
     def startWeakSupervision(self):
-        with slicer.util.tryWithErrorDisplay(_("Weak supervision could not start."), waitCursor=True):
+        with panelstate.errorShownOnce(_("Weak supervision could not start.")):
             node = self.panel._parameterNode
             images = node.weakImagesFolder if node.weakImageSource == "folder" else weak.trainingVolumes(
                 slicer.mrmlScene)
@@ -97,6 +97,13 @@ class WeakSupervisionSection:
                 raise
             self.panel._timer.start()
             self.updateWeakButtons()
+
+    def onSceneStartClose(self):
+        """File > Close Scene: training keeps running (its images were copied when it started); its chart
+        comes back in the new scene with the next epoch."""
+        if self.job is not None and self.job.isRunning:
+            self.job.sceneClosed()
+        self._shownChart = None
 
     def onWeakCancel(self):
         if self.job is not None and self.job.isRunning:
