@@ -7,7 +7,6 @@
   while a click is computed is the starting mask the next click sends.
 Random weights say nothing about a click's quality: geometry and bookkeeping are checked."""
 
-import base64
 import os
 import sys
 import threading
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from MedCLIPSAMLib.errors import MedCLIPSAMError
 from MedCLIPSAMLib.io.geometry import slicing_axis
@@ -23,6 +21,8 @@ from MedCLIPSAMLib.phantoms import make_volume
 from MedCLIPSAMLib.pipeline.session import Session
 from MedCLIPSAMLib.pipeline.session_refine import pack_bits, unpack_bits
 from MedCLIPSAMLib.service.core import Service
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,84 @@ def test_the_reply_holds_exactly_the_changed_slices_on_flipped_grids(service, tm
     undone = service.undo(volume, "t")
     assert set(planes_of(undone)) == changed
     np.testing.assert_array_equal(service.session.segments.get(volume, "t").mask, start)
+
+
+# -- the Slicer module: an edit made while a click is computed starts the next click --------------------------
+class RecordingService:
+    """The real local service, reached only once the test opens the gate; records what each refine sends."""
+
+    def __init__(self, service):
+        self.service, self.gate, self.sent = service, threading.Event(), []
+
+    def ensure(self):
+        assert self.gate.wait(120)
+        return RecordingClient(self.service.ensure(), self.sent)
+
+
+class RecordingClient:
+    def __init__(self, client, sent):
+        self.client, self.sent = client, sent
+
+    def refine(self, volume_id, segment_id, **kwargs):
+        self.sent.append(kwargs)
+        return self.client.refine(volume_id, segment_id, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+@pytest.fixture(scope="module")
+def local_service(tiny_clip, tiny_sam2):
+    from MedCLIPSAMModuleLib.service import LocalService
+
+    svc = LocalService(sys.executable, ["--models", "tiny-random", "--device", "cpu"], env=dict(os.environ),
+                       idle_exit=600)
+    svc.ensure()
+    yield svc
+    svc.stop()
+
+
+def test_an_edit_made_while_a_click_is_computed_is_the_next_clicks_starting_mask(local_service):
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+    from MedCLIPSAMModuleLib.refine import RefineLogic, RefineRunner
+
+    from MedCLIPSAMLib import mrml
+
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
+    ph = make_volume("mr", shape=(5, 32, 28), spacing=(1.1, 0.9, 3.0), origin=(10.0, -20.0, 5.0),
+                     direction="oblique", seed=0)
+    volume = mrml.volume_node_from_sitk(scene, ph.image, "phantom")
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "phantom segmentation")
+    seg.SetSourceRepresentationToBinaryLabelmap()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    recording = RecordingService(local_service)
+    logic = RefineLogic(scene, recording)
+    seg.GetSegmentation().AddEmptySegment("tumor", "brain tumor")
+    logic.writeSlices(seg, "tumor", volume, (ph.labels["tumor"] > 0).astype(np.uint8), 0, list(range(5)))
+    m = mrml.ijk_to_ras_from_node(volume)
+    positive = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "positive")
+    positive.AddControlPoint(*(m @ np.r_[14.0, 16.0, 2.0, 1.0])[:3])     # on slice 2
+
+    # click 1 runs on the worker; meanwhile the Segment Editor paints slice 0
+    runner = RefineRunner(logic)
+    runner.start(logic.prepareRefine(seg, "tumor", volume, positive, propagate=False))
+    edited = logic.segmentArray(seg, "tumor", volume)
+    edited[0, 20:, 20:] = 1
+    logic.writeSlices(seg, "tumor", volume, edited, 0, [0])
+    recording.gate.set()
+    runner.wait(300)
+    request = runner.poll()
+    assert request is not None and request.error is None
+    logic.finish(request)
+    now = logic.segmentArray(seg, "tumor", volume)
+    np.testing.assert_array_equal(now[0], edited[0])                        # the edit stayed
+
+    # click 2 starts from the segment as it is now: the edit and click 1's slice, sent in full
+    logic.refine(seg, "tumor", volume, positive, propagate=False)
+    sent = recording.sent[-1]["mask"]
+    assert sent is not None, "the edit made during click 1 was not sent: the service would start without it"
+    np.testing.assert_array_equal(unpack_bits(sent, now.shape), now)
+    # click 3, nothing edited since: the service's copy is the scene's, nothing is sent again
+    logic.refine(seg, "tumor", volume, positive, propagate=False)
+    assert recording.sent[-1]["mask"] is None

@@ -35,7 +35,7 @@ def run(tiny_clip, image, **options):
     return evidence.report_document([report], {"clip": "tiny-random", "sam": None, "random": True})["prompts"][0]
 
 
-def expected(tiny_clip, image, branch):
+def expected(branch):
     """(options, the reason the report must give, the summary line) for one branch."""
     if branch == "blank":
         return {}, "the volume has no non-blank slice", "not found: the volume has no non-blank slice"
@@ -63,7 +63,7 @@ def test_the_not_found_reason_names_the_branch_taken(tiny_clip, image, branch, t
         blank = sitk.Image(image.GetSize(), sitk.sitkFloat32)
         blank.CopyInformation(image)
         image = blank
-    options, why, summary = expected(tiny_clip, image, branch)
+    options, why, summary = expected(branch)
     entry = run(tiny_clip, image, **options)
     assert not entry["found"] and entry["voxels"] == 0
     if branch == "absent won":
@@ -95,4 +95,3 @@ def test_the_not_found_reason_names_the_branch_taken(tiny_clip, image, branch, t
     assert summaries == {"liver": summary}
     chart = evidence_mrml.update_evidence_chart(scene, segmentation, entry)
     assert chart.GetTitle() == f"'liver': {summary}"
-
