@@ -146,7 +146,10 @@ def atomic_output(path, suffix=None):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:  # e.g. a folder of that name: one sentence (segment-batch then skips the case)
+            raise MedCLIPSAMError(f"cannot write '{path}': {exc.strerror or exc}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
