@@ -1,0 +1,245 @@
+"""One door: trained models and weak-supervision training through the segmentation service, on two REAL
+services (uvicorn, tiny-random models): a "local" one and a "remote" one (another port, token and
+MEDCLIPSAM_HOME; the client knows only its URL and token, and every byte goes over HTTP). Volumes come
+from a slicer-core scene and results go back into it, as the panel does, through the module's Qt-free
+client (MedCLIPSAMModuleLib/service.py + serviceclient_jobs.py).
+
+The random models make meaningless masks: the plumbing is what is checked (ids, progress, metrics,
+registration, grids, cancel, one training at a time, the API's sentences)."""
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
+from MedCLIPSAMModuleLib import serviceclient_jobs as jobs  # noqa: E402
+from MedCLIPSAMModuleLib.service import LocalService, RemoteService, ServiceError  # noqa: E402
+
+from MedCLIPSAMLib import mrml  # noqa: E402
+from MedCLIPSAMLib.io import geometry_equal, read_segmentation, read_volume  # noqa: E402
+from MedCLIPSAMLib.phantoms import make_volume  # noqa: E402
+from MedCLIPSAMLib.service.children import group_alive  # noqa: E402
+
+PROMPT = "brain tumor"
+# the smallest real training: pseudo-labels without SAM, one epoch of a 4-filter 2D network
+TINY = dict(preset="fast", sam="none", epochs=1, snapshots=1, batch_size=4, base_filters=4, samples_per_epoch=4)
+TIMEOUT = 600
+
+
+def phantom(seed, shape=(4, 24, 24), direction="oblique"):
+    return make_volume("mr", shape=shape, spacing=(1.4, 1.1, 3.5), origin=(12.0, -40.0, 5.0), direction=direction,
+                       seed=seed, lesion={"size": "large"}).image
+
+
+def start_service(tmp_path_factory, name):
+    """A `medclipsam serve` with its own home. The random test models (made once per test run by the
+    tiny_* fixtures) are linked in: a remote machine would have its own models installed."""
+    home = tmp_path_factory.mktemp(f"{name}-home")
+    os.symlink(Path(os.environ["MEDCLIPSAM_HOME"]) / "models", home / "models")
+    env = dict(os.environ, MEDCLIPSAM_HOME=str(home), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    service = LocalService(sys.executable, ["--models", "tiny-random", "--device", "cpu"], env=env, idle_exit=900)
+    service.ensure()
+    return service, home
+
+
+@pytest.fixture(scope="module")
+def services(tiny_clip, tiny_sam2, tmp_path_factory):
+    """{"local": (client, LocalService, home), "remote": (...)}: the remote one is reached only through
+    RemoteService(url, token), as the panel reaches a GPU machine."""
+    local, local_home = start_service(tmp_path_factory, "local")
+    remote, remote_home = start_service(tmp_path_factory, "remote")
+    remote_client = RemoteService(remote.client.url, remote.client.token).ensure()
+    assert remote_client.url != local.client.url and remote_client.token != local.client.token
+    yield {"local": (local.client, local, local_home), "remote": (remote_client, remote, remote_home)}
+    local.stop()
+    remote.stop()
+
+
+@pytest.fixture(scope="module")
+def scene():
+    scene = slicer.vtkMRMLScene()
+    nodes = {f"train {k}": mrml.volume_node_from_sitk(scene, phantom(k), f"train {k}") for k in range(2)}
+    nodes["target"] = mrml.volume_node_from_sitk(scene, phantom(7, shape=(5, 26, 22), direction="ras"), "target")
+    return scene, nodes
+
+
+def upload(client, node, folder):
+    """What the panel sends: the node written as NRRD bytes (the service never sees a client path)."""
+    path = os.path.join(folder, f"{node.GetID()}.nrrd")
+    mrml.write_volume_node(node, path)
+    return client.upload(path)["volume_id"]
+
+
+def leftovers(home):
+    trained = Path(home) / "trained"
+    return sorted(p.name for p in trained.iterdir() if p.name.startswith(".")) if trained.is_dir() else []
+
+
+def training_children(service_pid):
+    """Process ids of the service's training children (their own process groups), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == service_pid and b"MedCLIPSAMLib.cli.chain" in command:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the service's children in /proc")
+@pytest.mark.parametrize("which", ["local", "remote"])
+def test_train_on_scene_volumes_list_the_model_and_predict_with_it(services, scene, which, tmp_path):
+    client, service, home = services[which]
+    other_client = services["remote" if which == "local" else "local"][0]
+    scene, nodes = scene
+    name = f"{which} weak"
+    ids = [upload(client, nodes[f"train {k}"], tmp_path) for k in range(2)]
+
+    seen = []
+    status = jobs.startTraining(client, ids, [PROMPT], name, **TINY)
+    assert status["state"] == "running" and status["kind"] == "train"
+    final = jobs.waitTraining(client, status["job_id"], onStatus=seen.append, every=0.2, timeout=TIMEOUT)
+    assert final["state"] == "done", final
+    # both steps were reported, in order, and the fraction only grew
+    steps = [s["step"] for s in seen if s["step"]]
+    assert steps[0] == "pseudo-label" and steps[-1] == "train" and sorted(set(steps)) == ["pseudo-label", "train"]
+    fractions = [jobs.fraction(s) for s in seen if jobs.fraction(s) is not None]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    # the metrics stream: one record per epoch with a finite loss, then the ensemble's record
+    epochs = [r for r in final["metrics"] if "loss" in r]
+    assert [r["epoch"] for r in epochs] == [1] and math.isfinite(epochs[0]["loss"])
+    assert "ensemble_val_dice" in final["metrics"][-1]
+    assert final["model"] == {"name": name, "kind": "weak", "labels": [PROMPT], "date": final["model"]["date"],
+                              "present": True}
+    assert final["message"] == f"trained and registered '{name}'"
+
+    # listed by this service only (its own home and registry), without any server folder
+    listed = jobs.trainedModels(client)
+    assert listed == [final["model"]]
+    assert name not in [m["name"] for m in jobs.trainedModels(other_client)]
+    registry = json.loads((home / "trained_models.json").read_text())
+    assert [Path(e["folder"]).parent for e in registry["models"]] == [home / "trained"]
+    assert leftovers(home) == [] and training_children(service.process.pid) == []
+
+    # predict with it on another volume (another grid): segment named by the model, exact grid, uncertainty
+    target = nodes["target"]
+    job = jobs.submitTrained(client, upload(client, target, tmp_path), name, uncertainty=True)
+    done = client.wait(job["job_id"], timeout=TIMEOUT)
+    assert done["state"] == "done", done
+    assert [r["prompt"] for r in done["report"]] == [PROMPT] and done["uncertainty"] is True
+    out = client.result(job["job_id"], str(tmp_path / "out.seg.nrrd"))
+    unc = client.result(job["job_id"], str(tmp_path / "unc.nrrd"), "uncertainty")
+    reference = mrml.sitk_image_from_volume_node(target)
+    segments, image = read_segmentation(out)
+    assert [s["name"] for s in segments] == [PROMPT] and geometry_equal(image, reference)
+    assert geometry_equal(read_volume(unc), reference)
+    # into the scene as the panel imports a run
+    node = mrml.import_segmentation_file(scene, out, target)["node"]
+    labelmap = mrml.export_segments_to_labelmap(scene, node, target)
+    assert labelmap.GetImageData().GetDimensions() == target.GetImageData().GetDimensions()
+    np.testing.assert_allclose(mrml.ijk_to_ras_from_node(labelmap), mrml.ijk_to_ras_from_node(target), atol=1e-6)
+
+    # a weak-supervision model takes no prompts: one sentence, nothing queued
+    with pytest.raises(ServiceError) as err:
+        jobs.submitTrained(client, ids[0], name, prompts=["liver"])
+    assert err.value.status == 400
+    assert str(err.value) == (f"'{name}' is a weak-supervision model: it segments what it was trained on "
+                              f"({PROMPT}) and takes no prompts.")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the service's children in /proc")
+def test_cancel_stops_the_training_process_tree_and_registers_nothing(services, scene, tmp_path):
+    client, service, home = services["remote"]
+    scene, nodes = scene
+    before = jobs.trainedModels(client)
+    ids = [upload(client, nodes[f"train {k}"], tmp_path) for k in range(2)]
+    status = jobs.startTraining(client, ids, [PROMPT], "never registered", **dict(TINY, epochs=2000))
+    deadline = time.monotonic() + TIMEOUT
+    children = []
+    while not children and time.monotonic() < deadline:
+        children = training_children(service.process.pid)
+        time.sleep(0.05)
+    assert len(children) == 1 and group_alive(children[0])     # its own group: pgid == its pid
+    assert os.getpgid(children[0]) == children[0]
+
+    # one training at a time: a second one is refused with one sentence
+    with pytest.raises(ServiceError) as err:
+        jobs.startTraining(client, ids, [PROMPT], "second", **TINY)
+    assert err.value.status == 409
+    assert str(err.value) == (f"A training is already running ({status['job_id']}); one runs at a time: wait for "
+                              "it to end or cancel it.")
+    # the service still answers and segments meanwhile
+    assert client.info()["training"] == {"running": status["job_id"]}
+
+    jobs.cancelTraining(client, status["job_id"])
+    final = jobs.waitTraining(client, status["job_id"], every=0.1, timeout=TIMEOUT)
+    assert final["state"] == "cancelled" and final["message"] == "cancelled; nothing was registered"
+    assert "error" not in final and final["model"] is None
+    assert not group_alive(children[0]) and training_children(service.process.pid) == []
+    assert jobs.trainedModels(client) == before and leftovers(home) == []
+    # a cancelled training can be followed by another (the slot is free): refused only for bad input now
+    with pytest.raises(ServiceError) as err:
+        jobs.startTraining(client, ["not-uploaded"], [PROMPT], "x", **TINY)
+    assert err.value.status == 404
+
+
+@pytest.mark.parametrize("change, sentence", [
+    ({"epochs": 0}, "'epochs': input should be greater than or equal to 1"),
+    ({"epochs": 3, "snapshots": 4}, "'snapshots': value error, cannot be more than 'epochs' (one snapshot at most "
+                                    "per epoch)"),
+    ({"lr": float("nan")}, "'lr': input should be a finite number"),
+    ({"min_confidence": float("inf")}, "'min_confidence': input should be a finite number"),
+    ({"volume_ids": ["../etc/passwd"]}, "'volume_ids.0': string should match pattern '^[A-Za-z0-9_-]+$'"),
+    ({"volume_ids": [f"v{k}" for k in range(65)]}, "'volume_ids': list should have at most 64 items after "
+                                                    "validation, not 65"),
+    ({"name": "/tmp/x"}, "'name': string should match pattern '^[A-Za-z0-9][A-Za-z0-9 ._-]*$'"),
+    ({"prompts": ["liver", " Liver "]}, "'prompts': value error, the same prompt is given twice"),
+    ({"patch_size": [64, 64, 64]}, "'patch_size': value error, needs 2 numbers for a 2D network"),
+    ({"output": "/tmp/model"}, "'output': extra inputs are not permitted"),
+    ({"trainer": "anything"}, "'trainer': input should be 'dynunet' or 'nnunetv2'"),
+])
+def test_training_requests_are_checked_field_by_field(services, change, sentence):
+    client = services["local"][0]
+    body = dict({"volume_ids": ["abc"], "prompts": [PROMPT], "name": "m"}, **change)
+    with pytest.raises(ServiceError) as err:
+        client._request("POST", "/trainings", body=body)
+    assert err.value.status == 422
+    assert str(err.value) == sentence[0].upper() + sentence[1:] + "."
+
+
+def test_prediction_requests_name_ids_and_registered_models_only(services):
+    client = services["local"][0]
+    cases = [({"volume_id": "a/b", "model": "m"}, 422, "'volume_id': string should match pattern '^[A-Za-z0-9_-]+$'"),
+             ({"volume_id": "abc", "model": "m", "samples": 101}, 422,
+              "'samples': input should be less than or equal to 100"),
+             ({"volume_id": "abc", "model": "m", "threshold": 1.5}, 422, "'threshold': input should be less than 1"),
+             ({"volume_id": "abc", "model": "m", "window": "1e9"}, 422,
+              "'window': value error, must be soft_tissue, lung, brain, bone or LEVEL,WIDTH"),
+             ({"volume_id": "abc", "model": "m"}, 404,
+              "unknown volume 'abc': it was never uploaded here or was forgotten; upload it again")]
+    for body, status, sentence in cases:
+        with pytest.raises(ServiceError) as err:
+            client._request("POST", "/jobs/trained", body=body)
+        assert (err.value.status, str(err.value)) == (status, sentence[0].upper() + sentence[1:] + "."), body
+    with pytest.raises(ServiceError) as err:
+        jobs.training(client, "train-999")
+    assert (err.value.status, str(err.value)) == (404, "Unknown training 'train-999'.")
