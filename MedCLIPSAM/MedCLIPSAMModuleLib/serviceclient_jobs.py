@@ -79,15 +79,17 @@ def waitTraining(client, trainingId, onStatus=None, shouldCancel=None, every=0.5
 
 
 def fraction(status):
-    """0..1 over a training's two steps (pseudo-labels: the first 30 %), or a job's done/total; None
-    when unknown."""
+    """0..1 over a training's two steps (labelling the cases: the first 30 %, the epochs: the rest; loading
+    and preparing count as nothing new), or a job's done/total; None when unknown."""
     if status.get("state") == "done":
         return 1.0
     total = status.get("total") or 0
-    part = min(1.0, (status.get("done") or 0) / total) if total else None
-    step = status.get("step")
-    if step is None or status.get("kind") != "train":
-        return part
-    if step == "pseudo-label":
-        return 0.3 * (part or 0.0)
-    return 0.3 + 0.7 * (part or 0.0) if status.get("stage") == "train" else 0.3
+    part = min(1.0, (status.get("done") or 0) / total) if total else 0.0
+    step, stage = status.get("step"), status.get("stage")
+    if status.get("kind") != "train":
+        return part if total else None
+    if step == "train":
+        return 0.3 + 0.7 * part if stage == "train" else 0.3
+    if step == "pseudo-label" and stage not in (None, "load"):
+        return 0.3 * part if stage == "pseudo-label" else 0.3
+    return 0.0

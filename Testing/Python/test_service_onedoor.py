@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,7 +49,6 @@ def start_service(tmp_path_factory, name):
     os.symlink(Path(os.environ["MEDCLIPSAM_HOME"]) / "models", home / "models")
     env = dict(os.environ, MEDCLIPSAM_HOME=str(home), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     service = LocalService(sys.executable, ["--models", "tiny-random", "--device", "cpu"], env=env, idle_exit=900)
-    service.ensure()
     return service, home
 
 
@@ -58,6 +58,19 @@ def services(tiny_clip, tiny_sam2, tmp_path_factory):
     RemoteService(url, token), as the panel reaches a GPU machine."""
     local, local_home = start_service(tmp_path_factory, "local")
     remote, remote_home = start_service(tmp_path_factory, "remote")
+    failed = []
+
+    def start_remote():
+        try:
+            remote.ensure()
+        except Exception as exc:
+            failed.append(exc)
+
+    starting = threading.Thread(target=start_remote)      # both load their models at once
+    starting.start()
+    local.ensure()
+    starting.join()
+    assert not failed, failed
     remote_client = RemoteService(remote.client.url, remote.client.token).ensure()
     assert remote_client.url != local.client.url and remote_client.token != local.client.token
     yield {"local": (local.client, local, local_home), "remote": (remote_client, remote, remote_home)}
@@ -83,6 +96,16 @@ def upload(client, node, folder):
 def leftovers(home):
     trained = Path(home) / "trained"
     return sorted(p.name for p in trained.iterdir() if p.name.startswith(".")) if trained.is_dir() else []
+
+
+def gone(condition, timeout=60):
+    """Wait (bounded) for condition(): a killed process is reaped by its new parent a moment later."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def training_children(service_pid):
@@ -168,38 +191,70 @@ def test_train_on_scene_volumes_list_the_model_and_predict_with_it(services, sce
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the service's children in /proc")
 def test_cancel_stops_the_training_process_tree_and_registers_nothing(services, scene, tmp_path):
+    """Cancel once the first epoch is in the metrics (the model folder is being written)."""
     client, service, home = services["remote"]
     scene, nodes = scene
     before = jobs.trainedModels(client)
     ids = [upload(client, nodes[f"train {k}"], tmp_path) for k in range(2)]
     status = jobs.startTraining(client, ids, [PROMPT], "never registered", **dict(TINY, epochs=2000))
-    deadline = time.monotonic() + TIMEOUT
-    children = []
-    while not children and time.monotonic() < deadline:
-        children = training_children(service.process.pid)
-        time.sleep(0.05)
-    assert len(children) == 1 and group_alive(children[0])     # its own group: pgid == its pid
-    assert os.getpgid(children[0]) == children[0]
-
     # one training at a time: a second one is refused with one sentence
     with pytest.raises(ServiceError) as err:
         jobs.startTraining(client, ids, [PROMPT], "second", **TINY)
     assert err.value.status == 409
     assert str(err.value) == (f"A training is already running ({status['job_id']}); one runs at a time: wait for "
                               "it to end or cancel it.")
-    # the service still answers and segments meanwhile
-    assert client.info()["training"] == {"running": status["job_id"]}
 
-    jobs.cancelTraining(client, status["job_id"])
-    final = jobs.waitTraining(client, status["job_id"], every=0.1, timeout=TIMEOUT)
+    # the metrics stream while it trains: cancel once the first epoch's record is there
+    groups, streamed = {}, []
+
+    def watch(s):
+        for pid in training_children(service.process.pid):
+            try:
+                groups.setdefault(pid, os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        if s["metrics"] and not streamed:
+            streamed.append(s)
+            jobs.cancelTraining(client, s["job_id"])
+
+    final = jobs.waitTraining(client, status["job_id"], onStatus=watch, every=0.1, timeout=TIMEOUT)
     assert final["state"] == "cancelled" and final["message"] == "cancelled; nothing was registered"
-    assert "error" not in final and final["model"] is None
-    assert not group_alive(children[0]) and training_children(service.process.pid) == []
+    assert "error" not in final and final["model"] is None and final["step"] == "train"
+    assert streamed[0]["state"] == "running" and streamed[0]["metrics"][0]["epoch"] == 1
+    assert math.isfinite(streamed[0]["metrics"][0]["loss"])
+    (pid, group), = groups.items()
+    assert group == pid                       # its own process group, stopped as a whole
+    assert gone(lambda: not group_alive(group)) and training_children(service.process.pid) == []
     assert jobs.trainedModels(client) == before and leftovers(home) == []
-    # a cancelled training can be followed by another (the slot is free): refused only for bad input now
+    assert client.info()["training"] == {"running": None}
+    # the slot is free again: a new training is refused only for its own reasons now
     with pytest.raises(ServiceError) as err:
-        jobs.startTraining(client, ["not-uploaded"], [PROMPT], "x", **TINY)
-    assert err.value.status == 404
+        jobs.startTraining(client, ["notuploaded"], [PROMPT], "x", **TINY)
+    assert (err.value.status, str(err.value)) == (
+        404, "Unknown volume 'notuploaded': it was never uploaded here or was forgotten; upload it again.")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups are POSIX")
+def test_a_child_is_stopped_with_its_whole_process_tree(tmp_path):
+    """Child.stop ends the group: a grandchild the child started goes too (SIGTERM ignored: SIGKILL)."""
+    from MedCLIPSAMLib.service.children import Child
+
+    script = ("import signal, subprocess, sys, time, json\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+              "g = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'])\n"
+              "print(json.dumps({'grandchild': g.pid}), flush=True)\n"
+              "time.sleep(600)\n")
+    lines = []
+    child = Child([sys.executable, "-c", script], str(tmp_path / "log"), lines.append)
+    deadline = time.monotonic() + 60
+    while not lines and time.monotonic() < deadline:
+        time.sleep(0.02)
+    grandchild = lines[0]["grandchild"]
+    assert os.getpgid(grandchild) == child.pid
+    code = child.stop(grace=0.5)
+    assert code == -9
+    assert gone(lambda: not group_alive(child.pid))      # the grandchild too (reaped by init meanwhile)
 
 
 @pytest.mark.parametrize("change, sentence", [
@@ -243,3 +298,47 @@ def test_prediction_requests_name_ids_and_registered_models_only(services):
     with pytest.raises(ServiceError) as err:
         jobs.training(client, "train-999")
     assert (err.value.status, str(err.value)) == (404, "Unknown training 'train-999'.")
+
+
+@pytest.mark.slow
+def test_a_medclipseg_model_predicts_through_the_service(services, scene, tmp_path, monkeypatch):
+    """A tiny MedCLIPSeg model, registered on the service's side (as its administrator would with
+    `medclipsam models trained --add DIR`), segments a scene volume: one segment per prompt, their uncertainty."""
+    from MedCLIPSAMLib import trained_models
+    from MedCLIPSAMLib.io import write_labelmap, write_volume
+    from MedCLIPSAMLib.training.medclipseg import MedCLIPSegOptions, train
+
+    client, _service, home = services["local"]
+    scene, nodes = scene
+    images, labels = [], []
+    for seed in range(2):
+        ph = make_volume("mr", shape=(3, 32, 32), seed=seed, lesion={"size": "large"})
+        images.append(str(tmp_path / f"vol{seed}.nrrd"))
+        labels.append(str(tmp_path / f"vol{seed}-label.nrrd"))
+        write_volume(images[-1], ph.image)
+        write_labelmap(labels[-1], ph.labels["tumor"], ph.image)
+    train(MedCLIPSegOptions(images=images, labels=labels, prompts=[PROMPT], output=str(tmp_path / "seg"),
+                            model="tiny-random", epochs=1, batch_size=3, augment=False, device="cpu"))
+    monkeypatch.setenv("MEDCLIPSAM_HOME", str(home))
+    trained_models.add(str(tmp_path / "seg"), "tiny seg")
+    monkeypatch.undo()
+
+    target = nodes["target"]
+    volume = upload(client, target, tmp_path)
+    job = jobs.submitTrained(client, volume, "tiny seg", prompts=[PROMPT, "tumor core"], samples=2,
+                             uncertainty=True)
+    done = client.wait(job["job_id"], timeout=TIMEOUT)
+    assert done["state"] == "done", done
+    assert [r["prompt"] for r in done["report"]] == [PROMPT, "tumor core"]
+    segments, image = read_segmentation(client.result(job["job_id"], str(tmp_path / "seg.seg.nrrd")))
+    reference = mrml.sitk_image_from_volume_node(target)
+    assert [s["name"] for s in segments] == [PROMPT, "tumor core"] and geometry_equal(image, reference)
+    unc = read_volume(client.result(job["job_id"], str(tmp_path / "unc.nrrd"), "uncertainty"))
+    assert geometry_equal(unc, reference)
+    # listed with its kind and prompts; a weak-supervision option is refused in the API's words
+    assert {"name": "tiny seg", "kind": "medclipseg", "labels": [PROMPT]}.items() <= \
+        next(m for m in jobs.trainedModels(client) if m["name"] == "tiny seg").items()
+    with pytest.raises(ServiceError) as err:
+        jobs.submitTrained(client, volume, "tiny seg", threshold=0.3)
+    assert (err.value.status, str(err.value)) == (
+        400, "'threshold' is a weak-supervision option; 'tiny seg' is a MedCLIPSeg model.")
