@@ -46,9 +46,10 @@ class Child:
         self.process.stdout.close()
 
     def wait(self):
-        """The exit code, once the process ended and its output was read."""
+        """The exit code, once the process ended and its output was read (a process that escaped the group
+        and still holds the pipe does not keep us waiting: the reader is a daemon)."""
         code = self.process.wait()
-        self._reader.join()
+        self._reader.join(timeout=10)
         return code
 
     def running(self):

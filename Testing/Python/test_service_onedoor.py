@@ -10,6 +10,7 @@ registration, grids, cancel, one training at a time, the API's sentences)."""
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -251,10 +252,17 @@ def test_a_child_is_stopped_with_its_whole_process_tree(tmp_path):
     while not lines and time.monotonic() < deadline:
         time.sleep(0.02)
     grandchild = lines[0]["grandchild"]
-    assert os.getpgid(grandchild) == child.pid
-    code = child.stop(grace=0.5)
-    assert code == -9
-    assert gone(lambda: not group_alive(child.pid))      # the grandchild too (reaped by init meanwhile)
+    try:
+        assert os.getpgid(grandchild) == child.pid
+        code = child.stop(grace=0.5)
+        assert code == -9
+        assert gone(lambda: not group_alive(child.pid))      # the grandchild too (reaped by init meanwhile)
+    finally:
+        for pid in (grandchild, child.pid):                  # nothing outlives a failed check
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.mark.parametrize("change, sentence", [
