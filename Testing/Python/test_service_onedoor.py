@@ -350,3 +350,26 @@ def test_a_medclipseg_model_predicts_through_the_service(services, scene, tmp_pa
         jobs.submitTrained(client, volume, "tiny seg", threshold=0.3)
     assert (err.value.status, str(err.value)) == (
         400, "'threshold' is a weak-supervision option; 'tiny seg' is a MedCLIPSeg model.")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="process groups are POSIX")
+def test_a_training_child_stops_itself_when_the_service_is_gone(tmp_path):
+    """A SIGKILLed service cannot stop its children: the child (cli/chain.py's watch) ends its own group."""
+    import subprocess
+
+    service = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    code = (f"import os, time\nfrom MedCLIPSAMLib.cli.chain import watch_parent\n"
+            f"watch_parent({service.pid}, every=0.1)\nprint('watching', flush=True)\ntime.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2])] +
+                                                       [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        assert child.stdout.readline() == b"watching\n"
+        service.kill()
+        service.wait()
+        assert child.wait(timeout=60) == -9
+    finally:
+        for process in (service, child):
+            process.kill()
+            process.wait()
+        child.stdout.close()
