@@ -127,20 +127,46 @@ def training_children(service_pid):
     return found
 
 
+@pytest.fixture(scope="module")
+def trained(services, scene, tmp_path_factory):
+    """Both services train at once from the same two scene volumes (each in its own child: two cores);
+    {which: (final status or the exception met, every status seen, the volume ids)}."""
+    folder = tmp_path_factory.mktemp("uploads")
+    nodes = scene[1]
+    runs, results = {}, {}
+    for which, (client, _service, _home) in services.items():
+        ids = [upload(client, nodes[f"train {k}"], folder) for k in range(2)]
+        status = jobs.startTraining(client, ids, [PROMPT], f"{which} weak", **TINY)
+        runs[which] = (client, status, ids, [])
+
+    def follow(which):
+        client, status, _ids, seen = runs[which]
+        try:
+            assert status["state"] == "running" and status["kind"] == "train", status
+            results[which] = jobs.waitTraining(client, status["job_id"], onStatus=seen.append, every=0.2,
+                                               timeout=TIMEOUT)
+        except Exception as exc:   # raised by the test of that service
+            results[which] = exc
+
+    threads = [threading.Thread(target=follow, args=(which,)) for which in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {which: (results[which], runs[which][3], runs[which][2]) for which in runs}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the service's children in /proc")
 @pytest.mark.parametrize("which", ["local", "remote"])
-def test_train_on_scene_volumes_list_the_model_and_predict_with_it(services, scene, which, tmp_path):
+def test_train_on_scene_volumes_list_the_model_and_predict_with_it(services, scene, trained, which, tmp_path):
     client, service, home = services[which]
     other_client = services["remote" if which == "local" else "local"][0]
     scene, nodes = scene
     name = f"{which} weak"
-    ids = [upload(client, nodes[f"train {k}"], tmp_path) for k in range(2)]
-
-    seen = []
-    status = jobs.startTraining(client, ids, [PROMPT], name, **TINY)
-    assert status["state"] == "running" and status["kind"] == "train"
-    final = jobs.waitTraining(client, status["job_id"], onStatus=seen.append, every=0.2, timeout=TIMEOUT)
+    final, seen, ids = trained[which]
+    if isinstance(final, Exception):
+        raise final
     assert final["state"] == "done", final
     # both steps were reported, in order, and the fraction only grew
     steps = [s["step"] for s in seen if s["step"]]
