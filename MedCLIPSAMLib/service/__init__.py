@@ -13,6 +13,12 @@ uploads (raw NRRD / NIfTI bytes) and results (.seg.nrrd / .nrrd bytes).
   GET    /jobs/{id}/uncertainty      its uncertainty volume (.nrrd), when the job asked for one
   GET    /jobs/{id}/report           the per-prompt report JSON (`segment --report-output`), with "report": true
   GET    /jobs/{id}/saliency/{k}     prompt k's saliency volume (`segment --saliency-output`), with "saliency": true
+  GET    /models/trained             the service's registered trained models (no server folders)
+  POST   /jobs/trained               {"volume_id", "model", ...}: a trained model's prediction, as a job
+  POST   /trainings                  {"volume_ids", "prompts", "name", ...}: weak supervision in a child process
+  GET    /trainings/{id}             state, step, progress, metrics per epoch, the registered model
+  POST   /trainings/{id}/cancel      stop the child's process tree; nothing is registered
+(see model_routes.py)
 
 One job runs at a time (the models and the device are shared); the others wait in order and say where.
 """

@@ -176,4 +176,7 @@ def create_app(service):
         return Response(service.result(job_id, "saliency", index), media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{job_id}-saliency-{index}.nrrd"'})
 
+    from .model_routes import add_routes
+
+    add_routes(app, service)          # trained models: prediction jobs, trainings, the registry
     return app

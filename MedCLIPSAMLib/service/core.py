@@ -8,15 +8,10 @@ import time
 from .. import __version__
 from ..errors import MedCLIPSAMError
 from .jobs import JobQueue
+from .model_jobs import ModelCache
+from .refusals import Conflict, NotFound  # noqa: F401 (api.py imports them from here)
+from .training_jobs import Trainings
 from .uploads import read_upload
-
-
-class NotFound(MedCLIPSAMError):
-    """An unknown volume or job id (HTTP 404)."""
-
-
-class Conflict(MedCLIPSAMError):
-    """A request that does not fit the job's state, e.g. the result of a running job (HTTP 409)."""
 
 
 def memory_info():
@@ -55,6 +50,8 @@ class Service:
         self.jobs = JobQueue()
         self.workdir = tempfile.mkdtemp(prefix="medclipsam-serve-")   # mode 0700: uploads and results
         self.started = time.time()
+        self.trainings = Trainings(self)       # weak-supervision trainings, in child processes
+        self.trained_cache = ModelCache()      # the last trained model used for a prediction
 
     def info(self):
         return {"version": __version__, "device": str(self.session.device),
@@ -63,6 +60,7 @@ class Service:
                 "memory": memory_info(), "cache": self.session.info()["cache"],
                 "sam2_cache_dtype": self.session.info()["sam2_storage"],
                 "volumes": len(self.session.volume_ids()), "queue": self.jobs.queue_info(),
+                "training": self.trainings.info(),
                 "max_upload_bytes": self.max_upload_bytes, "uptime_s": round(time.time() - self.started, 1)}
 
     def add_volume(self, data):
@@ -191,4 +189,5 @@ class Service:
         import shutil
 
         self.jobs.stop()
+        self.trainings.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)

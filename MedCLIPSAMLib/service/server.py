@@ -53,7 +53,7 @@ class Watchdog(threading.Thread):
             if self.parent_pid and not pid_alive(self.parent_pid):
                 print(f"medclipsam serve: parent process {self.parent_pid} exited; stopping", file=sys.stderr)
                 break
-            if self.service.jobs.busy():
+            if self.service.jobs.busy() or self.service.trainings.busy():
                 self.touch()
             elif self.idle and time.monotonic() - self.last_request > self.idle:
                 print(f"medclipsam serve: idle for {self.idle:g} s; stopping", file=sys.stderr)

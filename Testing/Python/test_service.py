@@ -372,7 +372,7 @@ def test_the_watchdog_stops_the_server_when_the_parent_exits_or_after_idling():
     parent.wait()
     for kwargs in ({"parent_pid": parent.pid}, {"idle": 0.05}):
         server, jobs = SimpleNamespace(should_exit=False), JobQueue()
-        dog = Watchdog(server, SimpleNamespace(jobs=jobs), every=0.01, **kwargs)
+        dog = Watchdog(server, SimpleNamespace(jobs=jobs, trainings=jobs), every=0.01, **kwargs)   # both idle
         dog.start()
         dog.join(60)
         jobs.stop()
