@@ -180,13 +180,13 @@ def batch_evidence_paths(args, output):
             f"{stem}-report.json" if args.report_output else None)
 
 
-def _dicom_info(args, session):
+def _dicom_info(args, session, sources=None):
     from .options import model_names
 
     clip, sam = model_names(args)
     return {"source_folder": args.volume, "method": f"MedCLIP-SAM zero-shot, preset {args.preset}",
             "models": {"clip": clip, "sam": sam if session.settings.sam == "sam" else "none"},
-            "random": session.random}
+            "random": session.random, "sources": sources}
 
 
 def run(args):
@@ -214,6 +214,11 @@ def run(args):
 
     def work():
         image = read_volume(args.volume, frame=args.frame)
+        sources = None
+        if args.output.endswith(".dcm"):   # the series checked against the volume before any model loads
+            from ..io.dicom_seg import prepare
+
+            sources = prepare(args.volume, image, args.prompt)
         session = Session(args, progress)
         result = session.segment(image)
         progress.stage("write", 1, "writing the segmentation")
@@ -221,7 +226,7 @@ def run(args):
         # cancel while writing leaves none of them
         with staged_outputs() as staged:
             uncertainty = args.uncertainty_output if result.uncertainty is not None else None
-            write_outputs(result, image, staged(args.output), staged(uncertainty), _dicom_info(args, session))
+            write_outputs(result, image, staged(args.output), staged(uncertainty), _dicom_info(args, session, sources))
             write_evidence(args, session, result, image, staged)
             progress.check_cancelled()
         progress.advance(1)

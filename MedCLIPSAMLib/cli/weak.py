@@ -278,6 +278,11 @@ def predict(args):
 
     def run():
         image = read_volume(args.volume, frame=args.frame)
+        sources = None
+        if args.output.endswith(".dcm"):   # the series checked against the volume before the model loads
+            from ..io.dicom_seg import prepare
+
+            sources = prepare(args.volume, image, names)
         progress.stage("load", 1, "loading the model")
         model = load_model(args.model, args.device)
         progress.advance(1)
