@@ -248,9 +248,11 @@ def _batch_inputs(path):
 
     from ..errors import MedCLIPSAMError
 
+    from ..training.weak_data import list_inputs
+
     p = Path(path)
-    if p.is_dir():
-        entries = sorted(q for q in p.iterdir() if not q.name.startswith("."))
+    if p.is_dir():   # its images and DICOM folders, never a .seg.nrrd (phantoms make writes one per image)
+        entries = [Path(q) for q in list_inputs(str(p), "inputs", role="images")]
     elif p.is_file():
         entries = [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
     else:

@@ -113,7 +113,10 @@ def register(sub):
     e.add_argument("--pred", nargs="+", required=True, help="prediction folder(s), list files or files")
     e.add_argument("--gt", nargs="+", required=True, help="reference folder(s), list files or files")
     e.add_argument("--tolerance-mm", type=float, default=2.0)
-    e.add_argument("--label", help="segment name (.seg.nrrd) or label value; default: every non-zero voxel")
+    e.add_argument("--label", metavar="PRED=REF",
+                   help="which label to score: PRED=REF, the prediction's segment name (.seg.nrrd) or label value "
+                        "and the reference's (e.g. 'brain tumor=tumor'), or one NAME both use; needed when a file "
+                        "holds several labels (a phantom's .seg.nrrd does)")
     e.add_argument("--csv", metavar="OUT.csv", help="write the per-case table and the mean here")
     e.add_argument("--progress", choices=PROGRESS, default="none")
     e.set_defaults(func=evaluate)
@@ -140,7 +143,7 @@ def pseudo_label(args):
     if args.nnunet_dataset:
         nnunet_dataset_name(args.nnunet_dataset, prompts)
     rank, world = shard()
-    labeller = PseudoLabeller(list_inputs(args.data, "inputs"), args.output_dir, prompts)
+    labeller = PseudoLabeller(list_inputs(args.data, "inputs", role="images"), args.output_dir, prompts)
     todo = labeller.todo(rank, world)
     progress = ProgressReporter(args.progress)       # one step per case
     inner = ProgressReporter("none")                 # the pipeline's own stages, silent; owns the signals

@@ -281,7 +281,8 @@ def _prepare(opts, progress):
     """Read and normalise the cases and plan the network: (config, training cases, validation cases)."""
     from .weak_data import fit_normalization, list_inputs, match_pairs, normalize
 
-    pairs = match_pairs(list_inputs(opts.images, "images"), list_inputs(opts.labels, "labels", folders_are_cases=False))
+    pairs = match_pairs(list_inputs(opts.images, "images", role="images"),
+                         list_inputs(opts.labels, "labels", folders_are_cases=False, role="labels"))
     train_pairs, val_pairs = _split(pairs, opts.val_fraction, opts.seed)
     cases, found_names = _load_cases(train_pairs + val_pairs, opts.axis, progress)
     train_cases, val_cases = cases[: len(train_pairs)], cases[len(train_pairs):]
