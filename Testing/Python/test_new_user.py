@@ -164,3 +164,28 @@ def test_evaluate_label_pairs(tmp_path):
                           "--label", "=2"])
     assert code == 2 and err == ["medclipsam: error: --label '=2' needs a label on both sides of '=': PRED=REF, "
                                  "e.g. --label 'brain tumor=tumor'"]
+
+
+def test_a_failed_download_leaves_no_folder_and_list_and_verify_agree(tmp_path, monkeypatch):
+    import huggingface_hub  # noqa: F401  imported while HF_HUB_OFFLINE=1: its client refuses the network
+
+    from MedCLIPSAMLib.models.registry import DEFAULT_CLIP
+
+    monkeypatch.setenv("MEDCLIPSAM_HOME", str(tmp_path))
+    monkeypatch.delenv("MEDCLIPSAM_OFFLINE", raising=False)   # so that download() gets as far as the hub
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    code, out, err = run(["models", "download", DEFAULT_CLIP])
+    assert code == 2 and len(err) == 1 and err[0].startswith("medclipsam: error: cannot reach the model hub for ")
+    assert not (tmp_path / "models" / DEFAULT_CLIP).exists()
+    code, out, err = run(["models", "verify"])
+    assert code == 0 and out.strip() == "no models in the cache yet"
+    code, out, err = run(["models", "list"])
+    row = next(ln for ln in out.splitlines() if ln.startswith(DEFAULT_CLIP + " "))
+    assert row.split()[4] == "no"
+    # a model folder holding a file is a (partial) model for both
+    (tmp_path / "models" / DEFAULT_CLIP).mkdir(parents=True)
+    (tmp_path / "models" / DEFAULT_CLIP / "open_clip_config.json").write_text("{}")
+    code, out, err = run(["models", "list"])
+    assert next(ln for ln in out.splitlines() if ln.startswith(DEFAULT_CLIP + " ")).split()[4] == "partial"
+    code, out, err = run(["models", "verify"])
+    assert code == 1 and out.startswith(f"{DEFAULT_CLIP}: FAILED: ")
