@@ -16,6 +16,7 @@ before the work, not after it. Only the final write (disk full, a vanished folde
 import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -159,13 +160,16 @@ def build_segmentation(segments, image, sources, method, models, random, descrip
 
 @contextlib.contextmanager
 def quiet_highdicom():
-    """highdicom logs a warning for every source attribute it tidies (e.g. "dft patient name"): the SEG is
-    right either way and the user can do nothing about it, so only errors get through."""
+    """highdicom warns about source attributes it copies as they are (a one-component patient name such as
+    "dft": UserWarning from highdicom/base.py) and logs notes: the SEG is valid either way and the user can
+    do nothing about the scanner's values, so only errors get through."""
     logger = logging.getLogger("highdicom")
     previous = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"highdicom(\.|$)")
+            yield
     finally:
         logger.setLevel(previous)
 

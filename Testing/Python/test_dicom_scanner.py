@@ -216,3 +216,36 @@ def test_a_non_image_object_is_refused_as_a_file_and_as_a_folder(tmp_path, name,
     assert err[0].startswith(f"medclipsam: error: folder '{folder}' holds no DICOM image series (it holds ")
     assert f"{kind}, not an image); give a volume file or a folder of DICOM images" in err[0]
     assert not (tmp_path / "a.seg.nrrd").exists() and not (tmp_path / "b.seg.nrrd").exists()
+
+
+def test_highdicom_warnings_about_the_scanners_values_do_not_reach_the_user(tmp_path):
+    import warnings
+
+    from MedCLIPSAMLib.io.dicom_seg import prepare
+
+    folder = tmp_path / "dft"
+    write_scanner_series(folder, 2, rows=8, columns=8)
+    for f in folder.iterdir():     # a one-component patient name, as some scanners write it
+        ds = pydicom.dcmread(f)
+        ds.PatientName = "dft"
+        ds.save_as(f)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare(str(folder), read_volume(str(folder)))
+    assert [str(w.message) for w in caught] == []
+
+
+def test_nnunet_notes_go_to_the_debug_log_not_the_terminal(capsys, caplog):
+    pytest.importorskip("nnunetv2")
+    import torch
+
+    from MedCLIPSAMLib.training.nnunet import quiet_prints
+
+    with caplog.at_level(logging.DEBUG, logger="medclipsam"), quiet_prints():
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor   # its import-time notes too
+
+        # nnU-Net's own note (printed on stdout) when asked to run on the device with a CPU
+        nnUNetPredictor(perform_everything_on_device=True, device=torch.device("cpu"), allow_tqdm=False)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert "nnU-Net: perform_everything_on_device=True is only supported for cuda devices!" in caplog.text
