@@ -153,9 +153,18 @@ def build_segmentation(segments, image, sources, method, models, random, descrip
             manufacturer_model_name=str(method)[:64], software_versions=str(__version__),
             device_serial_number="none", omit_empty_frames=bool(masks.any()),    # highdicom needs a frame
             content_label="MEDCLIPSAM",
-            content_description=("RANDOM-WEIGHT MODELS, NOT A RESULT" if random else description)[:64])
+            content_description=_content_description(description, random))
     seg.SeriesDescription = ("MedCLIP-SAM: " + ", ".join(s["name"] for s in segments))[:64]
     return seg
+
+
+def _content_description(description, random):
+    """The SEG's Content Description: how it was made, and a warning where random weights were involved."""
+    if not random:
+        return description[:64]
+    if description.startswith("trained model"):     # a model trained on random-weight pseudo-labels
+        return "TRAINED MODEL, RANDOM-WEIGHT PSEUDO-LABELS, NOT A RESULT"
+    return "RANDOM-WEIGHT MODELS, NOT A RESULT"
 
 
 @contextlib.contextmanager

@@ -243,6 +243,14 @@ def _install(work, out):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _provenance(meta):
+    """The data set's label provenance (pseudo-label --nnunet-dataset writes it into dataset.json)."""
+    from .weak_data import provenance_of
+
+    part = meta.get("medclipsam_provenance")
+    return provenance_of([part]) if isinstance(part, dict) else {"labels": "given", "random_weights": False}
+
+
 def _train(opts, dataset_id, name, meta, work, progress):
     import torch
 
@@ -271,6 +279,7 @@ def _train(opts, dataset_id, name, meta, work, progress):
         "format": FORMAT, "trainer": TRAINER, "dims": opts.dims, "classes": len(labels), "label_names": names,
         "threshold": opts.threshold, "snapshots": [],
         "options": {k: getattr(opts, k) for k in opts.__dataclass_fields__},
+        "provenance": _provenance(meta),
     }
     records = []
 

@@ -198,6 +198,37 @@ def names_beside(label_path):
     return None
 
 
+def labels_provenance(label_paths):
+    """Where training labels came from: pseudo-label's runs (pseudo_labels.json above the labels folder) with
+    their models and whether any used random weights; {"labels": "given"} for labels no pseudo-label run
+    wrote. A model trained on them carries this into every output (predict)."""
+    import json
+
+    runs = {}
+    for label in label_paths:
+        summary = Path(label).resolve().parent.parent / "pseudo_labels.json"
+        if summary not in runs and summary.is_file():
+            try:
+                runs[summary] = json.loads(summary.read_text())
+            except ValueError:
+                continue
+    if not runs:
+        return {"labels": "given", "random_weights": False}
+    return provenance_of([s.get("provenance") or {"random_weights": bool(s.get("random_models"))}
+                          for s in runs.values()])
+
+
+def provenance_of(parts):
+    """One provenance from pseudo-label provenances (several runs, or an nnU-Net data set's)."""
+    models = []
+    for part in parts:
+        for m in part.get("models", []):
+            if m not in models:
+                models.append(m)
+    return {"labels": "pseudo-labels", "models": models,
+            "random_weights": any(bool(p.get("random_weights")) for p in parts)}
+
+
 @dataclass
 class Case:
     name: str

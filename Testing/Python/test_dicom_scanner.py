@@ -249,3 +249,50 @@ def test_nnunet_notes_go_to_the_debug_log_not_the_terminal(capsys, caplog):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert "nnU-Net: perform_everything_on_device=True is only supported for cuda devices!" in caplog.text
+
+
+def test_a_model_trained_on_random_weight_pseudo_labels_says_so_in_every_output(scanner, tmp_path):
+    """pseudo-label (tiny random models) -> train-weak -> predict on the scanner folder: the DICOM SEG and the
+    .seg.nrrd say 'trained model' and random_weights=yes, and the SEG is valid and on the right instances."""
+    from MedCLIPSAMLib.io import write_volume
+    from MedCLIPSAMLib.phantoms import make_volume
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(1):
+        write_volume(images / f"mr_{i}.nrrd", make_volume("mr", shape=(4, 24, 20), seed=i).image)
+    assert run_cli(["pseudo-label", str(images), "--prompt", "brain tumor", "--models", "tiny-random", "--preset",
+                    "fast", "--sam", "none", "--no-gate", "--device", "cpu", "--progress", "none", "--output-dir",
+                    str(tmp_path / "pl")])[0] == 0
+    model = tmp_path / "model"
+    assert run_cli(["train-weak", "--images", str(images), "--labels", str(tmp_path / "pl" / "labels.txt"),
+                    "--output", str(model), "--epochs", "1", "--snapshots", "1", "--batch-size", "2",
+                    "--base-filters", "4", "--samples-per-epoch", "2", "--val-fraction", "0", "--device", "cpu",
+                    "--progress", "none"])[0] == 0
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code, err, _ = run_cli(["predict", str(model), str(scanner["folder"]), "--output", str(tmp_path / "p.dcm"),
+                                "--threshold", "0.01", "--device", "cpu", "--progress", "none"])
+    assert code == 0, err
+    assert out.getvalue().startswith("TRAINED ON PSEUDO-LABELS OF RANDOM-WEIGHT MODELS (meaningless output): wrote ")
+    ds = pydicom.dcmread(tmp_path / "p.dcm")
+    algorithm = ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "MedCLIP-SAM trained model (dynunet)"
+    params = dict(p.split("=", 1) for p in algorithm.AlgorithmParameters.split(","))
+    assert params == {"model": "model", "trainer": "dynunet", "labels": "pseudo-labels",
+                      "pseudo_label_clip": "tiny-random", "pseudo_label_sam": "none",
+                      "pseudo_label_preset": "fast", "random_weights": "yes"}
+    assert ds.ContentDescription == "TRAINED MODEL, RANDOM-WEIGHT PSEUDO-LABELS, NOT A RESULT"
+    for uid, (position, _) in frame_instances(tmp_path / "p.dcm").items():
+        k = scanner["uids"].index(uid)
+        np.testing.assert_allclose(position, np.array([-12.0, -10.0, 40.0]) + k * STEP, atol=1e-4)
+    assert dciodvfy_errors(tmp_path / "p.dcm") == []
+    # the .seg.nrrd carries the same provenance in its header
+    assert run_cli(["predict", str(model), str(scanner["folder"]), "--output", str(tmp_path / "p.seg.nrrd"),
+                    "--device", "cpu", "--progress", "none"])[0] == 0
+    import slicerio
+
+    header = slicerio.read_segmentation(str(tmp_path / "p.seg.nrrd"), skip_voxels=True)
+    assert {k: header.get(k) for k in ("MedCLIPSAM_method", "MedCLIPSAM_random_weights", "MedCLIPSAM_description")} \
+        == {"MedCLIPSAM_method": "MedCLIP-SAM trained model (dynunet)", "MedCLIPSAM_random_weights": "yes",
+            "MedCLIPSAM_description": "trained model, on pseudo-labels"}
