@@ -154,10 +154,11 @@ def dicom_series_files(folder, report=True):
             if kind:
                 others[kind] = others.get(kind, 0) + 1
     skipped += [f"{n} file(s) holding {kind}, not an image" for kind, n in others.items()]
+    if not images and not skipped:
+        raise MedCLIPSAMError(f"folder '{folder}' holds no DICOM series; give a volume file or a DICOM folder")
     if not images:
-        found = f" (it holds {'; '.join(skipped)})" if skipped else ""
-        raise MedCLIPSAMError(f"folder '{folder}' holds no DICOM image series{found}; give a volume file or a "
-                              "folder of DICOM images")
+        raise MedCLIPSAMError(f"folder '{folder}' holds no DICOM image series (it holds {'; '.join(skipped)}); "
+                              "give a volume file or a folder of DICOM images")
     # several image series: the one with the most files (the main acquisition)
     uid, tags, files = max(images, key=lambda s: len(s[2]))
     skipped += [f"{_series_label(u, t, len(f))}: fewer files" for u, t, f in images if u != uid]
