@@ -51,8 +51,9 @@ class ProgressReporter:
         if self._cancel.is_set():
             raise Cancelled("cancelled")
 
-    def install_signal_handlers(self):
-        """Turn SIGTERM and SIGINT into a cooperative cancel (the main thread only)."""
+    def install_signal_handlers(self, announcer=None):
+        """Turn SIGTERM and SIGINT into a cooperative cancel (the main thread only), announced at once by
+        `announcer` (default: this reporter; pseudo-label's silent inner reporter lets its outer one speak)."""
         if threading.current_thread() is not threading.main_thread():
             return
 
@@ -60,7 +61,7 @@ class ProgressReporter:
             if self._cancel.is_set():  # second signal: stop now
                 raise KeyboardInterrupt
             self._cancel.set()
-            self.announce_stopping()
+            (announcer or self).announce_stopping()
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
@@ -70,7 +71,7 @@ class ProgressReporter:
         try:
             if self.mode == "json":
                 self._emit("stopping", self.done, self.total, STOPPING)
-            elif self.mode == "bar":
+            else:   # a terminal line also with --progress none: the user pressed Ctrl-C and waits
                 out = self.stream or sys.stderr
                 out.write(f"\n{STOPPING} (press Ctrl-C again to stop at once)\n")
                 out.flush()

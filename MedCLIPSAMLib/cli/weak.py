@@ -147,7 +147,7 @@ def pseudo_label(args):
     todo = labeller.todo(rank, world)
     progress = ProgressReporter(args.progress)       # one step per case
     inner = ProgressReporter("none")                 # the pipeline's own stages, silent; owns the signals
-    inner.install_signal_handlers()
+    inner.install_signal_handlers(announcer=progress)
     say = print if args.progress != "json" else (lambda *a: None)
     say(f"rank {rank}/{world}: {len(todo)} case(s) to label")
 
