@@ -200,7 +200,9 @@ def test_slice_matching_is_along_the_normal_with_a_relative_tolerance(tmp_path):
 @pytest.mark.parametrize("name, kind", [("liver_1frame.dcm", "a DICOM Segmentation (SEG)"),
                                         ("rtstruct.dcm", "a DICOM RT Structure Set (RTSTRUCT)"),
                                         ("test-SR.dcm", "a DICOM Structured Report (SR) or Key Object Selection (KO)"),
-                                        ("rtplan.dcm", "a DICOM RT Plan (RTPLAN)")])
+                                        ("rtplan.dcm", "a DICOM RT Plan (RTPLAN)"),
+                                        # a dose grid has pixels (GDCM reads it) but is no picture of anatomy
+                                        ("rtdose.dcm", "a DICOM RT Dose (RTDOSE)")])
 def test_a_non_image_object_is_refused_as_a_file_and_as_a_folder(tmp_path, name, kind):
     single = part10(name, tmp_path / name)
     code, err, _ = run_cli(["segment", str(single), "--prompt", "liver", "--models", "tiny-random", "--device", "cpu",
