@@ -49,7 +49,12 @@ class ProgressReporter:
 
     def check_cancelled(self):
         if self._cancel.is_set():
+            self._release()   # a cancelled run is over: later work on this thread is not its concern
             raise Cancelled("cancelled")
+
+    def _release(self):
+        if getattr(_current, "reporter", None) is self:
+            _current.reporter = None
 
     def install_signal_handlers(self, announcer=None):
         """Turn SIGTERM and SIGINT into a cooperative cancel (the main thread only), announced at once by
@@ -109,6 +114,7 @@ class ProgressReporter:
         self.check_cancelled()
 
     def finish(self, stage="finished", message="done"):
+        self._release()
         self._close_bar()
         if self.mode == "json":
             self._emit(stage, 1, 1, message)
