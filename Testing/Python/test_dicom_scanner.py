@@ -20,7 +20,7 @@ import pytest
 import SimpleITK as sitk
 
 from MedCLIPSAMLib.cli import main
-from MedCLIPSAMLib.io import read_segmentation, read_volume
+from MedCLIPSAMLib.io import read_volume
 
 pydicom = pytest.importorskip("pydicom")
 hd = pytest.importorskip("highdicom")

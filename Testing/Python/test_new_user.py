@@ -8,7 +8,6 @@ import io
 import re
 from pathlib import Path
 
-import pytest
 
 from MedCLIPSAMLib.cli import build_parser, main
 
