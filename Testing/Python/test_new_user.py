@@ -8,7 +8,6 @@ import io
 import re
 from pathlib import Path
 
-
 from MedCLIPSAMLib.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,8 +47,9 @@ def test_one_default_preset_everywhere_shown_in_every_help():
     defaults = [s.value.value for n in ast.walk(panel) if isinstance(n, ast.ClassDef)
                 for s in n.body if isinstance(s, ast.AnnAssign) and getattr(s.target, "id", "") == "preset"]
     assert defaults == ["v2"]
-    from MedCLIPSAMLib.pipeline.image import segment_image
     import inspect
+
+    from MedCLIPSAMLib.pipeline.image import segment_image
 
     assert inspect.signature(segment_image).parameters["preset"].default == "v2"
 
