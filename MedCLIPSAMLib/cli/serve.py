@@ -34,8 +34,8 @@ def register(sub):
                                         "(default: MEDCLIPSAM_HOME/service/token-PORT)")
     p.add_argument("--cache-mb", type=float, default=2048,
                    help="memory budget of the encoding and result cache, in MB (default 2048)")
-    p.add_argument("--max-volumes", type=int, default=8, help="volumes held at once; the least recently used is forgotten")
-    p.add_argument("--max-upload-mb", type=float, default=1024, help="largest volume upload accepted, in MB")
+    p.add_argument("--max-volumes", type=int, default=8, help="volumes held at once; the least recently used is forgotten (default 8)")
+    p.add_argument("--max-upload-mb", type=float, default=1024, help="largest volume upload accepted, in MB (default 1024)")
     p.add_argument("--idle-exit", type=float, metavar="SECONDS", help="stop after this long without a request")
     p.add_argument("--parent-pid", type=int, help="stop when this process exits (the Slicer that started it)")
     p.add_argument("--ready-file", help="write {url, pid, token_file} as JSON here once listening")

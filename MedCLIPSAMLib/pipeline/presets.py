@@ -33,6 +33,10 @@ class PipelineSettings:
         return dataclasses.replace(self, **changes)
 
 
+# the default everywhere (command line, service API, library, Slicer panel): MedCLIP-SAMv2, the better
+# method in its paper and the one the performance figures are for
+DEFAULT_PRESET = "v2"
+
 PRESETS = {
     "v1": PipelineSettings(saliency="gscorecam", saliency_settings={"topk": 300},
                            postprocess="crf", top_n=1, prompt_mode="box"),

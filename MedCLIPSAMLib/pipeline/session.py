@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from ..errors import MedCLIPSAMError
 from ..models.registry import DEFAULT_CLIP, DEFAULT_SAM2
 from ..progress import null_progress
+from .presets import DEFAULT_PRESET
 from ..runtime import log
 
 DEFAULT_CACHE_BYTES = 2 * 1024**3
@@ -38,7 +39,7 @@ AXES = ("axial", "coronal", "sagittal")
 class SegmentRequest:
     """A segmentation request: the options of `medclipsam segment` (same names), from the CLI or JSON."""
     prompts: list
-    preset: str = "v1"
+    preset: str = DEFAULT_PRESET
     overrides: list = field(default_factory=list)   # "key=value" preset settings
     sam: str = None                                 # "sam" | "none" | None (the preset's)
     no_ensemble: bool = False

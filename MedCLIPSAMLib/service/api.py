@@ -15,7 +15,7 @@ class JobBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     volume_id: str = Field(max_length=64)
     prompts: list[Text] = Field(min_length=1, max_length=32)
-    preset: str = Field("v1", max_length=32)
+    preset: str = Field("v2", max_length=32)
     overrides: list[Text] = Field(default_factory=list, max_length=64)
     sam: Optional[Literal["sam", "none"]] = None
     no_ensemble: bool = False

@@ -141,8 +141,10 @@ def test_nnunet_trains_in_its_own_folders_and_predicts_on_the_exact_grid(trained
     series = read_volume(str(tmp_path / "series"))
     np.testing.assert_array_equal(masks[..., 0], predict_volume(loaded, series).labels > 0)
     algorithm = ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
-    assert algorithm.AlgorithmName == "MedCLIP-SAM weak supervision, nnunetv2"
-    assert "model=model" in algorithm.AlgorithmParameters and "random_weights=no" in algorithm.AlgorithmParameters
+    assert algorithm.AlgorithmName == "MedCLIP-SAM trained model (nnunetv2)"
+    params = dict(p.split("=", 1) for p in algorithm.AlgorithmParameters.split(","))
+    assert params == {"model": "model", "trainer": "nnunetv2", "labels": "given", "random_weights": "no"}
+    assert ds.ContentDescription == "trained model"      # not "text-prompted segmentation" (issue 33)
 
     # the registry takes it as a train-weak model, like a DynUNet folder
     monkeypatch.setenv("MEDCLIPSAM_HOME", str(tmp_path / "home"))
