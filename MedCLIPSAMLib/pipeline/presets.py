@@ -69,6 +69,7 @@ def get_preset(name, overrides=()):
     settings.saliency_settings = dict(settings.saliency_settings)
     settings.postprocess_settings = dict(settings.postprocess_settings)
     fields = {f.name: f for f in dataclasses.fields(PipelineSettings)}
+    given = set()                      # (head, key) of the sub-settings the overrides set
     for item in overrides or ():
         if "=" not in item:
             raise MedCLIPSAMError(f"a setting must look like key=value, got '{item}'")
@@ -81,14 +82,17 @@ def get_preset(name, overrides=()):
             if head not in ("saliency_settings", "postprocess_settings"):
                 raise MedCLIPSAMError(f"setting '{head}' has no sub-settings")
             getattr(settings, head)[sub] = value
+            given.add((head, sub))
             continue
         if head in CHOICES:
             if not any(value == c and type(value) is type(c) for c in CHOICES[head]):   # True is not 1 here
                 raise MedCLIPSAMError(f"{head} must be one of {', '.join(map(_text, CHOICES[head]))}, got '{raw}'")
         else:
             value = _typed(head, value, getattr(PRESETS["v1"], head), RANGES.get(head))
+            if isinstance(value, dict):
+                given.update((head, key) for key in value)
         setattr(settings, head, value)
-    _check_sub_settings(settings)
+    _check_sub_settings(settings, given)
     return settings
 
 
@@ -121,8 +125,10 @@ def _typed(name, value, default, bounds=None):
     return float(value) if isinstance(default, float) else value
 
 
-def _check_sub_settings(settings):
-    """saliency_settings / postprocess_settings: names the chosen method takes, values of their types."""
+def _check_sub_settings(settings, given):
+    """saliency_settings / postprocess_settings: names the chosen method takes, values of their types.
+    A preset's own sub-settings for another method (v2's M2IB steps after saliency=gscorecam) are dropped;
+    one the overrides `given` name is refused."""
     import inspect
 
     from ..postprocess import POSTPROCESSORS, postprocess
@@ -135,7 +141,10 @@ def _check_sub_settings(settings):
     known["postprocess_settings"] = {p.name: p.default for p in params if p.name != "region"}
     for head, method in (("saliency_settings", settings.saliency), ("postprocess_settings", settings.postprocess)):
         values = getattr(settings, head)
-        for key, value in values.items():
+        for key, value in list(values.items()):
+            if key not in known[head] and (head, key) not in given:
+                del values[key]
+                continue
             if key not in known[head]:
                 raise MedCLIPSAMError(f"{method} has no setting '{key}'; its settings are: {', '.join(known[head])}")
             values[key] = _typed(f"{head}.{key}", value, known[head][key], SUB_RANGE)

@@ -13,6 +13,11 @@ uploads (raw NRRD / NIfTI bytes) and results (.seg.nrrd / .nrrd bytes).
   GET    /jobs/{id}/uncertainty      its uncertainty volume (.nrrd), when the job asked for one
   GET    /jobs/{id}/report           the per-prompt report JSON (`segment --report-output`), with "report": true
   GET    /jobs/{id}/saliency/{k}     prompt k's saliency volume (`segment --saliency-output`), with "saliency": true
+  POST   /volumes/{id}/refine        clicks / a box on one slice of a segment -> the changed slices
+  POST   /volumes/{id}/undo          undo a segment's last refinement
+
+Limits (limits.py, uploads.py, validation.py): every body is capped as it streams, an upload's header is
+checked before anything it promises is allocated, the queue is bounded, every number is finite.
 
 One job runs at a time (the models and the device are shared); the others wait in order and say where.
 """

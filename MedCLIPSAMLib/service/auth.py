@@ -59,7 +59,6 @@ class BearerAuth:
                 await send({"type": "websocket.close", "code": 1008})   # before accept: HTTP 403
             return
         given = token_of(dict(scope.get("headers") or []).get(b"authorization", b""))
-        # compare_digest on equal-length inputs only leaks the length; compare with the token itself
         if given is None or not hmac.compare_digest(given, self.expected):
             from .limits import answer
 
