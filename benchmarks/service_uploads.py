@@ -149,10 +149,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     env = dict(os.environ, PYTHONPATH=os.path.abspath(args.repo), MEDCLIPSAM_OFFLINE="1")
     rows = []
+    here = os.getcwd()
     for name, case in cases().items():
         if args.cases and name not in args.cases:
             continue
-        rows.append(run_case(name, case, env))
+        os.chdir(args.repo)            # `python -m` puts the working folder first on the service's path
+        try:
+            rows.append(run_case(name, case, env))
+        finally:
+            os.chdir(here)
         r = rows[-1]
         print(f"{name:26s} sent {r['sent_bytes'] / MB:9.2f} MB  status {r['status']}  peak RSS rise "
               f"{r['peak_rise_bytes'] / MB:8.2f} MB  ({r['seconds']:.2f} s)  {r['detail'][:70]}", flush=True)

@@ -72,9 +72,10 @@ def create_app(service):
 
     from ..pipeline.session import SegmentRequest
 
-    # strict_content_type=False: a JSON body sent without a Content-Type is read as JSON
-    app = FastAPI(title="MedCLIP-SAM segmentation service", docs_url=None, redoc_url=None, openapi_url=None,
-                  strict_content_type=False)
+    # strict_content_type=False: a JSON body sent without a Content-Type is read as JSON. The OpenAPI schema
+    # is served at /openapi.json (behind the token like every route), what docs/service-api.md points to
+    app = FastAPI(title="MedCLIP-SAM segmentation service", docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", strict_content_type=False)
 
     def error(status, text):
         return JSONResponse({"detail": text}, status_code=status)

@@ -144,6 +144,8 @@ def _nrrd_fields(lines):
         keep.append(raw)
         if ":=" in line or ":" not in line:          # a key/value pair (metadata), or Teem will refuse it
             continue
+        if name in fields:                           # which one Teem would use is not for us to guess
+            raise MedCLIPSAMError(f"the NRRD header gives '{name}' twice")
         fields[name] = " ".join(line.split(":", 1)[1].split())
     return fields, keep
 

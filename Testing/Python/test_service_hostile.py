@@ -171,6 +171,8 @@ def test_headers_promising_more_than_the_cap_or_the_payload_are_refused(served, 
     bz = short.replace("raw data", "bzip2 data")
     assert refused(client, "POST", "/volumes", nrrd_bytes(fields + [b"encoding: bzip2"],
                                                           bz2.compress(b"\0" * 100))) == (400, bz)
+    twice = nrrd_bytes([b"sizes: 1 1 1"] + fields + [b"encoding: raw"], b"\0" * 4)   # Teem keeps which one?
+    assert refused(client, "POST", "/volumes", twice) == (400, "the NRRD header gives 'sizes' twice")
     # past the byte cap (voxels x their size, not voxels): 1 G voxels of double promise 8 GiB
     big = [b"type: double", b"dimension: 3", b"sizes: 1024 1024 1024", b"endian: little", b"encoding: raw"]
     assert refused(client, "POST", "/volumes", nrrd_bytes(big, b"\0" * 64)) == (
@@ -267,72 +269,92 @@ def test_every_body_is_capped_with_or_without_a_content_length(served, nrrd):
     assert client.info()["queue"]["running"] is None
 
 
-# -- 5./6. overrides and numbers checked at submission ---------------------------------------------
-def test_overrides_and_numbers_are_checked_at_submission(served, nrrd):
-    client = served.client
+# -- 5./6./9. overrides, numbers and sentences checked at submission ----------------------------------
+@pytest.fixture(scope="module")
+def volume(served, nrrd):
     header, voxels = nrrd
-    volume = client.upload(header + b"\n\n" + voxels)["volume_id"]
-    base = {"volume_id": volume, "prompts": ["brain tumor"], "preset": "fast"}
+    return served.client.upload(header + b"\n\n" + voxels)["volume_id"]
+
+
+def job_body(volume, **change):
+    return json.dumps({"volume_id": volume, "prompts": ["brain tumor"], "preset": "fast", **change}).encode()
+
+
+def test_overrides_are_typed_at_submission_by_the_clis_own_rules(served, volume):
     cases = [
-        ({"overrides": ["mask_threshold=abc"]}, "setting 'mask_threshold' must be a number, got \"abc\""),
-        ({"overrides": ["mask_threshold=NaN"]}, "setting 'mask_threshold' must be a number, got NaN"),
-        ({"overrides": ["top_n=1.5"]}, "setting 'top_n' must be a whole number, got 1.5"),
-        ({"overrides": ["saliency_settings.layer=3"]}, "setting 'saliency_settings.layer' must be text, got 3"),
-        ({"overrides": ["fill_holes=yes"]}, "setting 'fill_holes' must be true or false, got \"yes\""),
-        ({"window": "nan,nan"}, "a window's level and width must be finite, the width positive (at most 1e6), "
-                                "got 'nan,nan'"),
-        ({"window": "1e999,40"}, "a window's level and width must be finite, the width positive (at most 1e6), "
-                                 "got '1e999,40'"),
-        ({"window": "40,-5"}, "a window's level and width must be finite, the width positive (at most 1e6), "
-                              "got '40,-5'"),
-        ({"window": "liver"}, "unknown CT window 'liver'; choose one of soft_tissue, lung, brain, bone"),
-        ({"absent_if": ["a", "b"], "prompts": ["x", "y", "z"]},
-         "'absent_if' was given 2 times for 3 prompts: give it once (for every prompt) or once per prompt"),
-        ({"prompts": ["  "]}, "the text prompt is empty; say what to segment, e.g. 'brain tumor'"),
+        (["mask_threshold=abc"], "setting 'mask_threshold' must be a number, got \"abc\""),
+        (["mask_threshold=NaN"], "setting 'mask_threshold' must be a number, got NaN"),
+        (["top_n=1.5"], "setting 'top_n' must be a whole number, got 1.5"),
+        (["saliency_settings.layer=3"], "setting 'saliency_settings.layer' must be text, got 3"),
+        (["fill_holes=yes"], "setting 'fill_holes' must be true or false, got \"yes\""),
     ]
-    for change, sentence in cases:
-        assert refused(client, "POST", "/jobs", json.dumps({**base, **change}).encode()) == (422, sentence), change
+    for overrides, sentence in cases:
+        assert refused(served.client, "POST", "/jobs", job_body(volume, overrides=overrides)) == (422, sentence)
+
+
+def test_numbers_and_windows_must_be_finite_and_in_range(served, volume):
+    client = served.client
+    window = "a window's level and width must be finite, the width positive (at most 1e6), got '{}'"
+    for text in ("nan,nan", "1e999,40", "40,-5"):
+        assert refused(client, "POST", "/jobs", job_body(volume, window=text)) == (422, window.format(text)), text
+    assert refused(client, "POST", "/jobs", job_body(volume, window="liver")) == (
+        422, "unknown CT window 'liver'; choose one of soft_tissue, lung, brain, bone")
     raw_numbers = [('"gate_min_similarity": NaN', "'gate_min_similarity': input should be a finite number"),
                    ('"absent_margin": Infinity', "'absent_margin': input should be a finite number"),
                    ('"min_size_mm3": 1e999', "'min_size_mm3': input should be a finite number"),
                    ('"absent_margin": 5', "'absent_margin': input should be less than or equal to 2"),
                    ('"gate_min_similarity": -3', "'gate_min_similarity': input should be greater than or equal to -1")]
     for text, sentence in raw_numbers:
-        body = json.dumps(base)[:-1] + ", " + text + "}"
-        assert refused(client, "POST", "/jobs", body.encode()) == (422, sentence), text
+        body = job_body(volume)[:-1] + b", " + text.encode() + b"}"
+        assert refused(client, "POST", "/jobs", body) == (422, sentence), text
     click = {"segment_id": "s", "points": [{"position": [1.0, float("nan"), 2.0]}]}
     assert refused(client, "POST", f"/volumes/{volume}/refine", json.dumps(click).encode()) == (
         422, "'points.0.position.1': input should be a finite number")
-    # valid JSON without a Content-Type is read as JSON; the finished job says so, not its last stage
-    status, job = request(client, "POST", "/jobs", json.dumps({**base, "sam": "none"}).encode())
-    assert status == 200, job
-    final = client.wait(job["job_id"], timeout=JOB_TIMEOUT)
-    assert final["state"] == "done" and final["message"] == "done"
+
+
+def test_sentences_name_request_fields_not_command_line_flags(served, volume):
+    client = served.client
+    assert refused(client, "POST", "/jobs", job_body(volume, prompts=["x", "y", "z"], absent_if=["a", "b"])) == (
+        422, "'absent_if' was given 2 times for 3 prompts: give it once (for every prompt) or once per prompt")
+    assert refused(client, "POST", "/jobs", job_body(volume, prompts=["  "])) == (
+        422, "the text prompt is empty; say what to segment, e.g. 'brain tumor'")
     assert refused(client, "POST", "/jobs", b"[1, 2]") == (422, "the request body must be a JSON object")
-    client.forget(volume)
+
+
+def test_json_without_a_content_type_is_read_as_json(served, volume):
+    status, job = request(served.client, "POST", "/jobs", job_body(volume, sam="none"))
+    assert status == 200 and job["state"] in ("queued", "running"), job
+    served.client.wait(job["job_id"], timeout=JOB_TIMEOUT)
+
+
+def test_a_finished_job_says_done_not_its_last_stage(served, volume):
+    client = served.client
+    final = client.wait(client.submit(volume, ["liver"], preset="fast", sam="none")["job_id"], timeout=JOB_TIMEOUT)
+    assert final["state"] == "done" and final["stage"] == "write" and final["message"] == "done"
 
 
 # -- 8. the queue, the token's scheme, websockets ------------------------------------------------------
-def test_the_queue_has_a_limit_and_the_scheme_any_case(served, nrrd):
+def test_the_bearer_scheme_is_case_insensitive(served):
     client = served.client
     for scheme in ("bearer", "BEARER", "Bearer"):
         assert request(client, "GET", "/info", token=f"{scheme} {client.token}")[0] == 200, scheme
-    assert refused(client, "GET", "/info", token=f"Basic {client.token}")[0] == 401
-    header, voxels = nrrd
-    volume = client.upload(header + b"\n\n" + voxels)["volume_id"]
+    assert refused(client, "GET", "/info", token=f"Basic {client.token}") == (
+        401, "a valid bearer token is required (Authorization: Bearer TOKEN)")
+
+
+def test_the_queue_has_a_limit(served, volume):
+    client = served.client
     running = client.submit(volume, ["brain tumor"], **LONG)["job_id"]
     waiting = client.submit(volume, ["liver"], **LONG)["job_id"]   # the one place in the queue (--max-queue 1)
     try:
-        status, detail = refused(client, "POST", "/jobs",
-                                 json.dumps({"volume_id": volume, "prompts": ["lung"], **LONG}).encode())
+        status, detail = refused(client, "POST", "/jobs", job_body(volume, prompts=["lung"], **LONG))
         assert (status, detail) == (429, "1 jobs are already waiting, the service's limit; submit again when one "
-                                          "has finished, or cancel one")
+                                         "has finished, or cancel one")
     finally:
         client.cancel(waiting)
         client.cancel(running)
     assert client.wait(running, timeout=JOB_TIMEOUT)["state"] in ("cancelled", "done")
     assert client.job(waiting)["message"] == "cancelled"
-    client.forget(volume)
 
 
 def test_the_auth_layer_closes_websockets_and_passes_only_lifespan():
@@ -406,20 +428,16 @@ def schema_value(rng, schema, defs, valid):
     return rng.choice([None, 0, "x", [], {}])
 
 
-def test_no_request_generated_from_the_openapi_schema_gets_a_5xx_or_a_traceback(served, nrrd):
-    """60 requests (fixed seed) over every route of the schema FastAPI derives from the service's own
-    request models, bodies from the JSON schemas, path ids real or not; each must answer (no hang:
-    the client's timeout), below 500, with one sentence and no traceback."""
-    from types import SimpleNamespace
-
-    from MedCLIPSAMLib.service.api import create_app
-
-    schema = create_app(SimpleNamespace()).openapi()
+def test_no_request_generated_from_the_openapi_schema_gets_a_5xx_or_a_traceback(served, volume):
+    """60 requests (fixed seed) over every route of the OpenAPI schema the running service serves, bodies
+    from its JSON schemas (half valid, half hostile), path ids real or not; each must answer (no hang: the
+    client's timeout), below 500, with one sentence, no traceback, no command-line flag; an accepted job
+    must finish (its input was checked at submission)."""
+    client = served.client
+    status, schema = request(client, "GET", "/openapi.json")               # the running service's own schema
+    assert status == 200 and "/volumes/{volume_id}/refine" in schema["paths"]
     defs = schema.get("components", {}).get("schemas", {})
     operations = [(path, method.upper(), op) for path, item in schema["paths"].items() for method, op in item.items()]
-    client = served.client
-    header, voxels = nrrd
-    volume = client.upload(header + b"\n\n" + voxels)["volume_id"]
     ids = {"volume_id": [volume, "nope", "../../etc", "%2e%2e"], "job_id": ["job-1", "job-99999", "..%2f"],
            "index": ["0", "7", "-1", "99999999999999999999", "x"]}
     rng = random.Random(31)
@@ -478,3 +496,20 @@ def test_sigterm_cancels_the_running_job_removes_the_folder_logs_and_exits_0(tin
         ended_cleanly(service, signal.SIGTERM)
     finally:
         service.stop()
+
+
+def test_serve_help_lists_every_route_every_limit_and_what_a_remote_deployment_adds(capsys):
+    from MedCLIPSAMLib.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for route in ("GET /info", "POST /volumes", "DELETE /volumes/ID", "POST /jobs", "GET /jobs/ID",
+                  "POST /jobs/ID/cancel", "GET /jobs/ID/result", "/uncertainty", "/report", "/saliency/K",
+                  "POST /volumes/ID/refine", "POST /volumes/ID/undo"):
+        assert route in text, route
+    for limit in ("--max-upload-mb (default 1024 MB", "--max-body-kb (default 1024 KB", "--max-queue (default 16)",
+                  "--max-volumes (default 8)", "--cache-mb (default 2048 MB)"):
+        assert limit in text, limit
+    for need in ("TLS", "HTTPS reverse proxy", "a token per team", "body and upload limits"):
+        assert need in text, need
