@@ -52,8 +52,6 @@ class BodyLimit:
                 return await answer(send, 400, "the Content-Length header is not a number")
             if int(length) > limit:
                 return await answer(send, 413, sentence(limit, upload))
-        if not upload and b"content-type" not in headers:   # JSON sent without saying so: read as JSON
-            scope = dict(scope, headers=list(scope.get("headers") or []) + [(b"content-type", b"application/json")])
         seen = 0
         started = False
 
