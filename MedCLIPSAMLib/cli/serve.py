@@ -75,7 +75,8 @@ def run(args):
     from .options import model_names, runtime_device
 
     if min(args.cache_mb, args.max_upload_mb, args.max_body_kb) <= 0 or min(args.max_volumes, args.max_queue) < 1:
-        raise MedCLIPSAMError("--cache-mb, --max-upload-mb, --max-body-kb, --max-volumes and --max-queue must be positive")
+        raise MedCLIPSAMError("--cache-mb, --max-upload-mb, --max-body-kb, --max-volumes and --max-queue "
+                              "must be positive")
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401

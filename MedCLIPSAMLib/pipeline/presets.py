@@ -115,7 +115,8 @@ def _typed(name, value, default, bounds=None):
         kind, ok = "a JSON object", isinstance(value, dict)
     else:   # no default to go by: any finite scalar
         kind = "a number, text, true or false"
-        ok = value is None or isinstance(value, (str, bool)) or (isinstance(value, (int, float)) and math.isfinite(value))
+        number = isinstance(value, (int, float)) and math.isfinite(value)
+        ok = value is None or isinstance(value, (str, bool)) or number
     if not ok:
         raise MedCLIPSAMError(f"setting '{name}' must be {kind}, got {json.dumps(value)[:60]}")
     if bounds and not isinstance(value, (bool, str, dict)) and value is not None:
