@@ -188,6 +188,22 @@ def test_headers_promising_more_than_the_cap_or_the_payload_are_refused(served, 
         client.forget(answer["volume_id"])
 
 
+def test_decompression_comes_in_bounded_pieces_whatever_the_ratio():
+    """What bounds the service's memory on a gzip/bzip2 bomb (benchmarks/service_uploads.py measures it):
+    inflate() yields at most CHUNK bytes at a time, however much one compressed piece holds."""
+    import io
+
+    from MedCLIPSAMLib.service.uploads import CHUNK, inflate
+
+    total = 8 * CHUNK
+    for kind, packed in (("gzip", gzip.compress(b"\0" * total)), ("bzip2", bz2.compress(b"\0" * total))):
+        assert len(packed) < CHUNK                           # one read holds the whole stream
+        sizes = [len(piece) for piece in inflate(io.BytesIO(packed), kind)]
+        assert max(sizes) <= CHUNK and sum(sizes) == total, kind
+        with pytest.raises(ValueError):                      # cut short: refused, not zero-filled
+            list(inflate(io.BytesIO(packed[: len(packed) // 2]), kind))
+
+
 def nifti1(folder):
     """A real NIfTI-1 file's bytes (written by ITK): 6 x 5 x 4 int16 voxels."""
     import SimpleITK as sitk
