@@ -9,7 +9,8 @@ Before SimpleITK sees anything, the header is parsed here and checked:
 - the bytes the header promises (sizes x type size) must fit the service's byte cap and be exactly what
   the payload holds: raw data is measured, gzip/bzip2 data is decompressed in bounded chunks and counted.
 SimpleITK then reads a file rebuilt from what was checked (a NRRD with only its parsed fields and raw
-voxels; a plain .nii), so it allocates only the size already proven to be there.
+voxels; a plain .nii, a NIfTI-2 through a NIfTI-1 header made field by field, since ITK reads NIfTI-1 only),
+so it allocates only the size already proven to be there.
 """
 
 import bz2
@@ -25,7 +26,8 @@ HEADER_LIMIT = 1024**2      # a NRRD header (comments and key/value pairs includ
 CHUNK = 1024**2             # read / decompress step: what refusing an upload holds in memory at most, about
 NOT_A_VOLUME = "the upload is not a NRRD or NIfTI volume (send the file's bytes as they are)"
 UNREADABLE = "the upload could not be read as a volume (corrupt or truncated file)"
-NIFTI2 = "NIfTI-2 files cannot be read here (ITK reads NIfTI-1 only); send the volume as NIfTI-1 or NRRD"
+NIFTI2 = ("the NIfTI-2 header holds a value NIfTI-1 cannot (e.g. a size past 32767) and ITK reads NIfTI-1 "
+          "only; send the volume as NRRD")
 DETACHED = ("the upload's header refers to another file; send one .nrrd, .nii or .nii.gz with the voxels "
             "inside")
 
@@ -197,7 +199,7 @@ def _clean_nrrd(src, folder, limit):
 
 # -- NIfTI ----------------------------------------------------------------------------------------
 def nifti_layout(head):
-    """(header size, voxel offset, bytes of voxels promised) of a NIfTI-1 or NIfTI-2 header."""
+    """(header size, voxel offset, bytes of voxels promised, byte order) of a NIfTI-1 or NIfTI-2 header."""
     for order in "<>":
         if len(head) >= 4 and struct.unpack(order + "i", head[:4])[0] in (348, 540):
             break
@@ -220,8 +222,6 @@ def nifti_layout(head):
         raise MedCLIPSAMError(DETACHED)
     if magic != single:
         raise MedCLIPSAMError(NOT_A_VOLUME)
-    if size == 540:    # ITK vendors NIfTI-1's library only (InsightSoftwareConsortium/ITK issue 3639)
-        raise MedCLIPSAMError(NIFTI2)
     if not 1 <= dims[0] <= 7 or min(dims[1:dims[0] + 1]) < 1:
         raise MedCLIPSAMError("the NIfTI header's dimensions must be 1 to 7 positive sizes")
     if datatype not in NIFTI_ITEMSIZE:
@@ -231,7 +231,43 @@ def nifti_layout(head):
     promised = NIFTI_ITEMSIZE[datatype]
     for n in dims[1:dims[0] + 1]:
         promised *= n
-    return size, int(offset), promised
+    return size, int(offset), promised, order
+
+
+def nifti1_header(h, o):
+    """The NIfTI-1 header (352 bytes: no extensions) of NIfTI-2 header `h` in byte order `o`, field by
+    field (nifti1.h / nifti2.h): ITK vendors NIfTI-1's library only (InsightSoftwareConsortium/ITK issue
+    3639), so a NIfTI-2 upload is read through this twin. Values NIfTI-1 cannot hold are refused."""
+    out = bytearray(352)
+
+    def get(fmt, at):
+        return struct.unpack_from(o + fmt, h, at)
+
+    def put(fmt, at, *values):
+        struct.pack_into(o + fmt, out, at, *values)
+
+    try:
+        put("i", 0, 348)
+        put("8h", 40, *get("8q", 16))                  # dim
+        put("3f", 56, *get("3d", 80))                  # intent_p1..3
+        put("h", 68, get("i", 504)[0])                 # intent_code
+        put("2h", 70, *get("2h", 12))                  # datatype, bitpix
+        put("h", 74, get("q", 224)[0])                 # slice_start
+        put("8f", 76, *get("8d", 104))                 # pixdim
+        put("f", 108, 352.0)                           # vox_offset
+        put("2f", 112, *get("2d", 176))                # scl_slope, scl_inter
+        put("h", 120, get("q", 232)[0])                # slice_end
+        put("2B", 122, get("i", 496)[0], get("i", 500)[0])   # slice_code, xyzt_units
+        put("4f", 124, *get("4d", 192))                # cal_max, cal_min, slice_duration, toffset
+        put("2h", 252, *get("2i", 344))                # qform_code, sform_code
+        put("6f", 256, *get("6d", 352))                # quatern_b, c, d, qoffset_x, y, z
+        put("12f", 280, *get("12d", 400))              # srow_x, srow_y, srow_z
+    except (struct.error, OverflowError):
+        raise MedCLIPSAMError(NIFTI2) from None
+    out[39] = h[524]                                   # dim_info
+    out[148:228], out[228:252], out[328:344] = h[240:320], h[320:344], h[508:524]   # descrip, aux_file, intent_name
+    out[344:348] = b"n+1\x00"
+    return bytes(out)
 
 
 def _clean_nifti(src, folder, limit, gzipped):
@@ -245,21 +281,36 @@ def _clean_nifti(src, folder, limit, gzipped):
                 break
     except ValueError:
         raise MedCLIPSAMError(UNREADABLE) from None
-    _, offset, promised = nifti_layout(head)
+    size, offset, promised, order = nifti_layout(head)
     if promised > limit:
         raise _too_big(promised, limit)
     what = "gzip data" if gzipped else "NIfTI file"
     if not gzipped and os.fstat(src.fileno()).st_size != offset + promised:
         raise _mismatch(promised, what)
+    twin = nifti1_header(head, order) if size == 540 else None   # refused before any byte is written
     fd, path = tempfile.mkstemp(dir=folder, prefix="volume-", suffix=".nii")
     with os.fdopen(fd, "wb") as dst:
-        _copy_exactly(_prepend(head, chunks), dst, offset + promised, promised, what)
+        if twin is None:
+            _copy_exactly(_prepend(head, chunks), dst, offset + promised, promised, what)
+        else:                                          # the NIfTI-1 twin's header, then the same voxels
+            dst.write(twin)
+            _copy_exactly(_skip(_prepend(head, chunks), offset), dst, promised, promised, what)
     return path
 
 
 def _prepend(first, rest):
     yield first
     yield from rest
+
+
+def _skip(chunks, n):
+    """The bytes of `chunks` after the first n."""
+    for piece in chunks:
+        if n >= len(piece):
+            n -= len(piece)
+            continue
+        yield piece[n:]
+        n = 0
 
 
 # -- the upload -----------------------------------------------------------------------------------

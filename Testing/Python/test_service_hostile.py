@@ -246,16 +246,46 @@ def test_a_nifti_header_alone_or_truncated_is_refused_not_zero_filled(served, tm
     client.forget(answer["volume_id"])
 
 
-def test_a_real_nifti2_file_gets_its_sentence(served, tmp_path):
+def test_a_real_nifti2_file_is_read_like_its_nifti1_twin_and_checked_the_same(served, tmp_path):
+    """ITK reads NIfTI-1 only: a NIfTI-2 upload is read through a NIfTI-1 header made field by field.
+    Written by nibabel from one array and one oblique affine, the two files give the same volume."""
+    import SimpleITK as sitk
+
     nibabel = pytest.importorskip("nibabel")
-    array = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
-    path = tmp_path / "two.nii"
-    nibabel.save(nibabel.Nifti2Image(array, np.diag([1.5, 2.0, 3.0, 1.0])), str(path))
-    data = path.read_bytes()
-    assert struct.unpack("<i", data[:4])[0] == 540 and data[4:8] == b"n+2\x00"
-    sentence = "NIfTI-2 files cannot be read here (ITK reads NIfTI-1 only); send the volume as NIfTI-1 or NRRD"
-    assert refused(served.client, "POST", "/volumes", data) == (400, sentence)
-    assert refused(served.client, "POST", "/volumes", gzip.compress(data)) == (400, sentence)
+    from MedCLIPSAMLib.service.uploads import read_upload
+
+    c, s = np.cos(0.5), np.sin(0.5)                     # oblique: turned about z then x, spacing 1.1 0.9 3
+    turn = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = turn @ np.diag([1.1, 0.9, 3.0]), [10.0, -20.0, 5.0]
+    array = np.random.default_rng(2).integers(-1000, 1000, (6, 5, 4)).astype(np.int16)
+    files = {}
+    for qform in (True, False):                        # ITK takes the qform when there is one, else the sform
+        for name, kind in (("one.nii", nibabel.Nifti1Image), ("two.nii", nibabel.Nifti2Image)):
+            image = kind(array, affine)
+            image.set_qform(affine if qform else None, 1 if qform else 0)
+            image.set_sform(affine, 2)
+            image.to_filename(str(tmp_path / name))
+            files[name] = (tmp_path / name).read_bytes()
+        two = files["two.nii"]
+        assert struct.unpack("<i", two[:4])[0] == 540 and two[4:8] == b"n+2\x00"
+        answers = [request(served.client, "POST", "/volumes", data) for data in
+                   (files["one.nii"], two, gzip.compress(two))]
+        assert [status for status, _ in answers] == [200, 200, 200], answers
+        for _, answer in answers:
+            served.client.forget(answer.pop("volume_id"))
+        assert answers[1][1] == answers[0][1] == answers[2][1] and answers[1][1]["size"] == [6, 5, 4]
+    one, other = (read_upload(str(tmp_path / name), str(tmp_path), UPLOAD) for name in ("one.nii", "two.nii"))
+    assert np.array_equal(sitk.GetArrayFromImage(one), sitk.GetArrayFromImage(other))
+    promised = 6 * 5 * 4 * 2
+    assert refused(served.client, "POST", "/volumes", two[:-3]) == (
+        400, f"the upload's NIfTI file does not hold the {promised} bytes of voxels its header promises "
+             "(a truncated or corrupt file)")
+    wide = bytearray(two[:544])                        # 40000 x 1 x 1: fits the cap, not NIfTI-1's int16 sizes
+    struct.pack_into("<8q", wide, 16, 3, 40000, 1, 1, 1, 1, 1, 1)
+    assert refused(served.client, "POST", "/volumes", bytes(wide) + b"\0" * 80000) == (
+        400, "the NIfTI-2 header holds a value NIfTI-1 cannot (e.g. a size past 32767) and ITK reads NIfTI-1 "
+             "only; send the volume as NRRD")
 
 
 def test_a_4d_upload_is_told_in_the_apis_words(served, nrrd):
