@@ -105,15 +105,24 @@ class SegmentRequest:
 
 
 def parse_window(text):
-    """None, a window name, or 'LEVEL,WIDTH' -> (level, width)."""
+    """None, a window name, or 'LEVEL,WIDTH' -> (level, width), checked now (a known name; finite
+    numbers, a positive width) so that a bad window is refused before any work."""
+    import math
+
+    from ..imageops import window_range
+
     if not text:
         return None
     if "," not in str(text):
+        window_range(str(text))                    # an unknown name: its sentence
         return str(text)
     try:
         level, width = (float(v) for v in str(text).split(","))
     except ValueError:
         raise MedCLIPSAMError(f"a window must be a name or LEVEL,WIDTH (two numbers), got '{text}'") from None
+    if not (math.isfinite(level) and math.isfinite(width) and abs(level) <= 1e6 and 0 < width <= 1e6):
+        raise MedCLIPSAMError(f"a window's level and width must be finite, the width positive (at most 1e6), "
+                              f"got '{text}'")
     return (level, width)
 
 
