@@ -44,13 +44,14 @@ def expected(branch):
         return {"gate_min_similarity": 1.0}, why, f"not found: {why}"
     if branch == "absent won":
         return {"absent_if": [" | ".join(ABSENT)], "absent_margin": 10.0}, None, None   # checked below
-    # saliency -> a threshold no map reaches (no mask) / that every pixel passes (a mask on each key slice)
+    # saliency -> a threshold no map reaches (no mask) / that each min-max normalised map passes (a mask on each
+    # key slice: its maximum is 1; sub-settings are non-negative since overrides are typed)
     if branch == "no mask on the key slices":
         return ({"overrides": ["postprocess=threshold", "postprocess_settings.threshold=2"], "no_gate": True},
                 "the saliency and SAM gave no mask on the 2 slices tried",
                 "not found: the saliency and SAM gave no mask on the 2 slices tried")
     why = "the 3D clean-up removed every component (each under 1e+12 mm^3 or not meeting a key slice's mask)"
-    return ({"overrides": ["postprocess=threshold", "postprocess_settings.threshold=-1"], "no_gate": True,
+    return ({"overrides": ["postprocess=threshold", "postprocess_settings.threshold=0"], "no_gate": True,
              "min_size_mm3": 1e12}, why, f"not found: {why}")
 
 
