@@ -55,7 +55,7 @@ COMPETITORS = {
 def busiest_others(n=5):
     """The n processes (not ours) with the most CPU now: (pcpu, command) from ps, to say what ran beside."""
     try:
-        out = subprocess.run(["ps", "-eo", "pcpu,pid,ppid,comm", "--sort=-pcpu"], capture_output=True, text=True,
+        out = subprocess.run(["ps", "-eo", "pcpu,pid,ppid,args", "--sort=-pcpu"], capture_output=True, text=True,
                              timeout=10).stdout.splitlines()[1:]
     except (OSError, subprocess.SubprocessError):
         return []
@@ -64,7 +64,7 @@ def busiest_others(n=5):
     for line in out:
         parts = line.split(None, 3)
         if len(parts) == 4 and int(parts[1]) not in mine and int(parts[2]) not in mine:
-            rows.append(f"{parts[0]}% {parts[3]}")
+            rows.append(f"{parts[0]}% {parts[3][:100]}")
         if len(rows) == n:
             break
     return rows
