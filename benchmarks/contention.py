@@ -1,19 +1,26 @@
-"""Issue 37: the v2 preset's speed idle and beside another process, per precision / threads / OpenMP wait policy.
+"""Issue 37: the v2 stages' speed idle and beside another process, per precision / threads / OpenMP wait policy.
 
-    python -m benchmarks.contention [--shape 16 256 256] [--beside none,torch2,busy] [--json benchmarks/results/contention_cpu.json]
+    python -m benchmarks.contention --beside none,torch2 --variants "2t,2t passive,1t" --gate-slices 4 \
+        --m2ib-steps 2 --sam-slices 2 --json benchmarks/results/contention_stages_cpu.json
+    python -m benchmarks.contention --end-to-end --shape 8 256 256 --beside none,torch2,busy \
+        --variants "bf16 2t spin,default" --json benchmarks/results/contention_e2e_cpu.json
 
-Each run is `medclipsam segment PHANTOM --preset v2 --progress json` in a child process (benchmarks.cpu_minute's
-run_segment: wall and CPU seconds per stage, peak RSS, load average before and after), with full-size random-weight
-BiomedCLIP + MedSAM2 on an MR phantom (default 16x256x256). A variant is the child's environment and flags:
-precision (bf16 autocast or fp32), torch threads, OMP_WAIT_POLICY. For each `--beside` case the competitor starts,
-every variant runs once in turn (so they see the same load), the competitor stops:
+Cases (`--beside`): for each, the competitor starts, every variant runs once in turn (so they see the same
+load), the competitor stops:
     none    nothing started by us (the machine may still be shared: the load average and the busiest other
             processes are recorded with each run)
     torch2  another PyTorch process, 2 threads, a loop of 512x512 fp32 matmuls (a training run beside)
     busy    a plain Python busy loop (one core)
---repeats N runs the whole sequence N times (each case and variant again, interleaved), the minimum per variant
-is reported with every run kept in the JSON. Random weights: speed is real, masks are meaningless. Timings
-belong here, never in tests.
+Stage mode (default): one child per STAGE_VARIANTS entry (threads, OpenMP wait policy); inside it, full-size
+random BiomedCLIP + MedSAM2, each stage in bf16 and fp32, alternating, `--stage-repeats` times (minimum
+reported): gate (CLIP image tower over --gate-slices slices), M2IB (1 key slice, --m2ib-steps steps x 10
+copies), SAM2 image encoder and decoder (one box) on --sam-slices slices. A variant without a policy runs
+with libgomp's default (spinning GOMP_SPINCOUNT=300000 rounds), the behaviour before issue 37.
+End-to-end mode: `medclipsam segment PHANTOM --preset v2 --progress json` per VARIANTS entry in a child
+(benchmarks.cpu_minute's run_segment: wall and CPU seconds per stage, peak RSS, load before and after, and
+the report's runtime section), on an MR phantom (default 16x256x256).
+--repeats N runs the whole sequence N times, interleaved. Random weights: speed is real, masks are
+meaningless. Timings belong here, never in tests.
 """
 
 import argparse
