@@ -1,6 +1,7 @@
-"""Segmentation through the segmentation service (`medclipsam serve`): ServiceBackend has the Logic's
-backend seam (LocalProcessBackend.startSegmentation's signature) and returns a ServiceJob with
-SegmentationJob's surface (poll, wait, cancel, isRunning, result, the callbacks, process.wait).
+"""The panel's one backend: the segmentation service (`medclipsam serve`, local by default, remote by URL
+and token). startSegmentation returns a ServiceJob (poll, wait, cancel, isRunning, result, the callbacks,
+process.wait) for a zero-shot preset (POST /jobs) or a registered trained model (POST /jobs/trained: a
+weak-supervision ensemble or MedCLIPSeg); startTraining (training.py) uses the same service.
 
 Threads: everything that waits on the network (start or reach the service, upload, submit, follow the job,
 download) runs on the job's worker thread; the scene is touched only on the thread that calls poll() (the
@@ -20,14 +21,15 @@ import queue
 import threading
 import time
 
-from . import commands
+from . import options as checks
 from .i18n import tr as _
 from .jobs import SegmentationResult, endJob, importRun, waitForJob
 from .paths import mrml
 from .prompts import cleanPrompts
 from .service import LocalService, RemoteService, ServiceClient, ServiceError, ServiceUnavailable, localReport
+from .serviceclient_jobs import submitTrained, trainedModels
 
-MODES = ("local", "remote", "off")   # a local service (default), a remote one, or a process per run
+MODES = ("local", "remote")   # a local service (default) or a remote one
 FINAL = ("done", "failed", "cancelled")
 # One local service per Slicer process, whichever Logic asks (the panel's, a script's, the self-test's):
 # (models, device) -> LocalService. A new models/device choice stops the one before (each holds models).
@@ -38,17 +40,6 @@ def serviceCanRun():
     """True when this Python has what `medclipsam serve` needs (fastapi and uvicorn); looked up, not
     imported, so that asking costs nothing."""
     return all(importlib.util.find_spec(name) is not None for name in ("fastapi", "uvicorn"))
-
-
-def useService(mode, trainedModel=None, canRun=serviceCanRun):
-    """The one choice of backend: True for the service, False for a process per run.
-
-    Trained models (weak supervision, MedCLIPSeg) run as processes: the service serves the zero-shot
-    presets only. "off" is the process per run; "remote" needs nothing here; "local" needs fastapi and
-    uvicorn in this Python (else the process per run, as before the service existed)."""
-    if trainedModel or mode == "off":
-        return False
-    return mode == "remote" or bool(canRun())
 
 
 def stopLocalServices():
@@ -94,21 +85,25 @@ class ServiceBackend:
     def startSegmentation(self, inputVolume, prompts, segmentationNode=None, preset="v2", axis="axial",
                           device="auto", models="", computeUncertainty=False, show3D=False, progressCallback=None,
                           logCallback=None, completedCallback=None, trainedModel=None, samples=None, absentIf=""):
-        """Start a run on the service; returns a ServiceJob at once (nothing here waits on the network)."""
-        if trainedModel:
-            raise ValueError(_("Trained models run as a process on this computer, not on the service."))
+        """Start a run on the service; returns a ServiceJob at once (nothing here waits on the network).
+
+        trainedModel: a model registered at the service instead of the zero-shot preset. A weak-supervision
+        model segments its own labels (prompts are not sent); a MedCLIPSeg model one segment per prompt (its
+        first training prompt when none), with `samples` stochastic passes."""
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError(_("Select an input volume that has image data."))
         prompts = cleanPrompts(prompts)
-        if not prompts:
+        checks.check(preset, axis, device)
+        if trainedModel:
+            options = {"model": trainedModel, "uncertainty": bool(computeUncertainty), "samples": samples}
+        elif not prompts:
             raise ValueError(_("Enter at least one prompt (one target per line)."))
-        commands._check(preset, axis, device)
-        # the options of `medclipsam segment` as commands.segment gives them (absentIf: one --absent-if)
-        options = {"preset": preset, "axis": axis, "uncertainty": bool(computeUncertainty),
-                   "report": bool(self.wantReport), "saliency": bool(self.wantSaliency)}
-        if absentIf and absentIf.strip():
-            options["absent_if"] = [absentIf.strip()]
-        options.update(self.jobOptions)
+        else:   # the options of `medclipsam segment` (absentIf: one --absent-if)
+            options = {"preset": preset, "axis": axis, "uncertainty": bool(computeUncertainty),
+                       "report": bool(self.wantReport), "saliency": bool(self.wantSaliency)}
+            if absentIf and absentIf.strip():
+                options["absent_if"] = [absentIf.strip()]
+            options.update(self.jobOptions)
         retired = self._serviceFor(models, device)
         self._watchScene()
         self._dropRemoved()
@@ -120,6 +115,7 @@ class ServiceBackend:
     # -- the service ------------------------------------------------------------------------------
     def configure(self, mode, url="", token=""):
         """The panel's settings; a change takes effect with the next run (a local service then stops)."""
+        mode = "local" if mode == "off" else mode   # the former "process per run" setting
         if mode not in MODES:
             raise ValueError(f"unknown service mode '{mode}'; choose one of {', '.join(MODES)}")
         self.mode, self.url, self.token = mode, (url or "").strip(), (token or "").strip()
@@ -157,9 +153,6 @@ class ServiceBackend:
         token, models, device), started by the refine worker on its first use; ValueError (one sentence)
         when the settings give none. Called on the GUI thread; a replaced local service is stopped by the
         refine worker (stopRetired)."""
-        if self.mode == "off":
-            raise ValueError(_("Click refinement needs the segmentation service: choose a local or remote service "
-                               "in 'Setup and advanced'."))
         if self.mode == "local" and not serviceCanRun():
             raise ValueError(_("Click refinement needs the local segmentation service, and fastapi and uvicorn are "
                                "not installed in Slicer's Python."))
@@ -194,15 +187,13 @@ class ServiceBackend:
 
     def testConnection(self):
         """(ok, one sentence) for "Test connection" (waits on the network: call it off the GUI thread)."""
-        if self.mode == "off":
-            return True, _("No service is used: each Apply runs its own process.")
         if self.mode == "remote":
             if not self.url:
                 return False, _("Enter the remote service's URL first.")
             return ServiceClient(self.url, self.token, timeout=10.0).test_connection()
         if not serviceCanRun():
-            return False, _("fastapi and uvicorn are not installed in Slicer's Python, so each Apply runs its own "
-                            "process (install them with pip to use the local service).")
+            return False, _("fastapi and uvicorn are not installed in Slicer's Python: install them with pip to "
+                            "use the local service, or use a remote one.")
         service = self.service
         if isinstance(service, LocalService) and service.process is not None and service.process.poll() is None:
             return service.client.test_connection()
@@ -210,8 +201,6 @@ class ServiceBackend:
 
     def describe(self):
         """The panel's state line (may ask the service for /info: call it off the GUI thread)."""
-        if self.mode == "off":
-            return _("Each Apply runs its own process (no service).")
         service = self.service
         if isinstance(service, LocalService) and self.starting:
             return _("Local service: starting (the models load once)...")
@@ -234,6 +223,21 @@ class ServiceBackend:
         if self.notice:
             text += " " + _("(Restarted after it stopped.)")
         return text
+
+    def trainedModels(self):
+        """The trained models of the service in use ({name, kind, labels, date, present}, no server folder):
+        GET /models/trained of a remote or running local service; a local service not started yet would
+        answer from the user's own registry (it runs with this environment's MEDCLIPSAM_HOME), so that is
+        read here rather than starting one (and its models) to list it."""
+        service = self.service if self.mode == "local" else RemoteService(self.url, self.token)
+        if self.mode == "remote" and not self.url:
+            return []
+        if self.mode == "remote" or (isinstance(service, LocalService) and service.process is not None
+                                     and service.process.poll() is None):
+            return trainedModels(service.client)
+        from . import trained
+
+        return [{k: m[k] for k in ("name", "kind", "labels", "date", "present")} for m in trained.call("list_models")]
 
     # -- uploads ---------------------------------------------------------------------------------
     @staticmethod
@@ -472,14 +476,14 @@ class ServiceJob:
             return ("cancelled", None)
         self.backend.forgetPending()     # changed (as found just now) or removed nodes' uploads
         try:
-            status = client.submit(volumeId, self.prompts, **self.options)
+            status = self._submit(client, volumeId)
         except ServiceError as exc:
             if exc.status != 404 or self.uploaded:
                 raise
             volumeId = self._volumeOn(client, again=True)   # the service let it go (restarted, too many)
             if volumeId is None:
                 return ("cancelled", None)
-            status = client.submit(volumeId, self.prompts, **self.options)
+            status = self._submit(client, volumeId)
         self.jobId = status["job_id"]
         status = self._follow(client, status)
         if status["state"] == "cancelled" or self._cancel.is_set():
@@ -488,6 +492,16 @@ class ServiceJob:
             return ("failed", status.get("error") or _("the service ended the job as {state}").format(
                 state=status["state"]))
         return ("done", self._download(client, status))
+
+    def _submit(self, client, volumeId):
+        if "model" not in self.options:
+            return client.submit(volumeId, self.prompts, **self.options)
+        kinds = {m["name"]: m["kind"] for m in trainedModels(client)}
+        if self.options["model"] not in kinds:
+            raise ServiceError(_("The trained model '{name}' is not registered at this service.").format(
+                name=self.options["model"]))
+        prompts = self.prompts if kinds[self.options["model"]] == "medclipseg" else None  # weak: its own labels
+        return submitTrained(client, volumeId, prompts=prompts, **self.options)
 
     def _volumeOn(self, client, again=False):
         """The service's id of the input volume: the earlier upload while the node is unchanged, else a new
@@ -545,6 +559,9 @@ class ServiceJob:
         if status.get("saliency"):
             files["saliency"] = client.result(self.jobId, os.path.join(self.tempDir, "saliency.nrrd"), "saliency")
         document = None
+        if "model" in self.options:     # a trained model's job: its status has one line per segment
+            files["message"] = "; ".join(f"{e['prompt']}: {e['summary']}" for e in status["report"])
+            return files
         if status.get("report_file"):
             files["report"] = client.result(self.jobId, os.path.join(self.tempDir, "report.json"), "report")
             document = localReport(files["report"], files.get("saliency"), output=files["output"])

@@ -169,34 +169,23 @@ def test_the_service_killed_mid_job_fails_in_one_sentence_and_the_next_run_resta
     assert "(Restarted after it stopped.)" in backend.describe()
 
 
-def test_the_backend_choice(logic, monkeypatch):
-    use = servicebackend.useService
-    assert use("local", canRun=lambda: True) and use("remote", canRun=lambda: False)
-    assert not use("local", canRun=lambda: False)                   # no fastapi / uvicorn: a process per run
-    assert not use("off", canRun=lambda: True)
-    assert not use("local", "my-weak-model", canRun=lambda: True)    # trained models: always a process
-    assert servicebackend.serviceCanRun()                           # this Python has both
-
+def test_one_backend_and_the_former_process_setting_means_local(logic, monkeypatch):
+    """Every run goes to the service (zero-shot and trained models alike); a saved "off" (the process per
+    run that is gone) is read as the local service."""
+    assert servicebackend.serviceCanRun()                           # this Python has fastapi and uvicorn
     calls = []
 
     class Recorder:
-        def __init__(self, name):
-            self.name = name
-
         def startSegmentation(self, *args, **kwargs):
-            calls.append(self.name)
+            calls.append(kwargs.get("trainedModel"))
 
-    monkeypatch.setattr(logic, "backend", Recorder("process"))
-    monkeypatch.setattr(logic, "serviceBackend", Recorder("service"))
-    logic.serviceBackend.mode = "local"
+    monkeypatch.setattr(logic, "serviceBackend", Recorder())
     logic.startSegmentation(None, ["a"])
     logic.startSegmentation(None, ["a"], trainedModel="weak-1")
-    logic.serviceBackend.mode = "off"
-    logic.startSegmentation(None, ["a"])
-    logic.serviceBackend.mode = "local"
-    monkeypatch.setattr(logic, "cliPrefix", [sys.executable, "fake_cli.py"])   # a replaced CLI cannot serve
-    logic.startSegmentation(None, ["a"])
-    assert calls == ["service", "process", "process", "process"]
+    assert calls == [None, "weak-1"]
+    backend = servicebackend.ServiceBackend(logic)
+    backend.configure("off")
+    assert backend.mode == "local" and servicebackend.MODES == ("local", "remote")
 
 
 def test_one_local_service_for_every_logic_of_this_process(mod, logic):
@@ -220,8 +209,9 @@ def test_remote_settings_and_test_connection(logic):
     backend.configure("remote", running.url, running.token)
     ok, sentence = backend.testConnection()
     assert ok and sentence.startswith("Connected: medclipsam") and "RANDOM-WEIGHT" in sentence
-    backend.configure("off")
-    assert backend.testConnection()[0] and "own process" in backend.describe()
+    backend.configure("off")                    # the former "process per run": the local service now
+    assert backend.testConnection() == (True, "The local service can run; the next Apply starts it.")
+    assert backend.describe() == "Local service: not running; the next Apply starts it."
     assert isinstance(running, ServiceClient)
 
 
