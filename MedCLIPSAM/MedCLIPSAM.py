@@ -7,7 +7,6 @@ MedCLIPSAMModuleLib/ (one concern a file), scene import/export in MedCLIPSAMLib.
 imports no qt, numpy or torch, and it keeps Python 3.9 syntax so that an older Slicer can say what it needs.
 """
 
-import logging
 import os
 import sys
 from typing import Annotated, Union
@@ -31,15 +30,16 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # a checkout loa
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from MedCLIPSAMModuleLib import dependencies, devices, modeljobs, panelstate, prompts, results, trained  # noqa: E402
-from MedCLIPSAMModuleLib import refinepanel, trainedpanel, training  # noqa: E402
-from MedCLIPSAMModuleLib.evidencepanel import EvidenceSection  # noqa: E402
+from MedCLIPSAMModuleLib import trainingjob  # noqa: E402
+from MedCLIPSAMModuleLib.choices import AXES, DEVICES, DIMS, PRESETS  # noqa: E402
 from MedCLIPSAMModuleLib.modeljobs import ModelsJob, requiredModels  # noqa: E402
-from MedCLIPSAMModuleLib.options import AXES, DEVICES, DIMS, PRESETS  # noqa: E402
-from MedCLIPSAMModuleLib.servicebackend import ServiceBackend  # noqa: E402
-from MedCLIPSAMModuleLib.servicepanel import ServicePanel  # noqa: E402
+from MedCLIPSAMModuleLib.panels import refinepanel, resultspanel, trainedpanel  # noqa: E402
+from MedCLIPSAMModuleLib.panels.evidencepanel import EvidenceSection  # noqa: E402
+from MedCLIPSAMModuleLib.panels.servicepanel import ServicePanel  # noqa: E402
+from MedCLIPSAMModuleLib.panels.trainingpanel import WeakSupervisionSection  # noqa: E402
 from MedCLIPSAMModuleLib.paths import mrml, resourcePath, useShippedLibrary  # noqa: E402
+from MedCLIPSAMModuleLib.servicebackend import ServiceBackend  # noqa: E402
 from MedCLIPSAMModuleLib.setupflow import SetupFlow  # noqa: E402
-from MedCLIPSAMModuleLib.weakpanel import WeakSupervisionSection  # noqa: E402
 
 IMAGE_SOURCES = ("scene", "folder")  # weak supervision: the loaded volumes, or a folder of images
 SETTINGS_GROUP = "MedCLIPSAM"
@@ -223,8 +223,8 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
 
     def startWeakSupervision(self, images, prompts, modelName="weak-model", **options):
         """Train at the service: upload `images` (volume nodes, or each file of a folder), pseudo-label them,
-        train a network, register it there: a TrainingJob (see MedCLIPSAMModuleLib.training.start)."""
-        return training.start(self.serviceBackend, images, prompts, modelName, **options)
+        train a network, register it there: a TrainingJob (see MedCLIPSAMModuleLib.trainingjob.start)."""
+        return trainingjob.start(self.serviceBackend, images, prompts, modelName, **options)
 
     # ----------------------------------------------------------------------------------- setup
     def startModelsJob(self, action, names, *extra, progressCallback=None, completedCallback=None):
@@ -301,9 +301,9 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for button, slot in ((self.ui.applyButton, self.onApplyButton), (self.ui.cancelButton, self.onCancelButton),
                              (self.ui.deviceRefreshButton, self.refreshDeviceInfo),
-                             (self.ui.openSegmentEditorButton, self.onOpenSegmentEditor),
-                             (self.ui.exportLabelmapButton, self.onExportLabelmap),
-                             (self.ui.exportFileButton, self.onExportFile),
+                             (self.ui.openSegmentEditorButton, lambda: resultspanel.openSegmentEditor(self)),
+                             (self.ui.exportLabelmapButton, lambda: resultspanel.exportLabelmap(self)),
+                             (self.ui.exportFileButton, lambda: resultspanel.exportFile(self)),
                              (self.ui.setupCheckButton, self.onSetupCheck),
                              (self.ui.downloadModelsButton, self.onDownloadModels),
                              (self.ui.registerModelsButton, self.onRegisterModels),
@@ -453,30 +453,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node.weakDevice = data(self.ui.weakDeviceComboBox)
 
     def populateMethodCombo(self):
-        """The zero-shot presets, then one entry per usable registered trained model (data 'trained:NAME')."""
-        combo = self.ui.presetComboBox
-        wasUpdating, self._updating = self._updating, True
-        try:
-            combo.clear()
-            for value, label in (("v1", _("v1: gScoreCAM + CRF + SAM (MedCLIP-SAM)")),
-                                 ("v2", _("v2: M2IB + KMeans + SAM (MedCLIP-SAMv2)")),
-                                 ("fast", _("fast: GradCAM + SAM (quick look)"))):
-                combo.addItem(label, value)
-            try:
-                models = self.logic.trainedModels()
-            except Exception as exc:  # an unreadable registry must not break the panel
-                logging.warning(f"MedCLIP-SAM: trained models not listed: {exc}")
-                models = []
-            for entry in models:
-                combo.addItem(trained.label(entry), "trained:" + entry["name"])
-                combo.setItemData(combo.count - 1, ", ".join(entry["labels"]), 3)  # 3 = Qt.ToolTipRole
-        finally:
-            self._updating = wasUpdating
-        node = self._parameterNode
-        if node and node.trainedModel and combo.findData("trained:" + node.trainedModel) < 0:
-            node.trainedModel = ""  # removed, or its folder is gone: back to the preset
-        elif node:
-            self.onParameterNodeModified()
+        trainedpanel.populateMethodCombo(self)
 
     # ---------------------------------------------------------------------------------- inputs
     def onSuggestionActivated(self, index):
@@ -606,34 +583,6 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QTimer.singleShot(0, self.updateButtons)
         self.servicePanel.refresh()  # the service's state line (port, cache use, a restart)
 
-    # --------------------------------------------------------------------------------- results
-    def onOpenSegmentEditor(self):
-        segmentation = self.ui.outputSegmentationSelector.currentNode()
-        volume = self._parameterNode.inputVolume if self._parameterNode else None
-        slicer.util.selectModule("SegmentEditor")
-        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-        editor.setSegmentationNode(segmentation)
-        if volume is not None:
-            editor.setSourceVolumeNode(volume)
-
-    def onExportLabelmap(self):
-        with slicer.util.tryWithErrorDisplay(_("Export to a labelmap failed."), waitCursor=True):
-            segmentation = self.ui.outputSegmentationSelector.currentNode()
-            reference = segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
-            labelmap = self.logic.exportToLabelmap(segmentation, reference or self._parameterNode.inputVolume)
-            self.ui.statusLabel.text = _("Exported to labelmap volume '{name}'.").format(name=labelmap.GetName())
-            return labelmap
-
-    def onExportFile(self):
-        labelmap = self.onExportLabelmap()
-        if labelmap is None:
-            return
-        # Slicer's own export dialog (file name, format, compression), as in the Data module's context menu
-        saved = slicer.app.ioManager().openDialog("GenericNodeExport", slicer.qSlicerFileDialog.Write,
-                                                  {"selectedNodeID": labelmap.GetID()})
-        if not saved:
-            self.ui.statusLabel.text = _("Labelmap '{name}' was not saved to a file.").format(name=labelmap.GetName())
-
     # ----------------------------------------------------------------------------------- setup
     # SetupFlow's view of the panel: dialogs, the setup status line and the progress bar.
     def confirm(self, text):
@@ -760,7 +709,7 @@ class MedCLIPSAMTest(ScriptedLoadableModuleTest):
         box leave the scene's node count as it was (no colour table or labelmap per click)."""
         import numpy as np
 
-        from MedCLIPSAMModuleLib.refine import RefineLogic
+        from MedCLIPSAMModuleLib.clickrefine import RefineLogic
         from MedCLIPSAMModuleLib.servicebackend import serviceCanRun
 
         if not serviceCanRun():

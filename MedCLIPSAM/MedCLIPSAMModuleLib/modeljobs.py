@@ -6,7 +6,7 @@ import signal
 
 from .i18n import tr as _
 from .paths import useShippedLibrary
-from .process import BackgroundProcess
+from .setupprocess import BackgroundProcess
 
 
 class ModelsJob:

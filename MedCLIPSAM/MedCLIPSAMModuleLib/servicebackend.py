@@ -17,17 +17,16 @@ starts a new one (LocalService.ensure) and the panel shows its notice.
 import importlib.util
 import logging
 import os
-import queue
 import threading
 import time
 
-from . import options as checks
+from . import choices
 from .i18n import tr as _
-from .jobs import SegmentationResult, endJob, importRun, waitForJob
 from .paths import mrml
 from .prompts import cleanPrompts
-from .service import LocalService, RemoteService, ServiceClient, ServiceError, ServiceUnavailable, localReport
-from .serviceclient_jobs import submitTrained, trainedModels
+from .results import SegmentationResult, WorkerJob, endJob, importRun
+from .serviceclient import (LocalService, RemoteService, ServiceClient, ServiceError, ServiceUnavailable, localReport,
+                            submitTrained, trainedModels)
 
 MODES = ("local", "remote")   # a local service (default) or a remote one
 FINAL = ("done", "failed", "cancelled")
@@ -93,7 +92,7 @@ class ServiceBackend:
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError(_("Select an input volume that has image data."))
         prompts = cleanPrompts(prompts)
-        checks.check(preset, axis, device)
+        choices.check(preset, axis, device)
         if trainedModel:
             options = {"model": trainedModel, "uncertainty": bool(computeUncertainty), "samples": samples}
         elif not prompts:
@@ -312,22 +311,7 @@ class ServiceBackend:
         return self._forgetThread is not None and self._forgetThread.is_alive()
 
 
-class _Worker:
-    """What Widget.cleanup and the self-test use of a job's `process`: wait and the members still alive."""
-
-    def __init__(self, thread):
-        self.thread = thread
-        self.cancelRequested = False
-
-    def wait(self, timeout=None):
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
-
-    def aliveMembers(self):
-        return [self.thread] if self.thread.is_alive() else []
-
-
-class ServiceJob:
+class ServiceJob(WorkerJob):
     """One segmentation on the service. poll() must be called from the thread that owns the scene."""
 
     def __init__(self, backend, service, retired, inputVolume, prompts, options, segmentationNode,
@@ -342,57 +326,28 @@ class ServiceJob:
         self.segmentationNode = segmentationNode
         self.offerUncertainty = offerUncertainty
         self.show3D = show3D
-        self.progressCallback, self.logCallback, self.completedCallback = \
-            progressCallback, logCallback, completedCallback
+        super().__init__(self._work, "medclipsam-service-job", progressCallback, logCallback, completedCallback)
         self.tempDir = self.logic.temporaryDirectory()
-        self.result = None
-        self.lastProgress = None
         self.jobId = None
         self.uploaded = False       # this run sent the volume (False: the service had it)
-        self.startTime = time.monotonic()
-        self._messages = queue.Queue()
-        self._cancel = threading.Event()
         self._inputReady = threading.Event()
         self._inputPath = None
-        self.process = _Worker(threading.Thread(target=self._work, name="medclipsam-service-job", daemon=True))
 
     def start(self):
         self.process.thread.start()
 
-    @property
-    def isRunning(self):
-        return self.result is None
-
-    def cancel(self):
-        self.process.cancelRequested = True
-        self._cancel.set()
-
     # -- the scene's thread ---------------------------------------------------------------------
-    def poll(self):
-        """Handle what the worker sent; finish once it is done. Returns True while running."""
-        if self.result is not None:
+    def _handle(self, kind, payload):
+        if kind == "log":
+            logging.info(f"MedCLIP-SAM service: {payload}")
+            if self.logCallback:
+                self.logCallback(payload)
+        elif kind == "input":
+            self._writeInput()
+        else:
+            self._finish(kind, payload)
             return False
-        while True:
-            try:
-                kind, payload = self._messages.get_nowait()
-            except queue.Empty:
-                return True
-            if kind == "progress":
-                self.lastProgress = payload
-                if self.progressCallback:
-                    self.progressCallback(payload)
-            elif kind == "log":
-                logging.info(f"MedCLIP-SAM service: {payload}")
-                if self.logCallback:
-                    self.logCallback(payload)
-            elif kind == "input":
-                self._writeInput()
-            else:
-                self._finish(kind, payload)
-                return False
-
-    def wait(self, timeout=None, pollInterval=0.05):
-        return waitForJob(self, timeout, pollInterval)
+        return True
 
     def _writeInput(self):
         """The worker needs the volume's file (first upload, or the service lost it): write it here."""
@@ -423,9 +378,6 @@ class ServiceJob:
                          payload.get("saliency"), payload.get("report"))
 
     # -- the worker thread ------------------------------------------------------------------------
-    def _post(self, kind, payload=None):
-        self._messages.put((kind, payload))
-
     def _progress(self, stage, message, done=0, total=0):
         fraction = min(1.0, done / total) if total else None
         self._post("progress", {"stage": stage, "done": done, "total": total, "message": message,

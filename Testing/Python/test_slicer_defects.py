@@ -21,7 +21,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 from test_slicer_module import MODULE_FILE, REPO, UI_FILE, load_module_file  # noqa: E402
 
 from MedCLIPSAMModuleLib import dependencies, devices, modeljobs, panelstate  # noqa: E402
-from MedCLIPSAMModuleLib.process import BackgroundProcess  # noqa: E402
+from MedCLIPSAMModuleLib.setupprocess import BackgroundProcess  # noqa: E402
 from MedCLIPSAMModuleLib.setupflow import SetupFlow  # noqa: E402
 
 POSIX = pytest.mark.skipif(os.name == "nt", reason="process groups and signals are POSIX")
@@ -331,7 +331,7 @@ BLOCKING = {"sleep", "run", "call", "check_output", "communicate", "wait", "proc
 def test_8_the_widget_never_waits():
     """No call in MedCLIPSAMWidget (nor the weak-supervision section) that blocks or spins the event loop;
     cleanup() is the one exception (Slicer is closing: the process tree must be gone first)."""
-    files = [MODULE_FILE, MODULE_FILE.parent / "MedCLIPSAMModuleLib" / "weakpanel.py",
+    files = [MODULE_FILE, MODULE_FILE.parent / "MedCLIPSAMModuleLib" / "panels" / "trainingpanel.py",
              MODULE_FILE.parent / "MedCLIPSAMModuleLib" / "setupflow.py"]
     found = []
     for path in files:

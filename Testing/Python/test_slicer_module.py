@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[2]
 MODULE_FILE = REPO / "MedCLIPSAM" / "MedCLIPSAM.py"
 sys.path.insert(0, str(MODULE_FILE.parent))  # MedCLIPSAMModuleLib, as Slicer puts the module folder on the path
 
-from MedCLIPSAMModuleLib import dependencies, devices, modeljobs, process, prompts  # noqa: E402
+from MedCLIPSAMModuleLib import dependencies, devices, modeljobs, prompts  # noqa: E402
+from MedCLIPSAMModuleLib import setupprocess as process  # noqa: E402
 UI_FILE = REPO / "Resources" / "UI" / "MedCLIPSAM.ui"
 
 # Stand-ins for the parts of the `slicer` package that only the Slicer application has. Kept minimal on
@@ -147,8 +148,10 @@ def test_ui_parses_and_has_every_widget_the_code_uses():
     assert root.tag == "ui" and root.find("widget").get("class") == "qMRMLWidget"
     used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
     assert used, "the module looks up no widgets?"
+    for panel in (MODULE_FILE.parent / "MedCLIPSAMModuleLib" / "panels").glob("*.py"):  # panel.ui.X, ui.X
+        used |= set(re.findall(r"\bui\.(\w+)", panel.read_text())) - {"updateButtons"}
     missing = used - set(widgets)
-    assert not missing, f"widgets used in MedCLIPSAM.py but absent from the .ui file: {sorted(missing)}"
+    assert not missing, f"widgets used in the module's code but absent from the .ui file: {sorted(missing)}"
     assert used <= set(UI_CLASSES), f"add the expected class of {sorted(used - set(UI_CLASSES))} to UI_CLASSES"
     for name, expected in UI_CLASSES.items():
         assert widgets[name].get("class") == expected, name
@@ -352,7 +355,7 @@ def finished_run(fake, prompts, node=None, run=0, evidence=True, show3D=False):
     """What a zero-shot job ends with (jobs.importRun, as ServiceJob calls it): the segmentation, the
     uncertainty, and the evidence named and shaped as `segment` writes it (each run its own numbers)."""
     from MedCLIPSAMLib import evidence as ev
-    from MedCLIPSAMModuleLib import jobs
+    from MedCLIPSAMModuleLib import results as jobs
 
     fake.runs += 1
     folder = fake.tmp / f"run{fake.runs}"
@@ -546,7 +549,7 @@ def test_evidence_files_from_a_service_and_unreadable_ones(fake, tmp_path):
     """importRun (what every backend calls) takes the saliency as the base path, a list or a dict; a
     report that cannot be read leaves the segmentation imported and the evidence out."""
     from MedCLIPSAMLib import evidence
-    from MedCLIPSAMModuleLib import jobs
+    from MedCLIPSAMModuleLib import results as jobs
 
     seg = fake.seg_file("a.seg.nrrd", {"brain": fake.phantom.labels["brain"]})
     saliency = str(tmp_path / "unc.nrrd")

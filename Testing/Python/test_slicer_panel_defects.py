@@ -32,8 +32,8 @@ def test_9_refine_uses_the_configured_service_or_says_why_not(mod, monkeypatch):
     use (the panel's models and device), a saved "off" (the process per run that is gone) the local one too;
     nothing starts a service behind the settings' back."""
     from MedCLIPSAMModuleLib import servicebackend
-    from MedCLIPSAMModuleLib.refinepanel import RefineSection
-    from MedCLIPSAMModuleLib.service import LocalService, RemoteService
+    from MedCLIPSAMModuleLib.panels.refinepanel import RefineSection
+    from MedCLIPSAMModuleLib.serviceclient import LocalService, RemoteService
 
     monkeypatch.setattr(servicebackend, "serviceCanRun", lambda: True)
     logic = mod.MedCLIPSAMLogic(scene=slicer.vtkMRMLScene())
@@ -192,7 +192,7 @@ TAKEN_ELSEWHERE = {"Ctrl+Shift+A", "Ctrl+Shift+Z", "Ctrl+Shift+S", "Ctrl+Shift+N
 
 
 def test_5_refine_shortcuts_work_only_while_the_module_is_shown_and_clash_with_nothing(mod, monkeypatch):
-    from MedCLIPSAMModuleLib.refinepanel import SHORTCUTS, RefineSection
+    from MedCLIPSAMModuleLib.panels.refinepanel import SHORTCUTS, RefineSection
 
     window = ShortcutWindow()
     fired = []
@@ -262,7 +262,7 @@ class Button:
 
 
 def test_6_place_mode_is_put_back_and_the_box_button_unchecks_after_its_one_placement(monkeypatch):
-    from MedCLIPSAMModuleLib.refinepanel import RefineSection
+    from MedCLIPSAMModuleLib.panels.refinepanel import RefineSection
 
     scene = slicer.vtkMRMLScene()
     interaction, selection = interaction_nodes(scene)
@@ -402,7 +402,7 @@ class LayoutManager:
 def test_12_plot_clicks_still_move_the_slices_after_a_layout_change(monkeypatch):
     import vtk
 
-    from MedCLIPSAMModuleLib.evidencepanel import EvidenceSection
+    from MedCLIPSAMModuleLib.panels.evidencepanel import EvidenceSection
 
     monkeypatch.setattr(slicer, "mrmlScene", slicer.vtkMRMLScene(), raising=False)
     layout = LayoutManager()

@@ -24,7 +24,7 @@ pytest.importorskip("uvicorn")
 from test_slicer_module import load_module_file  # noqa: E402
 
 from MedCLIPSAMModuleLib import servicebackend  # noqa: E402
-from MedCLIPSAMModuleLib.service import LocalService, ServiceClient  # noqa: E402
+from MedCLIPSAMModuleLib.serviceclient import LocalService, ServiceClient  # noqa: E402
 
 RUN = {"models": "tiny-random", "device": "cpu", "preset": "fast"}
 SLOW = {"mode": "per-slice", "no_gate": True}   # every slice through saliency + SAM2: long enough to catch
@@ -216,7 +216,7 @@ def test_remote_settings_and_test_connection(logic):
 
 
 def test_the_token_stays_out_of_the_scene_and_in_the_user_settings(mod):
-    from MedCLIPSAMModuleLib import servicepanel
+    from MedCLIPSAMModuleLib.panels import servicepanel
 
     fields = [name.lower() for name in mod.MedCLIPSAMParameterNode.__annotations__]
     assert not [f for f in fields if "token" in f or "service" in f or "url" in f]   # saved in .mrml files

@@ -24,7 +24,8 @@ sitk = pytest.importorskip("SimpleITK")
 
 from test_slicer_module import load_module_file, register_conversion_rules  # noqa: E402
 
-from MedCLIPSAMModuleLib import trained, training  # noqa: E402
+from MedCLIPSAMModuleLib import trained  # noqa: E402
+from MedCLIPSAMModuleLib import trainingjob as training  # noqa: E402
 
 PROMPT = "brain tumor"
 # one thread per process: two processes with two OpenMP threads each oversubscribe a 2-core runner
@@ -292,7 +293,7 @@ def test_the_logic_trains_at_the_service_lists_predicts_and_cancels(mod, served,
     uploads = logic.serviceBackend.uploads
     panel = types.SimpleNamespace(job=None, evidenceSection=types.SimpleNamespace(clear=lambda: None),
                                   setParameterNode=lambda node: None)
-    from MedCLIPSAMModuleLib.weakpanel import WeakSupervisionSection
+    from MedCLIPSAMModuleLib.panels.trainingpanel import WeakSupervisionSection
 
     panel.weakSection = WeakSupervisionSection(panel)
     closing = mod.MedCLIPSAMWidget.onSceneStartClose

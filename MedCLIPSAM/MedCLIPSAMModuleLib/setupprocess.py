@@ -128,6 +128,9 @@ class BackgroundProcess:
             except queue.Empty:
                 return out
 
+    def hasPendingLines(self):
+        return not self._queue.empty()
+
     @property
     def returnCode(self):
         return None if self.proc is None else self.proc.poll()

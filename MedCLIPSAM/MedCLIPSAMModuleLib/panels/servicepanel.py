@@ -12,8 +12,8 @@ QTimer brings the one-line answer back to the panel. qt is imported where used.
 
 import threading
 
-from .i18n import tr as _
-from .servicebackend import MODES
+from ..i18n import tr as _
+from ..servicebackend import MODES
 
 SETTINGS_KEYS = {"mode": "MedCLIPSAM/serviceMode", "url": "MedCLIPSAM/serviceUrl", "token": "MedCLIPSAM/serviceToken"}
 

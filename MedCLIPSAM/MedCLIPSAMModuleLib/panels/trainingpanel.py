@@ -1,12 +1,12 @@
 """The weak-supervision section of the MedCLIPSAM panel: its buttons, progress, log and chart, around a
-TrainingJob at the service (MedCLIPSAMModuleLib.training). It works on the panel's widgets; qt is imported where used."""
+TrainingJob at the service (MedCLIPSAMModuleLib.trainingjob). It works on the panel's widgets; qt is imported where used."""
 
 import os
 
 import slicer
 
-from . import panelstate, prompts, training
-from .i18n import tr as _
+from .. import panelstate, prompts, trainingjob
+from ..i18n import tr as _
 
 
 class WeakSupervisionSection:
@@ -37,7 +37,7 @@ class WeakSupervisionSection:
         running = self.job is not None and self.job.isRunning
         problems = []
         if node and node.weakImageSource == "scene":
-            count = len(training.trainingVolumes(slicer.mrmlScene))
+            count = len(trainingjob.trainingVolumes(slicer.mrmlScene))
             self.panel.ui.weakSourceInfoLabel.text = _("{count} volume(s) loaded").format(count=count)
             if not count:
                 problems.append(_("Load the training volumes, or choose a folder."))
@@ -74,7 +74,7 @@ class WeakSupervisionSection:
     def startWeakSupervision(self):
         with panelstate.errorShownOnce(_("Weak supervision could not start.")):
             node = self.panel._parameterNode
-            images = node.weakImagesFolder if node.weakImageSource == "folder" else training.trainingVolumes(
+            images = node.weakImagesFolder if node.weakImageSource == "folder" else trainingjob.trainingVolumes(
                 slicer.mrmlScene)
             self.panel.ui.weakLogTextEdit.clear()
             self.panel.showProgress(self.panel.ui.weakProgressBar, self.panel.ui.weakStatusLabel, _("Starting..."))

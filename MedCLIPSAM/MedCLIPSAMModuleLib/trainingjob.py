@@ -8,18 +8,15 @@ the network waits on a worker thread, the scene is touched only in poll() (the p
 
 import logging
 import os
-import queue
-import threading
 import time
 
-from . import options as checks
+from . import choices
 from .i18n import tr as _
-from .jobs import endJob, waitForJob
 from .panelstate import inputVolumes
 from .paths import mrml
 from .prompts import cleanPrompts, safeName
-from .service import ServiceError
-from .serviceclient_jobs import FINAL, cancelTraining, fraction, startTraining, training
+from .results import WorkerJob, endJob
+from .serviceclient import FINAL, ServiceError, cancelTraining, fraction, startTraining, training
 
 METRICS_COLUMNS = ("epoch", "loss", "val_dice", "lr")
 
@@ -52,7 +49,7 @@ def start(backend, images, prompts, modelName="weak-model", epochs=50, dims=2, d
     name = " ".join((modelName or "").split())
     if not name:
         raise ValueError(_("Enter a name for the trained model."))
-    checks.check(preset, axis, device)
+    choices.check(preset, axis, device)
     if int(epochs) < 1:
         raise ValueError(_("Train for at least one epoch."))
     body = {"preset": preset, "axis": axis, "dims": int(dims), "epochs": int(epochs), "sam": sam,
@@ -106,65 +103,27 @@ def trainingVolumes(scene):
     return inputVolumes(scene)
 
 
-class _Worker:
-    """What Widget.cleanup uses of a job's `process`: wait, cancelRequested."""
-
-    def __init__(self, target):
-        self.thread = threading.Thread(target=target, name="medclipsam-training", daemon=True)
-        self.cancelRequested = False
-
-    def wait(self, timeout=None):
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
-
-
-class TrainingJob:
+class TrainingJob(WorkerJob):
     def __init__(self, backend, retired, paths, tempDir, prompts, name, body, progressCallback=None,
                  logCallback=None, metricsCallback=None, completedCallback=None):
         self.backend, self.service, self.retired = backend, backend.service, retired
         self.logic = backend.logic
         self.paths, self.tempDir, self.prompts, self.modelName, self.body = paths, tempDir, prompts, name, body
-        self.progressCallback, self.logCallback = progressCallback, logCallback
-        self.metricsCallback, self.completedCallback = metricsCallback, completedCallback
-        self.result = None
-        self.lastStatus = self.lastProgress = None
+        self.metricsCallback = metricsCallback
+        self.lastStatus = None
         self.trainingId = None
         self.tableNode, self.chartNode, self.seriesNodes = None, None, []
         self._shownRecords = 0
-        self.startTime = time.monotonic()
-        self._messages = queue.Queue()
-        self._cancel = threading.Event()
-        self.process = _Worker(self._work)
-
-    @property
-    def isRunning(self):
-        return self.result is None
-
-    def cancel(self):
-        self.process.cancelRequested = True
-        self._cancel.set()
-
-    def wait(self, timeout=None, pollInterval=0.05):
-        return waitForJob(self, timeout, pollInterval)
+        super().__init__(self._work, "medclipsam-training", progressCallback, logCallback, completedCallback)
 
     # -- the scene's thread ---------------------------------------------------------------------
-    def poll(self):
-        if self.result is not None:
-            return False
-        while True:
-            try:
-                kind, payload = self._messages.get_nowait()
-            except queue.Empty:
-                return True
-            if kind == "progress":
-                if self.progressCallback:
-                    self.progressCallback(payload)
-            elif kind == "status":
-                self._status(payload)
-            else:
-                self.process.wait(10)
-                endJob(self, lambda: self._outcome(kind, payload), "MedCLIP-SAM weak supervision")
-                return False
+    def _handle(self, kind, payload):
+        if kind == "status":
+            self._status(payload)
+            return True
+        self.process.wait(10)
+        endJob(self, lambda: self._outcome(kind, payload), "MedCLIP-SAM weak supervision")
+        return False
 
     def _status(self, status):
         step = status.get("step") or "training"
@@ -208,9 +167,6 @@ class TrainingJob:
                                      self.chartNode, elapsed)
 
     # -- the worker thread ------------------------------------------------------------------------
-    def _post(self, kind, payload=None):
-        self._messages.put((kind, payload))
-
     def _work(self):
         try:
             outcome = self._run()
