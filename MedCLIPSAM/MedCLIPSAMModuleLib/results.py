@@ -117,12 +117,11 @@ class SegmentationResult:
     zero-shot run: `report` (the parsed report JSON, or None), `summaries` ({prompt: one line}, from the
     report) and `saliencyVolumeNodes` ({prompt: volume node}, not shown until asked for)."""
 
-    def __init__(self, status, message="", returnCode=None, segmentationNode=None, segmentIds=(),
+    def __init__(self, status, message="", segmentationNode=None, segmentIds=(),
                  uncertaintyVolumeNode=None, elapsedSeconds=0.0, report=None, summaries=None,
                  saliencyVolumeNodes=None):
         self.status = status
         self.message = message
-        self.returnCode = returnCode
         self.segmentationNode = segmentationNode
         self.segmentIds = list(segmentIds)
         self.uncertaintyVolumeNode = uncertaintyVolumeNode
@@ -136,7 +135,7 @@ class SegmentationResult:
         return self.status == "succeeded"
 
     def __repr__(self):
-        return f"SegmentationResult({self.status!r}, {self.message!r}, returnCode={self.returnCode})"
+        return f"SegmentationResult({self.status!r}, {self.message!r})"
 
 
 def waitForJob(job, timeout=None, pollInterval=0.05):
@@ -164,9 +163,9 @@ def endJob(job, outcome, label="MedCLIP-SAM"):
         job.completedCallback(job.result)
 
 
-def importRun(logic, inputVolume, segmentationNode, outputPath, uncertaintyPath=None, show3D=False, returnCode=0,
+def importRun(logic, inputVolume, segmentationNode, outputPath, uncertaintyPath=None, show3D=False,
               elapsed=0.0, message="", saliencyPaths=None, reportPath=None):
-    """A finished run's files (written by a local process or downloaded from a service) into the scene:
+    """A finished run's files (downloaded from the service) into the scene:
     the SegmentationResult every backend returns. saliencyPaths / reportPath: the run's evidence files
     (`segment --saliency-output / --report-output`), None when the run did not write them. saliencyPaths:
     the --saliency-output path as given (S.nrrd; S_<prompt>.nrrd are found from the report's prompts), a
@@ -176,7 +175,7 @@ def importRun(logic, inputVolume, segmentationNode, outputPath, uncertaintyPath=
     scene = logic.scene
     if not scene.IsNodePresent(inputVolume):
         return SegmentationResult("failed", _("the input volume was removed from the scene during the run"),
-                                  returnCode, elapsedSeconds=elapsed)
+                                  elapsedSeconds=elapsed)
     target = segmentationNode
     if target is not None and not scene.IsNodePresent(target):
         target = None  # deleted during the run: make a new one rather than fail
@@ -185,13 +184,13 @@ def importRun(logic, inputVolume, segmentationNode, outputPath, uncertaintyPath=
     except Exception as exc:  # a result the scene cannot take must not look like success
         logging.exception("MedCLIP-SAM: importing the result failed")
         return SegmentationResult("failed", _("could not load the result: {error}").format(error=exc),
-                                  returnCode, elapsedSeconds=elapsed)
+                                  elapsedSeconds=elapsed)
     try:
         report, summaries, saliency = importEvidence(scene, node, uncertainty, saliencyPaths, reportPath)
     except Exception:  # the segmentation is in: evidence that cannot be shown must not turn it into a failure
         logging.exception("MedCLIP-SAM: importing the run's evidence failed")
         report, summaries, saliency = None, {}, {}
-    return SegmentationResult("succeeded", message, returnCode, node, segmentIds, uncertainty, elapsed, report,
+    return SegmentationResult("succeeded", message, node, segmentIds, uncertainty, elapsed, report,
                               summaries, saliency)
 
 

@@ -374,7 +374,7 @@ class ServiceJob(WorkerJob):
         if kind == "failed":
             return SegmentationResult("failed", payload, elapsedSeconds=elapsed)
         return importRun(self.logic, self.inputVolume, self.segmentationNode, payload["output"],
-                         payload.get("uncertainty"), self.show3D, 0, elapsed, payload["message"],
+                         payload.get("uncertainty"), self.show3D, elapsed, payload["message"],
                          payload.get("saliency"), payload.get("report"))
 
     # -- the worker thread ------------------------------------------------------------------------

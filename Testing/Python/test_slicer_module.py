@@ -374,7 +374,7 @@ def finished_run(fake, prompts, node=None, run=0, evidence=True, show3D=False):
                     "mean_uncertainty": 0.2, "mode": "carry"} for i, p in enumerate(prompts)]
         ev.write_report(report, ev.report_document(entries, {"clip": "fake", "sam": None, "random": True}, files,
                                                    source="input.nrrd", output=fake.source))
-    result = jobs.importRun(fake.logic, fake.volume, node, fake.source, fake.uncertainty, show3D, 0, 1.0,
+    result = jobs.importRun(fake.logic, fake.volume, node, fake.source, fake.uncertainty, show3D, 1.0,
                             "wrote " + ", ".join(prompts), saliency, report)
     assert result.succeeded, result.message
     fake.report = report
