@@ -53,12 +53,19 @@ def _ranges(indices):
     return ", ".join(parts)
 
 
+def format_ml(volume):
+    """12.44 -> '12.4'; below 1 ml two significant figures (0.0012 -> '0.0012'), so a small mask never reads 0.0."""
+    return f"{volume:.1f}" if volume >= 1 or volume == 0 else f"{volume:.2g}"
+
+
 def summary_line(report):
-    """'found on slices 40-72, 33 of 112; 12.4 ml' or 'not found: <why>' for one prompt's report."""
+    """'found on slices 40-72, 33 of 112; 12.4 ml', 'found on slice 0 of 1; 0.0012 ml' or 'not found: <why>'
+    for one prompt's report."""
     if report["found"]:
         slices = report["mask_slices"]
-        return (f"found on slices {_ranges(slices)}, {len(slices)} of {report['slices']}; "
-                f"{report['volume_ml']:.1f} ml")
+        where = (f"slice {slices[0]} of {report['slices']}" if len(slices) == 1
+                 else f"slices {_ranges(slices)}, {len(slices)} of {report['slices']}")
+        return f"found on {where}; {format_ml(report['volume_ml'])} ml"
     if report.get("absent_winner"):
         return f"not found: no slice matches '{report['prompt']}' better than '{report['absent_winner']}'"
     return f"not found: {report['why']}"

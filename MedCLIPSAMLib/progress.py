@@ -3,6 +3,9 @@
 JSON mode prints one object per line on stdout: {"stage", "done", "total", "message"}; the last line of
 a run has stage "finished" (or "cancelled" / "error"). Cancellation is cooperative: loops call
 `reporter.check_cancelled()`, which raises Cancelled once SIGTERM/SIGINT arrived or `cancel()` was called.
+Loops deep inside a stage that have no reporter of their own (the saliency methods' batches and steps) call
+`checkpoint()`: it checks the reporter that last started a stage on this thread. A signal is answered at
+once: "stopping..." on the terminal, a {"stage": "stopping"} line in JSON mode.
 """
 
 import json
@@ -13,6 +16,15 @@ import threading
 from .errors import Cancelled
 
 PROGRESS_MODES = ("bar", "json", "none")
+STOPPING = "stopping..."
+_current = threading.local()    # .reporter: the one that last started a stage on this thread
+
+
+def checkpoint():
+    """Raise Cancelled if the reporter running this thread's current stage was cancelled (for inner loops)."""
+    reporter = getattr(_current, "reporter", None)
+    if reporter is not None:
+        reporter.check_cancelled()
 
 
 class ProgressReporter:
@@ -37,10 +49,16 @@ class ProgressReporter:
 
     def check_cancelled(self):
         if self._cancel.is_set():
+            self._release()   # a cancelled run is over: later work on this thread is not its concern
             raise Cancelled("cancelled")
 
-    def install_signal_handlers(self):
-        """Turn SIGTERM and SIGINT into a cooperative cancel (the main thread only)."""
+    def _release(self):
+        if getattr(_current, "reporter", None) is self:
+            _current.reporter = None
+
+    def install_signal_handlers(self, announcer=None):
+        """Turn SIGTERM and SIGINT into a cooperative cancel (the main thread only), announced at once by
+        `announcer` (default: this reporter; pseudo-label's silent inner reporter lets its outer one speak)."""
         if threading.current_thread() is not threading.main_thread():
             return
 
@@ -48,9 +66,22 @@ class ProgressReporter:
             if self._cancel.is_set():  # second signal: stop now
                 raise KeyboardInterrupt
             self._cancel.set()
+            (announcer or self).announce_stopping()
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+
+    def announce_stopping(self):
+        """Say at once that a cancel came in (the work stops at its next checkpoint, within a batch)."""
+        try:
+            if self.mode == "json":
+                self._emit("stopping", self.done, self.total, STOPPING)
+            else:   # a terminal line also with --progress none: the user pressed Ctrl-C and waits
+                out = self.stream or sys.stderr
+                out.write(f"\n{STOPPING} (press Ctrl-C again to stop at once)\n")
+                out.flush()
+        except (OSError, ValueError, RuntimeError):   # a closed stream, or a signal inside a write to it
+            pass
 
     # reporting ----------------------------------------------------------------------------------
     def _emit(self, stage, done, total, message):
@@ -61,6 +92,7 @@ class ProgressReporter:
     def stage(self, name, total, message=""):
         """Start a stage of `total` steps."""
         self.check_cancelled()
+        _current.reporter = self
         self._close_bar()
         self.stage_name, self.total, self.done = name, int(total), 0
         if self.mode == "json":
@@ -82,6 +114,7 @@ class ProgressReporter:
         self.check_cancelled()
 
     def finish(self, stage="finished", message="done"):
+        self._release()
         self._close_bar()
         if self.mode == "json":
             self._emit(stage, 1, 1, message)

@@ -5,7 +5,7 @@ that keeps a local service running. Qt-free and standard-library only (it runs i
     client = service.ensure()                         # starts it, or restarts it once if it died
     if service.notice: show(service.notice)           # one sentence: it had stopped and was restarted
     volume = client.upload(path)["volume_id"]
-    job = client.submit(volume, ["brain tumor"], preset="v1")["job_id"]
+    job = client.submit(volume, ["brain tumor"], preset="v2")["job_id"]
     status = client.job(job)                          # poll: state, stage, done, total, message
     client.result(job, "out.seg.nrrd")
     client.result(job, "report.json", "report")     # submitted with report=True (saliency=True: "saliency")

@@ -75,6 +75,7 @@ def run_demo(args):
     from ..evidence import summary_line
     from ..progress import ProgressReporter
     from ..runtime import staged_outputs
+    from ..pipeline.presets import DEFAULT_PRESET
     from .segment import Session, write_evidence, write_outputs
 
     out = Path(args.output_dir)
@@ -103,7 +104,7 @@ def run_demo(args):
         pass
 
     a = Args()
-    a.prompt, a.preset, a.sam, a.overrides, a.no_ensemble, a.seed = [prompt], "v1", None, [], False, 0
+    a.prompt, a.preset, a.sam, a.overrides, a.no_ensemble, a.seed = [prompt], DEFAULT_PRESET, None, [], False, 0
     a.models, a.clip_model, a.sam_model, a.device = f"{clip_name},{sam_name}", None, None, args.device
     a.axis, a.mode, a.window, a.no_gate, a.key_slices, a.min_size_mm3 = "axial", "auto", None, False, 3, 10.0
     a.gate_min_similarity, a.absent_if, a.absent_margin = None, None, 0.0

@@ -38,7 +38,8 @@ def list_models(args):
     for entry in REGISTRY.values():
         folder = cache.model_dir(entry.name)
         present = all((folder / f).is_file() for f in required_files(entry))
-        rows.append((entry.name, entry.kind, f"{entry.approx_size_mb}MB", entry.licence, "yes" if present else "no",
+        cached = "yes" if present else "partial" if cache.holds_files(folder) else "no"   # as `models verify` sees it
+        rows.append((entry.name, entry.kind, f"{entry.approx_size_mb}MB", entry.licence, cached,
                      ", ".join(s.repo for s in entry.sources)))
     for name, what in RANDOM_MODELS.items():
         rows.append((name, "-", "-", "-", "-", f"built locally: {what}"))
@@ -61,7 +62,7 @@ def verify(args):
     from ..models.download import how_to_get, required_files
     from ..models.registry import REGISTRY, get_entry
 
-    names = [args.name] if args.name else [n for n in REGISTRY if cache.model_dir(n).is_dir()]
+    names = [args.name] if args.name else [n for n in REGISTRY if cache.holds_files(cache.model_dir(n))]
     if not names:
         print("no models in the cache yet")
         return 0

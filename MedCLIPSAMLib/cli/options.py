@@ -17,7 +17,10 @@ def add_model_options(p):
 
 
 def add_pipeline_options(p):
-    p.add_argument("--preset", default="v1", help="v1 (gScoreCAM+CRF+box+SAM), v2 (M2IB+KMeans+boxes+SAM), fast (GradCAM)")
+    from ..pipeline.presets import DEFAULT_PRESET
+
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help="v1 (gScoreCAM+CRF+box+SAM), v2 (M2IB+KMeans+boxes+SAM), fast (GradCAM); default: %(default)s")
     p.add_argument("--sam", choices=("sam", "none"), help="'none' returns the post-processed saliency mask (no SAM)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset setting, e.g. --set top_n=2 --set saliency_settings.topk=100")

@@ -117,22 +117,25 @@ class Session:
             self.pipeline.forget(volume_id)   # a batch goes through many volumes: keep memory flat
 
 
-def write_result(result, image, output, uncertainty_output=None, progress=None, dicom=None):
+def write_result(result, image, output, uncertainty_output=None, progress=None, provenance=None):
     """Write the outputs to temporary files, then rename them into place. With `progress`, the write is
     reported and a cancel that came in by then (e.g. a SIGTERM while writing) removes the temporary
     files before anything is renamed: cancelled means nothing written. After the rename the run is done.
-    dicom: write_dicom_seg's source_folder, method, models and random, for a .dcm output."""
+    provenance: see write_outputs."""
     from ..runtime import staged_outputs
 
     with staged_outputs() as staged:
         uncertainty = uncertainty_output if result.uncertainty is not None else None
-        write_outputs(result, image, staged(output), staged(uncertainty), dicom)
+        write_outputs(result, image, staged(output), staged(uncertainty), provenance)
         if progress is not None:
             progress.advance(1)  # raises Cancelled if a cancel came in: the temporary files are removed
 
 
-def write_outputs(result, image, output, uncertainty_output=None, dicom=None):
-    """Write the segmentation (and uncertainty) to these paths as they are (the caller stages them)."""
+def write_outputs(result, image, output, uncertainty_output=None, provenance=None):
+    """Write the segmentation (and uncertainty) to these paths as they are (the caller stages them).
+    provenance: how the segments were made, {"method", "models", "random", "description"} (plus, for a .dcm
+    output, write_dicom_seg's "source_folder" and "sources"): the DICOM SEG's algorithm identification and
+    content description, the .seg.nrrd's header fields."""
     import numpy as np
 
     from ..io import write_labelmap, write_segmentation, write_volume
@@ -141,9 +144,9 @@ def write_outputs(result, image, output, uncertainty_output=None, dicom=None):
     if output.endswith(".dcm"):
         from ..io.dicom_seg import write_dicom_seg
 
-        write_dicom_seg(output, result.segments, image, **dicom)
+        write_dicom_seg(output, result.segments, image, **provenance)
     elif output.endswith(".seg.nrrd"):
-        write_segmentation(output, result.segments, image)
+        write_segmentation(output, result.segments, image, provenance_metadata(provenance))
     else:
         labels = np.zeros(result.segments[0]["mask"].shape, np.uint8)
         for value, seg in enumerate(result.segments, start=1):
@@ -151,6 +154,16 @@ def write_outputs(result, image, output, uncertainty_output=None, dicom=None):
         write_labelmap(output, labels, image)
     if uncertainty_output and result.uncertainty is not None:
         write_volume(uncertainty_output, image_from_array(result.uncertainty, image))
+
+
+def provenance_metadata(provenance):
+    """The .seg.nrrd header fields of a provenance (None: none)."""
+    if not provenance:
+        return None
+    models = " ".join(f"{k}={v}" for k, v in provenance.get("models", {}).items())
+    return {"MedCLIPSAM_method": provenance["method"], "MedCLIPSAM_models": models,
+            "MedCLIPSAM_random_weights": "yes" if provenance.get("random") else "no",
+            "MedCLIPSAM_description": provenance.get("description", "text-prompted segmentation")}
 
 
 def write_evidence(args, session, result, image, staged, saliency_output=None, report_output=None, source=None,
@@ -180,13 +193,14 @@ def batch_evidence_paths(args, output):
             f"{stem}-report.json" if args.report_output else None)
 
 
-def _dicom_info(args, session):
+def _provenance(args, session):
+    """How a zero-shot result was made (write_outputs' provenance)."""
     from .options import model_names
 
     clip, sam = model_names(args)
-    return {"source_folder": args.volume, "method": f"MedCLIP-SAM zero-shot, preset {args.preset}",
+    return {"method": f"MedCLIP-SAM zero-shot, preset {args.preset}",
             "models": {"clip": clip, "sam": sam if session.settings.sam == "sam" else "none"},
-            "random": session.random}
+            "random": session.random, "description": "text-prompted segmentation"}
 
 
 def run(args):
@@ -214,6 +228,11 @@ def run(args):
 
     def work():
         image = read_volume(args.volume, frame=args.frame)
+        sources = None
+        if args.output.endswith(".dcm"):   # the series checked against the volume before any model loads
+            from ..io.dicom_seg import prepare
+
+            sources = prepare(args.volume, image, args.prompt)
         session = Session(args, progress)
         result = session.segment(image)
         progress.stage("write", 1, "writing the segmentation")
@@ -221,7 +240,10 @@ def run(args):
         # cancel while writing leaves none of them
         with staged_outputs() as staged:
             uncertainty = args.uncertainty_output if result.uncertainty is not None else None
-            write_outputs(result, image, staged(args.output), staged(uncertainty), _dicom_info(args, session))
+            provenance = _provenance(args, session)
+            if args.output.endswith(".dcm"):
+                provenance.update(source_folder=args.volume, sources=sources)
+            write_outputs(result, image, staged(args.output), staged(uncertainty), provenance)
             write_evidence(args, session, result, image, staged)
             progress.check_cancelled()
         progress.advance(1)
@@ -243,9 +265,11 @@ def _batch_inputs(path):
 
     from ..errors import MedCLIPSAMError
 
+    from ..training.weak_data import list_inputs
+
     p = Path(path)
-    if p.is_dir():
-        entries = sorted(q for q in p.iterdir() if not q.name.startswith("."))
+    if p.is_dir():   # its images and DICOM folders, never a .seg.nrrd (phantoms make writes one per image)
+        entries = [Path(q) for q in list_inputs(str(p), "inputs", role="images")]
     elif p.is_file():
         entries = [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
     else:
@@ -293,7 +317,7 @@ def run_batch(args):
             result = session.segment(image)
             saliency, report = batch_evidence_paths(args, out)
             with staged_outputs() as staged:  # the case's files renamed into place together
-                write_outputs(result, image, staged(out))
+                write_outputs(result, image, staged(out), None, _provenance(args, session))
                 write_evidence(args, session, result, image, staged, saliency, report, case, out)
             print(f"{case} -> {out}")
         except MedCLIPSAMError as exc:

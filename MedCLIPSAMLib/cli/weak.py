@@ -113,7 +113,10 @@ def register(sub):
     e.add_argument("--pred", nargs="+", required=True, help="prediction folder(s), list files or files")
     e.add_argument("--gt", nargs="+", required=True, help="reference folder(s), list files or files")
     e.add_argument("--tolerance-mm", type=float, default=2.0)
-    e.add_argument("--label", help="segment name (.seg.nrrd) or label value; default: every non-zero voxel")
+    e.add_argument("--label", metavar="PRED=REF",
+                   help="which label to score: PRED=REF, the prediction's segment name (.seg.nrrd) or label value "
+                        "and the reference's (e.g. 'brain tumor=tumor'), or one NAME both use; needed when a file "
+                        "holds several labels (a phantom's .seg.nrrd does)")
     e.add_argument("--csv", metavar="OUT.csv", help="write the per-case table and the mean here")
     e.add_argument("--progress", choices=PROGRESS, default="none")
     e.set_defaults(func=evaluate)
@@ -140,11 +143,11 @@ def pseudo_label(args):
     if args.nnunet_dataset:
         nnunet_dataset_name(args.nnunet_dataset, prompts)
     rank, world = shard()
-    labeller = PseudoLabeller(list_inputs(args.data, "inputs"), args.output_dir, prompts)
+    labeller = PseudoLabeller(list_inputs(args.data, "inputs", role="images"), args.output_dir, prompts)
     todo = labeller.todo(rank, world)
     progress = ProgressReporter(args.progress)       # one step per case
     inner = ProgressReporter("none")                 # the pipeline's own stages, silent; owns the signals
-    inner.install_signal_handlers()
+    inner.install_signal_handlers(announcer=progress)
     say = print if args.progress != "json" else (lambda *a: None)
     say(f"rank {rank}/{world}: {len(todo)} case(s) to label")
 
@@ -155,11 +158,13 @@ def pseudo_label(args):
             session = Session(args, inner)
             session.options = replace(session.options, uncertainty=True)   # the confidence needs it
             random = session.random
+            clip, sam = session.model_names
+            models = {"clip": clip, "sam": sam or "none", "preset": args.preset, "random_weights": bool(random)}
             progress.advance(1)
             progress.stage("pseudo-label", len(todo), f"labelling {len(todo)} case(s)")
             for case in todo:
                 try:
-                    record = labeller.label_case(case, session.segment)
+                    record = labeller.label_case(case, session.segment, models)
                 except MedCLIPSAMError as exc:
                     failures += 1
                     record = {"case": case, "error": str(exc)}
@@ -168,7 +173,8 @@ def pseudo_label(args):
                 progress.advance(1, describe(record))
         note = ""
         if labeller.complete():
-            labeller.write_summary(args.min_confidence, {"random_models": random} if random else None)
+            summary = labeller.write_summary(args.min_confidence)
+            random = summary["random_models"]   # this run's models or, resumed, the earlier runs' ones
             if args.nnunet_dataset:
                 progress.stage("export", 1, "writing the nnU-Net data set")
                 folder = labeller.export_nnunet(args.nnunet_dataset, args.min_confidence, args.nnunet_channel_name)
@@ -249,6 +255,28 @@ def train_weak_nnunet(args):
     return 0
 
 
+RANDOM_PSEUDO_LABELS = "TRAINED ON PSEUDO-LABELS OF RANDOM-WEIGHT MODELS"
+
+
+def trained_provenance(config, model_dir):
+    """How a trained model's result is made (write_outputs' provenance): a trained model, not a text
+    prompt; on pseudo-labels or given labels; random_weights=yes when the pseudo-labels came from
+    random-weight models (train-weak's config.json "provenance")."""
+    from pathlib import Path
+
+    source = config.get("provenance") or {"labels": "given", "random_weights": False}
+    models = {"model": Path(model_dir).resolve().name, "trainer": config.get("trainer", "dynunet"),
+              "labels": source.get("labels", "given")}
+    first = (source.get("models") or [{}])[0]
+    for key in ("clip", "sam", "preset"):      # the zero-shot models that made the pseudo-labels
+        if key in first:
+            models[f"pseudo_label_{key}"] = first[key]
+    random = bool(source.get("random_weights"))
+    description = "trained model" + (", on pseudo-labels" if source.get("labels") == "pseudo-labels" else "")
+    return {"method": f"MedCLIP-SAM trained model ({models['trainer']})", "models": models, "random": random,
+            "description": description}
+
+
 def predict(args):
     from pathlib import Path
 
@@ -278,21 +306,29 @@ def predict(args):
 
     def run():
         image = read_volume(args.volume, frame=args.frame)
+        sources = None
+        if args.output.endswith(".dcm"):   # the series checked against the volume before the model loads
+            from ..io.dicom_seg import prepare
+
+            sources = prepare(args.volume, image, names)
         progress.stage("load", 1, "loading the model")
         model = load_model(args.model, args.device)
         progress.advance(1)
         result = predict_volume(model, image, args.threshold, args.amp, progress)
         progress.stage("write", 1, "writing the segmentation")
         segments = [{"name": name, "mask": (result.labels == k).astype("uint8")} for k, name in enumerate(names, 1)]
-        dicom = {"source_folder": args.volume, "method": f"MedCLIP-SAM weak supervision, {config.get('trainer', 'dynunet')}",
-                 "models": {"model": Path(args.model).resolve().name}, "random": False}
+        provenance = trained_provenance(config, args.model)
+        if args.output.endswith(".dcm"):
+            provenance.update(source_folder=args.volume, sources=sources)
         write_result(VolumeResult(segments, result.uncertainty), image, args.output, args.uncertainty_output,
-                     progress, dicom)
+                     progress, provenance)
         return segments, len(model.networks)
 
     segments, n = progress.run(run)
     summary = "; ".join(f"{s['name']}: {int(s['mask'].sum())} voxels" for s in segments)
     message = f"wrote {args.output} ({n} snapshot(s)): {summary}"
+    if trained_provenance(config, args.model)["random"]:
+        message = f"{RANDOM_PSEUDO_LABELS} (meaningless output): {message}"
     progress.finish("finished", message)
     if args.progress != "json":
         print(message)

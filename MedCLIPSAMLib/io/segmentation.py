@@ -77,12 +77,13 @@ def _add_segment(seg, mask, fields):
                                 extent=[v for n in mask.shape for v in (0, int(n) - 1)]))
 
 
-def write_segmentation(path, segments, reference):
+def write_segmentation(path, segments, reference, metadata=None):
     """Write segments as a Slicer .seg.nrrd on `reference`'s exact grid (size, origin, spacing, direction).
 
     segments: list of {"name": str, "mask": array (z, y, x) matching reference, "color": (r, g, b) in 0..1
     (optional), "terminology": Slicer terminology entry string (optional)}. Overlapping masks are kept
-    (extra layers). The file is written atomically.
+    (extra layers). metadata: {key: text} written as header fields (how the segments were made). The file
+    is written atomically.
     """
     slicerio = _slicerio()
     shape = tuple(reversed(reference.GetSize()))
@@ -97,6 +98,8 @@ def write_segmentation(path, segments, reference):
             fields["tags"] = {"TerminologyEntry": terminology}
         _add_segment(seg, mask.transpose(2, 1, 0), fields)  # slicerio arrays are (i, j, k) = (x, y, z)
     seg["containedRepresentationNames"] = ["Binary labelmap"]
+    for key, value in (metadata or {}).items():   # slicerio writes unknown keys as header fields
+        seg[str(key)] = " ".join(str(value).split())
     # the input's grid, so Slicer converts and edits on it; Slicer's parser needs the closing '&'
     seg["Segmentation_ConversionParameters"] = (
         f"Reference image geometry|{_reference_geometry_string(reference)}|Image geometry description string "

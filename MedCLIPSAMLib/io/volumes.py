@@ -41,18 +41,158 @@ def _first_line(exc):
     return lines[-1] if lines else type(exc).__name__
 
 
+# DICOM objects that are not images: they annotate, plan or describe images (SOP classes from DICOM PS3.4
+# Annex B.5; a Modality (0008,0060) from PS3.3 C.7.3.1.1.1 where the SOP class is not one of these)
+NON_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66": "a DICOM Raw Data object",
+    "1.2.840.10008.5.1.4.1.1.66.1": "a DICOM Spatial Registration (REG)",
+    "1.2.840.10008.5.1.4.1.1.66.2": "a DICOM Spatial Fiducials object (FID)",
+    "1.2.840.10008.5.1.4.1.1.66.3": "a DICOM Deformable Registration (REG)",
+    "1.2.840.10008.5.1.4.1.1.66.4": "a DICOM Segmentation (SEG)",
+    "1.2.840.10008.5.1.4.1.1.66.5": "a DICOM Surface Segmentation (SEG)",
+    "1.2.840.10008.5.1.4.1.1.66.7": "a DICOM Label Map Segmentation (SEG)",
+    "1.2.840.10008.5.1.4.1.1.481.2": "a DICOM RT Dose (RTDOSE)",
+    "1.2.840.10008.5.1.4.1.1.481.3": "a DICOM RT Structure Set (RTSTRUCT)",
+    "1.2.840.10008.5.1.4.1.1.481.4": "a DICOM RT Treatment Record (RTRECORD)",
+    "1.2.840.10008.5.1.4.1.1.481.5": "a DICOM RT Plan (RTPLAN)",
+    "1.2.840.10008.5.1.4.1.1.104.1": "an encapsulated PDF (DOC)",
+}
+NON_IMAGE_SOP_PREFIXES = {
+    "1.2.840.10008.5.1.4.1.1.88.": "a DICOM Structured Report (SR) or Key Object Selection (KO)",
+    "1.2.840.10008.5.1.4.1.1.11.": "a DICOM Presentation State (PR)",
+    "1.2.840.10008.5.1.4.1.1.481.": "a DICOM RT object",   # RT Image (.481.1) is an image: listed below
+}
+NON_IMAGE_MODALITIES = {
+    "SEG": "a DICOM Segmentation (SEG)", "RTSTRUCT": "a DICOM RT Structure Set (RTSTRUCT)",
+    "RTPLAN": "a DICOM RT Plan (RTPLAN)", "RTDOSE": "a DICOM RT Dose (RTDOSE)",
+    "RTRECORD": "a DICOM RT Treatment Record (RTRECORD)", "SR": "a DICOM Structured Report (SR)",
+    "PR": "a DICOM Presentation State (PR)", "KO": "a DICOM Key Object Selection (KO)",
+    "REG": "a DICOM Registration (REG)", "FID": "a DICOM Spatial Fiducials object (FID)",
+    "DOC": "an encapsulated document (DOC)", "PLAN": "a DICOM Plan (PLAN)",
+}
+RT_IMAGE = "1.2.840.10008.5.1.4.1.1.481.1"
+SOP_CLASS_TAG, MODALITY_TAG = "0008|0016", "0008|0060"
+SERIES_DESCRIPTION_TAG, SERIES_UID_TAG = "0008|103e", "0020|000e"
+
+
+def non_image_kind(sop_class, modality):
+    """What a DICOM object is when it is not an image ('a DICOM Segmentation (SEG)'), or None for an image."""
+    sop_class, modality = (sop_class or "").strip().rstrip("\0"), (modality or "").strip().upper()
+    if sop_class in NON_IMAGE_SOP_CLASSES:
+        return NON_IMAGE_SOP_CLASSES[sop_class]
+    if sop_class != RT_IMAGE:
+        for prefix, kind in NON_IMAGE_SOP_PREFIXES.items():
+            if sop_class.startswith(prefix):
+                return kind
+    return NON_IMAGE_MODALITIES.get(modality)
+
+
+def _dicom_tags(path):
+    """{tag: value} of a DICOM file's header as GDCM reads it; None when GDCM cannot read it as an image
+    (an object without pixel data, such as an RT Structure Set or a Structured Report)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.SetImageIO("GDCMImageIO")
+    try:
+        with _quiet_itk():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return {k: reader.GetMetaData(k).strip() for k in reader.GetMetaDataKeys()}
+
+
+def _describe_unlisted(path):
+    """What a file GDCM lists in no series is, where pydicom (the dicom extra) can tell: None for a file
+    that is not DICOM, or when pydicom is not installed."""
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError:
+        return None
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "Modality", "SeriesInstanceUID"])
+    except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, KeyError):
+        return None
+    return non_image_kind(str(ds.get("SOPClassUID", "")), str(ds.get("Modality", ""))) or "a DICOM object"
+
+
+def _series_label(uid, tags, count):
+    modality = (tags or {}).get(MODALITY_TAG, "") or "?"
+    description = (tags or {}).get(SERIES_DESCRIPTION_TAG, "")
+    return f"series {uid} ({modality}{', ' + repr(description) if description else ''}, {count} file(s))"
+
+
+def dicom_series_files(folder, report=True):
+    """The files of the image series read from a DICOM `folder`: the one with the most files among its
+    image series. Non-image objects (SEG, RTSTRUCT, SR, PR, KO, RT plans and doses) are never read; one
+    sentence when the folder holds no image series, and (`report`) a warning naming the chosen series and
+    every one skipped (with why) when there was a choice."""
+    import SimpleITK as sitk
+
+    folder = os.fspath(folder)
+    with _quiet_itk():
+        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    images, skipped, listed = [], [], set()
+    for uid in series_ids:
+        files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+        listed.update(os.path.abspath(f) for f in files)
+        tags = _dicom_tags(files[0])
+        kind = non_image_kind((tags or {}).get(SOP_CLASS_TAG), (tags or {}).get(MODALITY_TAG))
+        if kind:
+            skipped.append(f"{_series_label(uid, tags, len(files))}: {kind}, not an image")
+        else:
+            images.append((uid, tags, files))
+    # objects without pixel data (RTSTRUCT, SR, RTPLAN...) are in no GDCM series: name them too
+    others = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and os.path.abspath(path) not in listed and not name.startswith("."):
+            kind = _describe_unlisted(path)
+            if kind:
+                others[kind] = others.get(kind, 0) + 1
+    skipped += [f"{n} file(s) holding {kind}, not an image" for kind, n in others.items()]
+    if not images and not skipped:
+        raise MedCLIPSAMError(f"folder '{folder}' holds no DICOM series; give a volume file or a DICOM folder")
+    if not images:
+        raise MedCLIPSAMError(f"folder '{folder}' holds no DICOM image series (it holds {'; '.join(skipped)}); "
+                              "give a volume file or a folder of DICOM images")
+    # several image series: the one with the most files (the main acquisition)
+    uid, tags, files = max(images, key=lambda s: len(s[2]))
+    skipped += [f"{_series_label(u, t, len(f))}: fewer files" for u, t, f in images if u != uid]
+    if skipped and report:
+        log.warning("folder '%s' holds %d DICOM series: reading %s; skipped %s", folder,
+                    len(series_ids) + sum(others.values()), _series_label(uid, tags, len(files)), "; ".join(skipped))
+    return files
+
+
+def check_not_non_image(path):
+    """Refuse a single DICOM file that is not an image (a SEG, an RT Structure Set...) in one sentence."""
+    tags = _dicom_tags(path)
+    kind = (non_image_kind(tags.get(SOP_CLASS_TAG), tags.get(MODALITY_TAG)) if tags is not None
+            else _describe_unlisted(path))
+    if kind and kind != "a DICOM object":
+        raise MedCLIPSAMError(f"'{path}' is {kind}, not an image; give the image (or DICOM image series) it "
+                              "refers to")
+
+
+def _is_dicom_file(path):
+    """A DICOM Part 10 file ('DICM' after the 128-byte preamble) or a .dcm file."""
+    if path.lower().endswith((".dcm", ".dicom")):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def _read_dicom_series(folder):
     import SimpleITK as sitk
 
-    with _quiet_itk():
-        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
-    if not series_ids:
-        raise MedCLIPSAMError(f"folder '{folder}' holds no DICOM series; give a volume file or a DICOM folder")
-    # several series in one folder: take the one with the most slices (the main acquisition)
-    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid) for sid in series_ids), key=len)
-    if len(series_ids) > 1:
-        log.warning("folder '%s' holds %d DICOM series; reading the largest (%d files)",
-                    folder, len(series_ids), len(files))
+    files = dicom_series_files(folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
@@ -148,6 +288,8 @@ def read_volume(path, frame=None):
     if os.path.isdir(path):
         image, kind = _read_dicom_series(path), ""
     else:
+        if _is_dicom_file(path):
+            check_not_non_image(path)
         image, kind = _read_file(path)
 
     if "complex" in image.GetPixelIDTypeAsString():

@@ -30,6 +30,15 @@ def model_dir(name):
     return home() / "models" / name
 
 
+def holds_files(folder):
+    """Whether a model folder holds any file of its own (huggingface_hub's .cache bookkeeping aside): a
+    folder without one is no cached model, for `models list`, `models verify` and download's clean-up alike."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    return any(p.is_file() and ".cache" not in p.relative_to(folder).parts for p in folder.rglob("*"))
+
+
 def offline():
     return os.environ.get("MEDCLIPSAM_OFFLINE", "") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 

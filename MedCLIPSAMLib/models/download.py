@@ -4,6 +4,8 @@ huggingface_hub does the transfer (progress bar, resume of partial files); this 
 the commit the revision resolves to and records the hub's published sha256 in the manifest.
 """
 
+import shutil
+
 from ..errors import MedCLIPSAMError
 from ..runtime import log
 from . import cache
@@ -50,6 +52,18 @@ def download(name, force=False):
         raise MedCLIPSAMError("downloading models needs the package 'huggingface_hub'") from exc
     api = HfApi()
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _fetch(entry, api, hf_hub_download, folder)
+    except MedCLIPSAMError:
+        # nothing came: leave no folder behind (`models verify` would take it for a broken model); a partial
+        # download stays, so that running the command again resumes it
+        if not cache.holds_files(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _fetch(entry, api, hf_hub_download, folder):
     for src in entry.sources:
         try:
             commit = api.model_info(src.repo, revision=src.revision).sha
@@ -68,4 +82,3 @@ def download(name, force=False):
             rel = f"{src.subfolder}/{filename}" if src.subfolder else filename
             cache.record_files(folder, {rel: published.get(filename)}, source=f"{src.repo}@{commit}",
                                extra={"name": entry.name, "licence": entry.licence})
-    return folder

@@ -15,7 +15,7 @@ from ..postprocess.body import body_mask
 from ..runtime import autocast
 from .preprocess import normalize_to_uint8, pad_to_square, to_rgb, unpad
 from .presence import absent_reason, presence_lead
-from .presets import PipelineSettings
+from .presets import DEFAULT_PRESET, PipelineSettings
 from .sam_refine import make_prompts, predict_mask, shift_prompts
 from .text import TextEmbeddings, make_prompt
 
@@ -150,7 +150,7 @@ class ImageSegmenter:
         return unpad(mask, pad), unpad(probability, pad)
 
 
-def segment_image(image, prompt, clip="biomedclip", sam="sam2.1-hiera-tiny", preset="v1", overrides=(), device="cpu"):
+def segment_image(image, prompt, clip="biomedclip", sam="sam2.1-hiera-tiny", preset=DEFAULT_PRESET, overrides=(), device="cpu"):
     """Convenience: load models by name, segment one 2D image, return an ImageResult (mask, saliency, prompts)."""
     from ..models import load_clip, load_sam2
     from .presets import get_preset

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from ..errors import MedCLIPSAMError
 from ..models.registry import DEFAULT_CLIP, DEFAULT_SAM2
 from ..progress import null_progress
+from .presets import DEFAULT_PRESET
 from ..runtime import log
 
 DEFAULT_CACHE_BYTES = 2 * 1024**3
@@ -38,7 +39,7 @@ AXES = ("axial", "coronal", "sagittal")
 class SegmentRequest:
     """A segmentation request: the options of `medclipsam segment` (same names), from the CLI or JSON."""
     prompts: list
-    preset: str = "v1"
+    preset: str = DEFAULT_PRESET
     overrides: list = field(default_factory=list)   # "key=value" preset settings
     sam: str = None                                 # "sam" | "none" | None (the preset's)
     no_ensemble: bool = False
@@ -104,15 +105,24 @@ class SegmentRequest:
 
 
 def parse_window(text):
-    """None, a window name, or 'LEVEL,WIDTH' -> (level, width)."""
+    """None, a window name, or 'LEVEL,WIDTH' -> (level, width), checked now (a known name; finite
+    numbers, a positive width) so that a bad window is refused before any work."""
+    import math
+
+    from ..imageops import window_range
+
     if not text:
         return None
     if "," not in str(text):
+        window_range(str(text))                    # an unknown name: its sentence
         return str(text)
     try:
         level, width = (float(v) for v in str(text).split(","))
     except ValueError:
         raise MedCLIPSAMError(f"a window must be a name or LEVEL,WIDTH (two numbers), got '{text}'") from None
+    if not (math.isfinite(level) and math.isfinite(width) and abs(level) <= 1e6 and 0 < width <= 1e6):
+        raise MedCLIPSAMError(f"a window's level and width must be finite, the width positive (at most 1e6), "
+                              f"got '{text}'")
     return (level, width)
 
 

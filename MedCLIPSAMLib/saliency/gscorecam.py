@@ -30,6 +30,7 @@ import torch
 from ..errors import MedCLIPSAMError
 from ..models.clip_image import image_embeddings
 from ..models.hooks import hooked
+from ..progress import checkpoint
 from ..runtime import autocast as amp
 from .common import (as_batch, get_module, image_text_logit, logit_scale, minmax, prefix_tokens,
                      text_matrix, to_numpy_maps, tokens_to_grid, upsample, vit_trunk)
@@ -123,6 +124,7 @@ def _score_masked(clip, x, texts, kept, scale, batch_size, autocast):
     scores = []
     with torch.no_grad():
         for start in range(0, n_images * k, batch_size):
+            checkpoint()   # a cancel stops within a batch, not after the slice's hundreds of masked images
             idx = owner[start:start + batch_size]
             masked = mask_images(x[idx], flat[start:start + batch_size])
             with amp(x.device, autocast):

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..errors import MedCLIPSAMError
 from ..models.clip_image import encode_from_block
 from ..models.hooks import hooked, run_until
+from ..progress import checkpoint
 from ..runtime import autocast as amp
 from .common import (as_batch, minmax, prefix_tokens, text_matrix, to_numpy_maps, tokens_to_grid, upsample,
                      vit_trunk)
@@ -91,6 +92,7 @@ def run_m2ib(clip, images, text_embedding, beta=1.0, steps=10, lr=1.0, batch_siz
         text_rows = texts.repeat_interleave(copies, dim=0)
         history = []
         for _ in range(int(steps)):
+            checkpoint()   # a cancel stops within a step, not after the whole fit
             noise = torch.stack([torch.randn((copies, *feats.shape[1:]), generator=g, device=device)
                                  for g in generators])
             with torch.enable_grad():

@@ -13,12 +13,16 @@ uploads (raw NRRD / NIfTI bytes) and results (.seg.nrrd / .nrrd bytes).
   GET    /jobs/{id}/uncertainty      its uncertainty volume (.nrrd), when the job asked for one
   GET    /jobs/{id}/report           the per-prompt report JSON (`segment --report-output`), with "report": true
   GET    /jobs/{id}/saliency/{k}     prompt k's saliency volume (`segment --saliency-output`), with "saliency": true
+  POST   /volumes/{id}/refine        clicks / a box on one slice of a segment -> the changed slices
+  POST   /volumes/{id}/undo          undo a segment's last refinement
   GET    /models/trained             the service's registered trained models (no server folders)
   POST   /jobs/trained               {"volume_id", "model", ...}: a trained model's prediction, as a job
   POST   /trainings                  {"volume_ids", "prompts", "name", ...}: weak supervision in a child process
   GET    /trainings/{id}             state, step, progress, metrics per epoch, the registered model
-  POST   /trainings/{id}/cancel      stop the child's process tree; nothing is registered
-(see model_routes.py)
+  POST   /trainings/{id}/cancel      stop the child's process tree; nothing is registered (model_routes.py)
+
+Limits (limits.py, uploads.py, validation.py): every body is capped as it streams, an upload's header is
+checked before anything it promises is allocated, the queue is bounded, every number is finite.
 
 One job runs at a time (the models and the device are shared); the others wait in order and say where.
 """

@@ -1,21 +1,24 @@
 """The HTTP routes (FastAPI) over a Service. Every error is a 4xx with one sentence in {"detail": ...}."""
 
-from typing import Annotated, Literal, Optional
+import os
+import tempfile
+from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from ..errors import MedCLIPSAMError
 from .core import Conflict, NotFound
-
-Text = Annotated[str, Field(max_length=4000)]
+from .jobs import QueueFull
+from .uploads import TooLarge
+from .validation import STRICT, Invalid, Point, Text, api_words, body_sentence, number, optional_number
 
 
 class JobBody(BaseModel):
     """A segmentation job: the options of `medclipsam segment`, by the same names."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     volume_id: str = Field(max_length=64)
     prompts: list[Text] = Field(min_length=1, max_length=32)
-    preset: str = Field("v1", max_length=32)
+    preset: str = Field("v2", max_length=32)
     overrides: list[Text] = Field(default_factory=list, max_length=64)
     sam: Optional[Literal["sam", "none"]] = None
     no_ensemble: bool = False
@@ -24,28 +27,25 @@ class JobBody(BaseModel):
     mode: Literal["auto", "per-slice", "propagate", "carry"] = "auto"
     window: Optional[str] = Field(None, max_length=64)
     no_gate: bool = False
-    gate_min_similarity: Optional[float] = None
+    gate_min_similarity: optional_number(-1.0, 1.0) = None     # a cosine similarity
     absent_if: Optional[list[Text]] = Field(None, max_length=32)
-    absent_margin: float = 0.0
+    absent_margin: number(-2.0, 2.0) = 0.0                      # a difference of two cosines
     key_slices: int = Field(3, ge=1, le=64)
-    min_size_mm3: float = Field(10.0, ge=0)
+    min_size_mm3: number(0.0, 1e12) = 10.0
     uncertainty: bool = False
     saliency: bool = False     # each prompt's saliency volume (`segment --saliency-output`)
     report: bool = False       # the per-prompt report JSON (`segment --report-output`)
 
 
-Point = Annotated[list[float], Field(min_length=3, max_length=3)]
-
-
 class RefinePoint(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     position: Point                                  # patient mm, in the request's frame
     label: Literal[0, 1] = 1                         # 1 positive (inside), 0 negative (outside)
 
 
 class RefineBody(BaseModel):
     """Clicks and/or a box on one slice of a segment; see pipeline/session_refine.py."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     segment_id: str = Field(min_length=1, max_length=256)
     points: list[RefinePoint] = Field(default_factory=list, max_length=256)
     box: Optional[list[Point]] = Field(None, min_length=2, max_length=2)   # two opposite corners
@@ -55,24 +55,12 @@ class RefineBody(BaseModel):
     mask: Optional[str] = None                       # the segment now: base64 of np.packbits (z, y, x), C order
     window: Optional[str] = Field(None, max_length=64)   # the segmentation job's window (its encodings)
     plane_normal: Optional[Point] = None             # the view's normal, same frame: refused when not aligned
-    max_distance: Optional[int] = Field(None, ge=0)
+    max_distance: Optional[int] = Field(None, ge=0, le=100000)
 
 
 class UndoBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     segment_id: str = Field(min_length=1, max_length=256)
-
-
-def _sentence(errors):
-    """The first validation error as one sentence."""
-    if not errors:
-        return "the request is malformed"
-    e = errors[0]
-    where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-    if e.get("type") == "json_invalid":
-        return "the request body is not valid JSON"
-    msg = str(e.get("msg", "is invalid")).rstrip(".")
-    return f"'{where}': {msg[0].lower() + msg[1:]}" if where else f"the request body: {msg}"
 
 
 def create_app(service):
@@ -84,19 +72,24 @@ def create_app(service):
 
     from ..pipeline.session import SegmentRequest
 
-    app = FastAPI(title="MedCLIP-SAM segmentation service", docs_url=None, redoc_url=None, openapi_url=None)
+    # strict_content_type=False: a JSON body sent without a Content-Type is read as JSON. The OpenAPI schema
+    # is served at /openapi.json (behind the token like every route), what docs/service-api.md points to
+    app = FastAPI(title="MedCLIP-SAM segmentation service", docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", strict_content_type=False)
 
     def error(status, text):
         return JSONResponse({"detail": text}, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc):
-        return error(422, _sentence(exc.errors()))
+        return error(422, body_sentence(exc.errors()))
+
+    STATUS = ((NotFound, 404), (Conflict, 409), (TooLarge, 413), (Invalid, 422), (QueueFull, 429))
 
     @app.exception_handler(MedCLIPSAMError)
     async def refused(_, exc):
-        status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 400
-        return error(status, str(exc))
+        status = next((code for kind, code in STATUS if isinstance(exc, kind)), 400)
+        return error(status, api_words(str(exc)))
 
     @app.exception_handler(HTTPException)
     async def http_error(_, exc):
@@ -108,21 +101,19 @@ def create_app(service):
 
     @app.post("/volumes")
     async def upload(request: Request):
-        limit = service.max_upload_bytes
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return error(413 if length.isdigit() else 400,
-                         f"the upload is larger than the service's limit of {limit} bytes" if length.isdigit()
-                         else "the Content-Length header is not a number")
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                return error(413, f"the upload is larger than the service's limit of {limit} bytes")
-            chunks.append(chunk)
-        if not total:
-            return error(400, "the upload is empty; send the bytes of a NRRD or NIfTI volume")
-        return await run_in_threadpool(service.add_volume, b"".join(chunks))
+        # streamed to the service's folder, never held whole; its size limit is BodyLimit's (limits.py)
+        fd, path = tempfile.mkstemp(dir=service.workdir, prefix="upload-")
+        try:
+            total = 0
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    total += len(chunk)
+                    f.write(chunk)
+            if not total:
+                return error(400, "the upload is empty; send the bytes of a NRRD or NIfTI volume")
+            return await run_in_threadpool(service.add_volume, path)
+        finally:
+            os.remove(path)
 
     @app.delete("/volumes/{volume_id}")
     def forget(volume_id: str):

@@ -2,7 +2,6 @@
 every request (before routing, so an unknown path without a token is a 401 too) in constant time."""
 
 import hmac
-import json
 import os
 import secrets
 import stat
@@ -33,24 +32,37 @@ def load_or_create_token(path):
     return token
 
 
+UNAUTHORISED = "a valid bearer token is required (Authorization: Bearer TOKEN)"
+
+
+def token_of(header):
+    """The token of an `Authorization: Bearer TOKEN` header value (bytes); the scheme's case does not
+    matter (RFC 9110 section 11.1), one space separates it from the token. None when it is no bearer token."""
+    scheme, space, token = header.partition(b" ")
+    return token if space and scheme.lower() == b"bearer" else None
+
+
 class BearerAuth:
-    """ASGI middleware: a request without the right bearer token gets 401 and nothing else."""
+    """ASGI middleware: a request without the right bearer token gets 401 and nothing else; a connection
+    that is neither HTTP nor the server's lifespan (a websocket) is closed unread: the API has none."""
 
     def __init__(self, app, token, on_request=None):
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected = token.encode()
         self.on_request = on_request      # called on every authorised request (the idle timer)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             return await self.app(scope, receive, send)
-        given = dict(scope.get("headers") or []).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.expected):
-            body = json.dumps({"detail": "a valid bearer token is required (Authorization: Bearer TOKEN)"}).encode()
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})   # before accept: HTTP 403
+            return
+        given = token_of(dict(scope.get("headers") or []).get(b"authorization", b""))
+        if given is None or not hmac.compare_digest(given, self.expected):
+            from .limits import answer
+
+            await answer(send, 401, UNAUTHORISED, [(b"www-authenticate", b"Bearer")])
             return
         if self.on_request is not None:
             self.on_request()

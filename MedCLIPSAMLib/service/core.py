@@ -12,6 +12,7 @@ from .model_jobs import ModelCache
 from .refusals import Conflict, NotFound  # noqa: F401 (api.py imports them from here)
 from .training_jobs import Trainings
 from .uploads import read_upload
+from .validation import Invalid
 
 
 def memory_info():
@@ -43,12 +44,26 @@ def changed_slices(axis, planes, view):
             "slices": [{"index": int(k), "shape": list(p.shape), "bits": pack_bits(p)} for k, p in sorted(planes.items())]}
 
 
+def service_folder():
+    """The service's private folder (mode 0700: uploads and results), named by its owner's pid in the
+    project's scratch root; the folders of services that died without cleaning up (SIGKILL) go first."""
+    from ..runtime import owned_prefix, remove_stale, scratch_root
+
+    root = scratch_root()
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale(root, SERVICE_PREFIX)
+    return tempfile.mkdtemp(prefix=owned_prefix(SERVICE_PREFIX), dir=root)
+
+
+SERVICE_PREFIX = "serve-"
+
+
 class Service:
-    def __init__(self, session, max_upload_bytes):
+    def __init__(self, session, max_upload_bytes, max_queue=16):
         self.session = session
         self.max_upload_bytes = int(max_upload_bytes)
-        self.jobs = JobQueue()
-        self.workdir = tempfile.mkdtemp(prefix="medclipsam-serve-")   # mode 0700: uploads and results
+        self.jobs = JobQueue(max_waiting=max_queue)
+        self.workdir = service_folder()
         self.started = time.time()
         self.trainings = Trainings(self)       # weak-supervision trainings, in child processes
         self.trained_cache = ModelCache()      # the last trained model used for a prediction
@@ -61,10 +76,12 @@ class Service:
                 "sam2_cache_dtype": self.session.info()["sam2_storage"],
                 "volumes": len(self.session.volume_ids()), "queue": self.jobs.queue_info(),
                 "training": self.trainings.info(),
-                "max_upload_bytes": self.max_upload_bytes, "uptime_s": round(time.time() - self.started, 1)}
+                "max_upload_bytes": self.max_upload_bytes,
+                "max_queue": self.jobs.max_waiting, "uptime_s": round(time.time() - self.started, 1)}
 
-    def add_volume(self, data):
-        image = read_upload(data, self.workdir)
+    def add_volume(self, upload):
+        """A volume from the upload saved at path `upload` (its voxels may take max_upload_bytes)."""
+        image = read_upload(upload, self.workdir, self.max_upload_bytes)
         volume_id = self.session.add_volume(image)
         return {"volume_id": volume_id, "size": list(image.GetSize()), "spacing": list(image.GetSpacing()),
                 "origin": list(image.GetOrigin()), "direction": list(image.GetDirection()),
@@ -78,7 +95,10 @@ class Service:
         """Queue a job. report: also make the per-prompt report (`segment --report-output`); as on the
         command line it needs the uncertainty (its mean inside each mask), which is then computed but
         offered for download only when the request asked for it."""
-        request.validate()                         # a bad preset or prompt: 4xx now, not a failed job
+        try:
+            request.validate()                     # a bad preset, override, window or prompt: 422 now, not a failed job
+        except MedCLIPSAMError as exc:
+            raise Invalid(str(exc)) from None
         self.check_volume(volume_id)
         offer_uncertainty = bool(request.uncertainty)
         if report:
@@ -188,6 +208,6 @@ class Service:
     def close(self):
         import shutil
 
-        self.jobs.stop()
-        self.trainings.stop()
+        self.jobs.stop()          # cancels the running job and waits for it (it writes into workdir)
+        self.trainings.stop()     # a training child's whole process group
         shutil.rmtree(self.workdir, ignore_errors=True)

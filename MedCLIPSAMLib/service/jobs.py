@@ -13,6 +13,11 @@ from ..runtime import log
 
 KEEP_FINISHED = 32     # finished jobs (and their result bytes) kept for clients to fetch
 FINAL = ("done", "failed", "cancelled")
+STOP_WAIT = 60         # seconds a stopping service waits for its cancelled job to reach its next step
+
+
+class QueueFull(MedCLIPSAMError):
+    """Too many jobs waiting (HTTP 429)."""
 
 
 class JobProgress(ProgressReporter):
@@ -59,7 +64,8 @@ class Job:
 
 
 class JobQueue:
-    def __init__(self):
+    def __init__(self, max_waiting=16):
+        self.max_waiting = int(max_waiting)
         self._jobs = OrderedDict()
         self._waiting = []
         self._lock = threading.Condition()
@@ -71,6 +77,9 @@ class JobQueue:
 
     def submit(self, volume_id, request, work):
         with self._lock:
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} jobs are already waiting, the service's limit; "
+                                "submit again when one has finished, or cancel one")
             job = Job(f"job-{next(self._ids)}", volume_id, request, work)
             self._jobs[job.id] = job
             self._waiting.append(job)
@@ -100,7 +109,7 @@ class JobQueue:
             job = self.get(job_id)
             if job.state == "queued":
                 self._waiting.remove(job)
-                job.state = "cancelled"
+                job.state = job.progress.message = "cancelled"
                 self._finished(job)
             elif job.state == "running":
                 job.progress.cancel()
@@ -117,11 +126,14 @@ class JobQueue:
             return self.running is not None or bool(self._waiting)
 
     def stop(self):
+        """Cancel the running job and wait (bounded) until it has stopped: the service removes its folder next."""
         with self._lock:
             self._stop = True
             if self.running is not None:
                 self.running.progress.cancel()
             self._lock.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(STOP_WAIT)
 
     def _loop(self):
         while True:
@@ -147,6 +159,7 @@ class JobQueue:
                 if state == "done" and job.progress.cancelled:   # cancelled after its last step: no result
                     output, state = None, "cancelled"
                 job.output, job.state, job.error = output, state, error
+                job.progress.message = error or state          # no longer the last stage's "writing ..."
                 job.seconds = round(time.perf_counter() - start, 3)
                 self.running = None
                 self._finished(job)

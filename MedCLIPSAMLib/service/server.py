@@ -3,6 +3,7 @@ after an idle time (how the Slicer module's local service cleans up after itself
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -83,12 +84,14 @@ def write_ready_file(path, info):
 
 
 def serve(session, host="127.0.0.1", port=8765, token_file=None, max_upload_bytes=1024**3, parent_pid=None,
-          idle_timeout=None, ready_file=None, ssl_keyfile=None, ssl_certfile=None):
+          idle_timeout=None, ready_file=None, ssl_keyfile=None, ssl_certfile=None, max_body_bytes=1024**2,
+          max_queue=16):
     import uvicorn
 
     from .api import create_app
     from .auth import BearerAuth, load_or_create_token
     from .core import Service
+    from .limits import BodyLimit
 
     if bool(ssl_keyfile) != bool(ssl_certfile):
         raise MedCLIPSAMError("TLS needs both --ssl-keyfile and --ssl-certfile")
@@ -99,9 +102,10 @@ def serve(session, host="127.0.0.1", port=8765, token_file=None, max_upload_byte
 
         token_file = home() / "service" / f"token-{port}"
     token = load_or_create_token(token_file)
-    service = Service(session, max_upload_bytes)
+    service = Service(session, max_upload_bytes, max_queue)
     holder = {}
-    app = BearerAuth(create_app(service), token, on_request=lambda: holder["watchdog"].touch())
+    app = BearerAuth(BodyLimit(create_app(service), max_body_bytes, max_upload_bytes), token,
+                     on_request=lambda: holder["watchdog"].touch())
     config = uvicorn.Config(app, log_level="warning", ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
@@ -115,10 +119,17 @@ def serve(session, host="127.0.0.1", port=8765, token_file=None, max_upload_byte
     print(f"medclipsam serve: {url} (device {session.device}); token in {token_file} (mode 0600)", file=sys.stderr)
     if ready_file:
         write_ready_file(ready_file, {"url": url, "pid": os.getpid(), "token_file": str(token_file)})
-    holder["watchdog"].start()
+    signals = []
     try:
-        server.run(sockets=[sock])
+        # SIGTERM (how the Slicer module stops it) and SIGINT: uvicorn catches them while it runs, shuts down,
+        # puts these handlers back and raises the signal again (uvicorn/server.py, capture_signals); recorded
+        # here, it ends server.run normally, so the clean-up below runs and the exit code is 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda number, frame: signals.append(number))
+        holder["watchdog"].start()
+        if not signals:
+            server.run(sockets=[sock])
     finally:
-        service.close()
+        service.close()             # cancels the running job, waits for it, removes the service's folder
         log.info("service stopped")
     return 0

@@ -5,9 +5,12 @@ file name without its extension). The spacing comes from the reference's header,
 millimetres on anisotropic grids; one-voxel axes (2D images stored as one-slice volumes) are dropped, so
 2D cases get 2D surfaces. Empty vs empty scores 1 and empty vs non-empty 0 (metrics.py).
 
-Which voxels count as the target: `label` is a segment name (.seg.nrrd) or a label value (labelmaps; a
-name works for labelmaps too when the data set's pseudo_labels.json / dataset.json names it; a name nothing
-defines is an error); without it, every non-zero voxel (every segment) counts.
+Which voxels count as the target: `label` is "PRED=REF" (the prediction's segment and the reference's,
+named differently: "brain tumor=tumor") or one NAME both share; each side a segment name (.seg.nrrd) or a
+label value (labelmaps; a name works for labelmaps too when the data set's pseudo_labels.json /
+dataset.json names it; a name nothing defines is an error). Without it, a file must hold one label only:
+scoring every non-zero voxel of a multi-label reference (a phantom's head, skull, brain and tumour) against
+one predicted structure means nothing, so it is refused in one sentence.
 
 Nothing is dropped silently: a prediction must lie on its reference's grid (origin, spacing, direction;
 else an error: resample it first), and a reference case with no prediction is scored as an empty
@@ -27,8 +30,29 @@ from ..runtime import atomic_output
 log = logging.getLogger("medclipsam")
 
 
-def load_mask(path, label=None):
-    """(bool mask (z, y, x), reference SimpleITK image with the file's grid)."""
+def label_pair(label):
+    """(prediction's label, reference's label) of --label: "PRED=REF", or one NAME for both; None: none."""
+    if label is None:
+        return None, None
+    pred, sep, ref = str(label).partition("=")
+    if not sep:
+        return pred.strip(), pred.strip()
+    if not pred.strip() or not ref.strip():
+        raise MedCLIPSAMError(f"--label '{label}' needs a label on both sides of '=': PRED=REF, e.g. "
+                              "--label 'brain tumor=tumor'")
+    return pred.strip(), ref.strip()
+
+
+def _one_label_only(path, role, names):
+    if len(names) > 1:
+        raise MedCLIPSAMError(f"{role} '{path}' holds {len(names)} labels ({', '.join(names)}); say which to score "
+                              "with --label PRED=REF (the prediction's segment = the reference's, e.g. --label "
+                              "'brain tumor=tumor'), or --label NAME when both name it alike")
+
+
+def load_mask(path, label=None, role="reference"):
+    """(bool mask (z, y, x), reference SimpleITK image with the file's grid). Without `label` the file must
+    hold one label (else one sentence naming its labels)."""
     import SimpleITK as sitk
 
     from ..io import read_segmentation, read_volume
@@ -37,6 +61,7 @@ def load_mask(path, label=None):
     if path.endswith(".seg.nrrd"):
         segments, reference = read_segmentation(path)
         if label is None:
+            _one_label_only(path, role, [f"'{s['name']}'" for s in segments])
             chosen = segments
         else:
             chosen = [s for s in segments if s["name"] == str(label)]
@@ -52,6 +77,8 @@ def load_mask(path, label=None):
     image = read_volume(path)
     array = sitk.GetArrayFromImage(image)
     if label is None:
+        values = np.unique(array[array != 0]) if array.any() else []
+        _one_label_only(path, role, [f"{v:g}" for v in values])
         return array != 0, image
     return array == _label_value(path, label), image
 
@@ -103,11 +130,12 @@ def evaluate_files(pred, gt, tolerance_mm=2.0, label=None, progress=None):
 
     if not tolerance_mm > 0:
         raise MedCLIPSAMError(f"the NSD tolerance must be positive, got {tolerance_mm} mm")
-    gt_paths = list_inputs(gt, "references", False)
-    pairs, missing, extra = match_cases(list_inputs(pred, "predictions", False), gt_paths)
+    gt_paths = list_inputs(gt, "references", False, role="labels")
+    pairs, missing, extra = match_cases(list_inputs(pred, "predictions", False, role="labels"), gt_paths)
     references = {name: g_path for name, _, g_path in pairs}
     if missing:
         references.update({n: p for n, p in by_case(gt_paths, "references").items() if n in missing})
+    pred_label, ref_label = label_pair(label)
     progress = progress or null_progress()
     progress.stage("evaluate", len(references), "Dice and NSD per case")
     predictions = {name: p_path for name, p_path, _ in pairs}
@@ -115,8 +143,8 @@ def evaluate_files(pred, gt, tolerance_mm=2.0, label=None, progress=None):
     for name in sorted(references):
         g_path, p_path = references[name], predictions.get(name)
         if p_path is not None:
-            p, p_ref = load_mask(p_path, label)
-        g, g_ref = load_mask(g_path, label)
+            p, p_ref = load_mask(p_path, pred_label, "prediction")
+        g, g_ref = load_mask(g_path, ref_label, "reference")
         if p_path is None:  # no prediction: scored as an empty one, not left out of the mean
             p = np.zeros_like(g)
         else:

@@ -45,7 +45,10 @@ def is_2d_image_file(path):
 
 
 def expand_inputs(entries, what):
-    """Files from a list of files and folders (a folder: its image/volume files, sorted by name)."""
+    """Files from a list of files and folders (a folder: its image/volume files, sorted by name; an image
+    folder's .seg.nrrd files are labels and left out, a label folder's images beside them too)."""
+    from .weak_data import for_role
+
     if isinstance(entries, (str, os.PathLike)):
         entries = [entries]
     files = []
@@ -56,7 +59,7 @@ def expand_inputs(entries, what):
                            and _has_ext(q, IMAGE_EXTENSIONS + VOLUME_EXTENSIONS))
             if not found:
                 raise MedCLIPSAMError(f"the {what} folder '{p}' holds no image or volume files")
-            files += [str(q) for q in found]
+            files += for_role([str(q) for q in found], {"image": "images", "label": "labels"}.get(what))
         elif p.is_file():
             files.append(str(p))
         else:

@@ -22,6 +22,7 @@ probabilities are averaged, then thresholded and their entropy taken exactly as 
 """
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -72,6 +73,21 @@ def require_nnunet(feature="train-weak --trainer nnunetv2"):
 
 # --------------------------------------------------------------------------------------------------
 # nnU-Net's environment, for this process only
+
+
+@contextlib.contextmanager
+def quiet_prints():
+    """nnU-Net prints notes on stdout ('perform_everything_on_device: False' for every image predicted, its
+    import-time notes): they mean nothing to the user and would break --progress json. They go to the log
+    at debug level (seen with -v)."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                log.debug("nnU-Net: %s", line.strip())
 
 
 @contextlib.contextmanager
@@ -227,6 +243,14 @@ def _install(work, out):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _provenance(meta):
+    """The data set's label provenance (pseudo-label --nnunet-dataset writes it into dataset.json)."""
+    from .weak_data import provenance_of
+
+    part = meta.get("medclipsam_provenance")
+    return provenance_of([part]) if isinstance(part, dict) else {"labels": "given", "random_weights": False}
+
+
 def _train(opts, dataset_id, name, meta, work, progress):
     import torch
 
@@ -255,6 +279,7 @@ def _train(opts, dataset_id, name, meta, work, progress):
         "format": FORMAT, "trainer": TRAINER, "dims": opts.dims, "classes": len(labels), "label_names": names,
         "threshold": opts.threshold, "snapshots": [],
         "options": {k: getattr(opts, k) for k in opts.__dataclass_fields__},
+        "provenance": _provenance(meta),
     }
     records = []
 
@@ -378,7 +403,7 @@ def load_model(folder, config, device):
         except Exception as exc:  # zip / unpickling errors come in many types
             raise MedCLIPSAMError(f"checkpoint '{path}' is corrupt or not a train-weak snapshot "
                                   f"({str(exc).splitlines()[0][:120]})") from None
-    with nnunet_environment(folder), contextlib.redirect_stdout(sys.stderr):   # its import-time notes
+    with nnunet_environment(folder), quiet_prints():   # its import-time notes
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -417,7 +442,7 @@ def mean_probabilities(predictor, states, image, progress=None):
     total = None
     for state in states:
         predictor.list_of_parameters = [state]
-        with contextlib.redirect_stdout(sys.stderr):
+        with quiet_prints():   # 'perform_everything_on_device: False' for every image
             _, prob = predictor.predict_single_npy_array(array[None], {"spacing": spacing}, None, None, True)
         prob = np.asarray(prob, np.float32)
         total = prob if total is None else total + prob

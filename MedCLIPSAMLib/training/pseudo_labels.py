@@ -79,8 +79,9 @@ class PseudoLabeller:
         mine = sorted(self.inputs)[rank::world]
         return [c for c in mine if not ((r := self.record(c)) and "error" not in r and self.label_path(c).is_file())]
 
-    def label_case(self, case, segment):
-        """Segment one case with `segment(image) -> VolumeResult` (uncertainty on); write label + record."""
+    def label_case(self, case, segment, models=None):
+        """Segment one case with `segment(image) -> VolumeResult` (uncertainty on); write label + record.
+        models: {"clip", "sam", "preset", "random_weights"} that made the label, kept in its record."""
         import SimpleITK as sitk
 
         from ..io import read_volume, write_labelmap
@@ -106,7 +107,7 @@ class PseudoLabeller:
                   "confidence": round(float(np.mean([p["confidence"] for p in per_prompt])), 6),
                   "voxels": int(np.count_nonzero(labels)), "prompts": per_prompt,
                   "integer_image": bool(np.issubdtype(sitk.GetArrayViewFromImage(image).dtype, np.integer)),
-                  "image_min": float(sitk.GetArrayViewFromImage(image).min())}
+                  "image_min": float(sitk.GetArrayViewFromImage(image).min()), "models": models}
         _write_text(self.record_path(case), json.dumps(record, indent=1))   # last: marks the case done
         return record
 
@@ -126,9 +127,22 @@ class PseudoLabeller:
         summary = {"prompts": self.prompts, "labels": self.label_values(), "confidence": CONFIDENCE_DEFINITION,
                    "min_confidence": min_confidence, "selected": [r["case"] for r in kept], "cases": records,
                    **(extra or {})}
+        summary["provenance"] = self.provenance()
+        summary["random_models"] = summary["provenance"]["random_weights"]
         _write_text(self.out / "pseudo_labels.json", json.dumps(summary, indent=1))
         _write_text(self.out / "labels.txt", "".join(f"labels/{r['case']}.nrrd\n" for r in kept))
         return summary
+
+    def provenance(self):
+        """Where the labels came from, from the case records (a resumed run keeps what earlier runs used):
+        {"labels": "pseudo-labels", "models": [distinct model sets], "random_weights": any of them random}."""
+        records = [r for r in (self.record(c) for c in sorted(self.inputs)) if r and r.get("models")]
+        models = []
+        for r in records:
+            if r["models"] not in models:
+                models.append(r["models"])
+        return {"labels": "pseudo-labels", "models": models,
+                "random_weights": any(m.get("random_weights") for m in models)}
 
     def label_values(self):
         return {"background": 0, **{name: i for i, name in enumerate(self.prompts, start=1)}}
@@ -174,6 +188,7 @@ class PseudoLabeller:
             "name": folder.name,
             "description": f"pseudo-labels from the MedCLIP-SAM zero-shot pipeline for: {', '.join(self.prompts)}",
             "overwrite_image_reader_writer": "SimpleITKIO",
+            "medclipsam_provenance": self.provenance(),    # carried into a model trained on this data set
         }
         _write_text(folder / "dataset.json", json.dumps(description, indent=2) + "\n")
         return folder

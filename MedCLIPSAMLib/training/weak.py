@@ -279,9 +279,10 @@ def train_weak(opts, progress=None):
 
 def _prepare(opts, progress):
     """Read and normalise the cases and plan the network: (config, training cases, validation cases)."""
-    from .weak_data import fit_normalization, list_inputs, match_pairs, normalize
+    from .weak_data import fit_normalization, labels_provenance, list_inputs, match_pairs, normalize
 
-    pairs = match_pairs(list_inputs(opts.images, "images"), list_inputs(opts.labels, "labels", folders_are_cases=False))
+    pairs = match_pairs(list_inputs(opts.images, "images", role="images"),
+                         list_inputs(opts.labels, "labels", folders_are_cases=False, role="labels"))
     train_pairs, val_pairs = _split(pairs, opts.val_fraction, opts.seed)
     cases, found_names = _load_cases(train_pairs + val_pairs, opts.axis, progress)
     train_cases, val_cases = cases[: len(train_pairs)], cases[len(train_pairs):]
@@ -298,6 +299,7 @@ def _prepare(opts, progress):
         "spacing": spacing, "network": plan, "normalization": norm, "threshold": opts.threshold, "snapshots": [],
         "cases": {"train": [p[0] for p in train_pairs], "validation": [p[0] for p in val_pairs]},
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
+        "provenance": labels_provenance([p[2] for p in pairs]),   # pseudo-labels of random models stay marked
     }
     log.info("weak supervision: %d training / %d validation cases, %dD patch %s, spacing %s, %d classes",
              len(train_cases), len(val_pairs), opts.dims, config["patch_size"], [round(s, 3) for s in spacing],

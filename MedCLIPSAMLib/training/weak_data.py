@@ -22,6 +22,7 @@ log = logging.getLogger("medclipsam")
 # longest first, so "x.seg.nrrd" is not taken for "x.seg" + ".nrrd"
 EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
               ".bmp", ".dcm")
+SEGMENTATION_SUFFIX = ".seg.nrrd"    # Slicer's segmentation: always a label, never an image input
 CHANNEL_SUFFIX = "_0000"  # nnU-Net's image file names: <case>_0000.nii.gz for channel 0
 
 
@@ -35,19 +36,37 @@ def case_name(path):
     return name[: -len(CHANNEL_SUFFIX)] if name.endswith(CHANNEL_SUFFIX) else name
 
 
-def list_inputs(specs, what="inputs", folders_are_cases=True):
+def is_segmentation_file(path):
+    return str(path).lower().endswith(SEGMENTATION_SUFFIX)
+
+
+def for_role(paths, role):
+    """A folder's files for a role. "images": never a .seg.nrrd (a label: `phantoms make` writes NAME.seg.nrrd
+    beside the image NAME.nrrd); "labels": NAME.seg.nrrd rather than the image NAME.* beside it; None: all."""
+    if role == "images":
+        return [p for p in paths if not is_segmentation_file(p)]
+    if role == "labels":
+        segmented = {case_name(p) for p in paths if is_segmentation_file(p)}
+        return [p for p in paths if is_segmentation_file(p) or case_name(p) not in segmented]
+    return list(paths)
+
+
+def list_inputs(specs, what="inputs", folders_are_cases=True, role=None):
     """Paths from one or more specs, each a folder (its image files, and its sub-folders as DICOM series
-    when `folders_are_cases`), a text file with one path per line, or an image file."""
+    when `folders_are_cases`), a text file with one path per line, or an image file. `role` ("images" or
+    "labels") picks a folder's files as for_role does; a .seg.nrrd named as an image is refused."""
     specs = [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
     paths = []
     for spec in specs:
         p = Path(spec)
         if p.is_dir():
+            found = []
             for q in sorted(p.iterdir()):
                 if q.name.startswith("."):
                     continue
                 if (q.is_file() and q.name.lower().endswith(EXTENSIONS)) or (q.is_dir() and folders_are_cases):
-                    paths.append(str(q))
+                    found.append(str(q))
+            paths += for_role(found, role)
         elif p.is_file() and p.suffix.lower() in (".txt", ".lst", ".list"):
             base = p.parent
             for line in p.read_text().splitlines():
@@ -55,6 +74,9 @@ def list_inputs(specs, what="inputs", folders_are_cases=True):
                     q = Path(line.strip())
                     paths.append(str(q if q.is_absolute() else base / q))
         elif p.is_file():
+            if role == "images" and is_segmentation_file(p):
+                raise MedCLIPSAMError(f"{what} '{spec}' is a segmentation (.seg.nrrd), not an image; give the image "
+                                      "it segments")
             paths.append(str(p))
         else:
             raise MedCLIPSAMError(f"{what} '{spec}' does not exist (give a folder, a list file or image files)")
@@ -174,6 +196,37 @@ def names_beside(label_path):
             if by_value:
                 return [by_value.get(k, f"label {k}") for k in range(1, max(by_value) + 1)]
     return None
+
+
+def labels_provenance(label_paths):
+    """Where training labels came from: pseudo-label's runs (pseudo_labels.json above the labels folder) with
+    their models and whether any used random weights; {"labels": "given"} for labels no pseudo-label run
+    wrote. A model trained on them carries this into every output (predict)."""
+    import json
+
+    runs = {}
+    for label in label_paths:
+        summary = Path(label).resolve().parent.parent / "pseudo_labels.json"
+        if summary not in runs and summary.is_file():
+            try:
+                runs[summary] = json.loads(summary.read_text())
+            except ValueError:
+                continue
+    if not runs:
+        return {"labels": "given", "random_weights": False}
+    return provenance_of([s.get("provenance") or {"random_weights": bool(s.get("random_models"))}
+                          for s in runs.values()])
+
+
+def provenance_of(parts):
+    """One provenance from pseudo-label provenances (several runs, or an nnU-Net data set's)."""
+    models = []
+    for part in parts:
+        for m in part.get("models", []):
+            if m not in models:
+                models.append(m)
+    return {"labels": "pseudo-labels", "models": models,
+            "random_weights": any(bool(p.get("random_weights")) for p in parts)}
 
 
 @dataclass

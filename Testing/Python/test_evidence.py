@@ -178,7 +178,10 @@ def test_summary_lines():
              "volume_ml": 12.44}
     assert evidence.summary_line(found) == "found on slices 40-72, 33 of 112; 12.4 ml"
     found.update(mask_slices=[3, 4, 5, 9], volume_ml=0.25)
-    assert evidence.summary_line(found) == "found on slices 3-5, 9, 4 of 112; 0.2 ml"
+    assert evidence.summary_line(found) == "found on slices 3-5, 9, 4 of 112; 0.25 ml"
+    # one slice, a tiny mask (issue 33): not "slices 0, 1 of 1; 0.0 ml"
+    found.update(mask_slices=[0], slices=1, volume_ml=0.001234)
+    assert evidence.summary_line(found) == "found on slice 0 of 1; 0.0012 ml"
     absent = {"prompt": "liver", "found": False, "absent_winner": "a brain MRI", "why": "absent: ..."}
     assert evidence.summary_line(absent) == "not found: no slice matches 'liver' better than 'a brain MRI'"
     gate = {"prompt": "liver", "found": False, "absent_winner": None,

@@ -1,6 +1,7 @@
 """train-weak --trainer nnunetv2: nnU-Net v2 itself on a tiny 2D phantom data set (the shortest schedule),
-then predict on an oblique volume (exact grid, uncertainty, the snapshots' mean), the trained-model
-registry, cancel during nnU-Net's training, and the missing extra (a real import failure in a subprocess).
+then predict on an oblique volume (exact grid, uncertainty, the snapshots' mean) and on an anisotropic permuted
+one (voxels compared with nnU-Net reading the file itself), the trained-model registry, cancel during
+nnU-Net's training, and the missing extra (a real import failure in a subprocess).
 """
 
 import contextlib
@@ -141,14 +142,54 @@ def test_nnunet_trains_in_its_own_folders_and_predicts_on_the_exact_grid(trained
     series = read_volume(str(tmp_path / "series"))
     np.testing.assert_array_equal(masks[..., 0], predict_volume(loaded, series).labels > 0)
     algorithm = ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
-    assert algorithm.AlgorithmName == "MedCLIP-SAM weak supervision, nnunetv2"
-    assert "model=model" in algorithm.AlgorithmParameters and "random_weights=no" in algorithm.AlgorithmParameters
+    assert algorithm.AlgorithmName == "MedCLIP-SAM trained model (nnunetv2)"
+    params = dict(p.split("=", 1) for p in algorithm.AlgorithmParameters.split(","))
+    assert params == {"model": "model", "trainer": "nnunetv2", "labels": "given", "random_weights": "no"}
+    assert ds.ContentDescription == "trained model"      # not "text-prompted segmentation" (issue 33)
 
     # the registry takes it as a train-weak model, like a DynUNet folder
     monkeypatch.setenv("MEDCLIPSAM_HOME", str(tmp_path / "home"))
     entry = trained_models.add(model, "nnunet brain")
     assert entry["kind"] == "weak" and entry["labels"] == ["brain"]
     assert [(m["name"], m["present"]) for m in trained_models.list_models()] == [("nnunet brain", True)]
+
+
+@pytest.mark.slow
+def test_nnunet_prediction_matches_nnunet_reading_the_file_itself(trained, tmp_path):
+    """An anisotropic, permuted-direction volume: the labelmap is on the input's grid (exactly) and its voxels
+    are what nnU-Net gives when its own SimpleITK reader takes the file (array and spacing in nnU-Net's order),
+    so a spacing handed over reversed (x, y, z) or an array transposed would change the voxels."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from MedCLIPSAMLib.training.predict import load_model, predict_volume
+
+    # x 0.8, y 1.3, z 3.0 mm; index axes along A-P, S-I, L-R; reversing the spacing swaps 0.8 and 3.0
+    ph = make_volume("mr", shape=(3, 22, 36), spacing=(0.8, 1.3, 3.0), origin=(-20.5, 14.25, 33.0),
+                     direction="sagittal", seed=7)
+    vol = tmp_path / "sagittal.nrrd"
+    write_volume(vol, ph.image)
+    given = sitk.ReadImage(str(vol))
+    assert given.GetSpacing() == (0.8, 1.3, 3.0)
+    seg = tmp_path / "out.seg.nrrd"
+    assert run_cli("predict", trained["model"], vol, "--output", seg, "--progress", "none", "--device", "cpu")[0] == 0
+    segments, reference = read_segmentation(seg)
+    for get in ("GetSize", "GetOrigin", "GetSpacing", "GetDirection"):
+        assert getattr(reference, get)() == getattr(given, get)(), get
+
+    # the reference: nnU-Net reads the file itself and predicts it with each snapshot; the mean, thresholded
+    loaded = load_model(trained["model"], "cpu")
+    data, props = SimpleITKIO().read_images([str(vol)])
+    assert list(props["spacing"]) == [3.0, 1.3, 0.8]                 # nnU-Net's order: z, y, x
+    members = []
+    for state in loaded.networks:
+        loaded.predictor.list_of_parameters = [state]
+        members.append(np.asarray(loaded.predictor.predict_single_npy_array(data, props, None, None, True)[1]))
+    expected = np.mean(members, axis=0)
+    assert expected.shape == (2, *sitk.GetArrayViewFromImage(given).shape)
+    assert expected[1].max() - expected[1].min() > 0.05               # not flat: a wrong grid would show
+    pred = predict_volume(loaded, given)
+    np.testing.assert_allclose(pred.probabilities, expected, atol=1e-5)
+    np.testing.assert_array_equal(segments[0]["mask"] > 0, expected[1] >= 0.2)
 
 
 @pytest.mark.slow

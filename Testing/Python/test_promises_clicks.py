@@ -37,7 +37,7 @@ def upload(service, image, tmp_path):
 
     path = tmp_path / "volume.nrrd"
     write_volume(path, image)
-    return service.add_volume(path.read_bytes())["volume_id"]
+    return service.add_volume(str(path))["volume_id"]   # the upload as the server saved it
 
 
 def lps_of(image, index_xyz):

@@ -345,12 +345,17 @@ def test_a_service_killed_mid_job_is_reported_and_restarted(tiny_clip, tiny_sam2
         old_pid = service.process.pid
         os.killpg(old_pid, signal.SIGKILL)          # the group we started (its own session)
         service.process.wait(60)
+        from MedCLIPSAMLib.runtime import scratch_root
+
+        left = list(scratch_root().glob(f"serve-{old_pid}-*"))   # no clean-up runs after SIGKILL
+        assert len(left) == 1
         with pytest.raises(ServiceUnavailable) as err:
             client.job(job)
         sentence = service.explain(err.value)
         assert "stopped unexpectedly" in sentence and "SIGKILL" in sentence and sentence.count(". ") == 0
         client = service.ensure()                   # the next Apply
         assert service.process.pid != old_pid and "was started" in service.notice
+        assert not left[0].exists()                 # the new service reclaimed the dead one's folder
         assert client.test_connection()[0]
         with pytest.raises(ServiceError) as err:    # the new service holds no volume yet
             client.submit(volume, ["brain tumor"])

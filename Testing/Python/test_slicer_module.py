@@ -562,7 +562,7 @@ def test_evidence_files_from_a_service_and_unreadable_ones(fake, tmp_path):
         result = jobs.importRun(fake.logic, fake.volume, node, seg, saliencyPaths=paths, reportPath=report)
         node = result.segmentationNode
         assert result.succeeded and list(result.saliencyVolumeNodes) == ["brain"]
-        assert result.summaries == {"brain": "found on slices 2, 1 of 8; 0.5 ml"}
+        assert result.summaries == {"brain": "found on slice 2 of 8; 0.5 ml"}
     for bad in ("{not json", '{"prompts": [{"prompt": "brain"}]}', '{"prompts": 3}'):
         (tmp_path / "bad.json").write_text(bad)
         result = jobs.importRun(fake.logic, fake.volume, node, seg, saliencyPaths=saliency,
