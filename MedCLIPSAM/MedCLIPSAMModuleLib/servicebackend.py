@@ -225,14 +225,13 @@ class ServiceBackend:
 
     def trainedModels(self):
         """The trained models of the service in use ({name, kind, labels, date, present}, no server folder):
-        GET /models/trained of a remote or running local service; a local service not started yet would
-        answer from the user's own registry (it runs with this environment's MEDCLIPSAM_HOME), so that is
-        read here rather than starting one (and its models) to list it."""
-        service = self.service if self.mode == "local" else RemoteService(self.url, self.token)
-        if self.mode == "remote" and not self.url:
-            return []
-        if self.mode == "remote" or (isinstance(service, LocalService) and service.process is not None
-                                     and service.process.poll() is None):
+        GET /models/trained of a remote or running local service (a short timeout: the panel asks on the GUI
+        thread when it is shown); a local service not started yet would answer from the user's own registry
+        (it runs with this environment's MEDCLIPSAM_HOME), so that is read rather than starting one."""
+        if self.mode == "remote":
+            return trainedModels(ServiceClient(self.url, self.token, timeout=5.0)) if self.url else []
+        service = self.service
+        if isinstance(service, LocalService) and service.process is not None and service.process.poll() is None:
             return trainedModels(service.client)
         from . import trained
 
