@@ -1,5 +1,5 @@
 """The segmentation service (`medclipsam serve`) on a real uvicorn server on 127.0.0.1 with tiny-random
-models, driven through the Slicer module's own client and launcher (MedCLIPSAMModuleLib/service.py): the
+models, driven through the Slicer module's own client and launcher (MedCLIPSAMModuleLib/serviceclient.py): the
 token, upload -> job -> progress -> result (equal to the CLI's), cancel, two clients at once, malformed and
 oversize requests, and a service killed mid-job. Plus the session's cache on its own."""
 
@@ -23,7 +23,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
-from MedCLIPSAMModuleLib.service import (  # noqa: E402
+from MedCLIPSAMModuleLib.serviceclient import (  # noqa: E402
     LocalService, ServiceClient, ServiceError, ServiceUnavailable, localReport)
 
 MODELS = ["--models", "tiny-random", "--device", "cpu"]
