@@ -695,7 +695,8 @@ def test_cmake_configures_with_a_stand_in_slicer(tmp_path):
     library = {str(p.relative_to(REPO)) for p in (REPO / "MedCLIPSAMLib").rglob("*.py")
                if "__pycache__" not in p.parts}
     assert "MedCLIPSAM.py" in scripts and library <= scripts and "MedCLIPSAMLib/mrml.py" in scripts
-    module_lib = {str(p.relative_to(MODULE_FILE.parent)) for p in (MODULE_FILE.parent / "MedCLIPSAMModuleLib").glob("*.py")}
+    module_lib = {str(p.relative_to(MODULE_FILE.parent)) for p in (MODULE_FILE.parent / "MedCLIPSAMModuleLib").rglob("*.py")
+                  if "__pycache__" not in p.parts}   # panels/ included
     assert module_lib and module_lib <= scripts  # every file of the module's own package is registered
     assert all(not s.startswith("..") for s in scripts)  # everything lands inside the module folder
     # data files copied beside the module, where resourcePath() finds them in an installed extension
