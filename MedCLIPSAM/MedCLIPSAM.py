@@ -1,13 +1,12 @@
 """MedCLIP-SAM for 3D Slicer: segment structures in a volume from text prompts.
 
-Thin on purpose: zero-shot runs go to the segmentation service (a local `medclipsam serve` kept warm, or a
-remote one); trained models, weak supervision and model checks run as CLI processes (`python -m MedCLIPSAMLib
-... --progress json`); Slicer stays responsive and Cancel stops either. The Qt-free parts are in
+Thin on purpose: everything the panel runs goes to the segmentation service (a local `medclipsam serve`
+kept warm, or a remote one): zero-shot runs, click refinement, trained-model prediction and weak-supervision
+training; only the setup's model checks run as CLI processes. Slicer stays responsive and Cancel stops any. The Qt-free parts are in
 MedCLIPSAMModuleLib/ (one concern a file), scene import/export in MedCLIPSAMLib.mrml. Loading this file
 imports no qt, numpy or torch, and it keeps Python 3.9 syntax so that an older Slicer can say what it needs.
 """
 
-import logging
 import os
 import sys
 from typing import Annotated, Union
@@ -30,17 +29,17 @@ from slicer.util import VTKObservationMixin
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # a checkout loaded by path, as in pytest
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from MedCLIPSAMModuleLib import commands, dependencies, devices, panelstate, prompts, results, trained, weak  # noqa: E402
-from MedCLIPSAMModuleLib import refinepanel, trainedpanel  # noqa: E402
-from MedCLIPSAMModuleLib.backend import LocalProcessBackend  # noqa: E402
-from MedCLIPSAMModuleLib.commands import AXES, DEVICES, DIMS, PRESETS  # noqa: E402
-from MedCLIPSAMModuleLib.evidencepanel import EvidenceSection  # noqa: E402
+from MedCLIPSAMModuleLib import dependencies, devices, modeljobs, panelstate, prompts, results, trained  # noqa: E402
+from MedCLIPSAMModuleLib import trainingjob  # noqa: E402
+from MedCLIPSAMModuleLib.choices import AXES, DEVICES, DIMS, PRESETS  # noqa: E402
 from MedCLIPSAMModuleLib.modeljobs import ModelsJob, requiredModels  # noqa: E402
-from MedCLIPSAMModuleLib.servicebackend import ServiceBackend, useService  # noqa: E402
-from MedCLIPSAMModuleLib.servicepanel import ServicePanel  # noqa: E402
+from MedCLIPSAMModuleLib.panels import refinepanel, resultspanel, trainedpanel  # noqa: E402
+from MedCLIPSAMModuleLib.panels.evidencepanel import EvidenceSection  # noqa: E402
+from MedCLIPSAMModuleLib.panels.servicepanel import ServicePanel  # noqa: E402
+from MedCLIPSAMModuleLib.panels.trainingpanel import WeakSupervisionSection  # noqa: E402
 from MedCLIPSAMModuleLib.paths import mrml, resourcePath, useShippedLibrary  # noqa: E402
+from MedCLIPSAMModuleLib.servicebackend import ServiceBackend  # noqa: E402
 from MedCLIPSAMModuleLib.setupflow import SetupFlow  # noqa: E402
-from MedCLIPSAMModuleLib.weakpanel import WeakSupervisionSection  # noqa: E402
 
 IMAGE_SOURCES = ("scene", "folder")  # weak supervision: the loaded volumes, or a folder of images
 SETTINGS_GROUP = "MedCLIPSAM"
@@ -78,7 +77,7 @@ class MedCLIPSAMParameterNode:
     prompts / weakPrompts - targets, one per line; kept in step with their text boxes by the widget.
     preset / axis / device / models / absentIf - passed to `medclipsam segment`.
     trainedModel - a registered trained model to segment with instead of the preset ("": the preset).
-    weak* - the weak-supervision section (image source, folder, epochs, 2D/3D, device, name, output).
+    weak* - the weak-supervision section (image source, folder, epochs, 2D/3D, device, model name).
     """
 
     # None must be in a node Union (parameterNodeWrapper/util.py isNodeOrUnionOfNodes, v5.10.0)
@@ -100,13 +99,12 @@ class MedCLIPSAMParameterNode:
     weakDims: Annotated[int, Choice(DIMS)] = 2
     weakDevice: Annotated[str, Choice(DEVICES)] = "auto"
     weakModelName: str = "weak-model"
-    weakOutputFolder: str = ""
 
 
 REMEMBERED_SETTINGS = {"prompts": str, "preset": str, "axis": str, "device": str, "models": str, "absentIf": str,
                        "computeUncertainty": bool, "show3D": bool, "trainedModel": str,
                        "weakImageSource": str, "weakImagesFolder": str, "weakEpochs": int, "weakDims": int,
-                       "weakDevice": str, "weakModelName": str, "weakOutputFolder": str}
+                       "weakDevice": str, "weakModelName": str}
 
 
 class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
@@ -116,19 +114,17 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
         result = logic.process(volumeNode, ["brain tumor"], preset="v2")   # waits
         job = logic.startSegmentation(volumeNode, ["liver"], progressCallback=print)  # returns at once
 
-    Zero-shot runs go to `serviceBackend` (a local `medclipsam serve` kept warm, or a remote one) when
-    useService() says so; trained models and the "off" setting use `backend`, the CLI as a child process.
+    Every run goes to `serviceBackend` (a local `medclipsam serve` kept warm, or a remote one).
     """
 
     def __init__(self, scene=None):
         ScriptedLoadableModuleLogic.__init__(self)
         self._scene = scene
-        # Test hooks: another interpreter, or a whole command replacing `python -m MedCLIPSAMLib`.
+        # Test hooks: another interpreter, the setup's `medclipsam` command, more environment for both.
         self.pythonExecutable = None
         self.cliPrefix = None
         self.extraEnvironment = {}
         self.verifiedModels = set()
-        self.backend = LocalProcessBackend(self)
         self.serviceBackend = ServiceBackend(self)  # .configure(mode, url, token); .stop()
 
     @property
@@ -146,9 +142,6 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
 
         found = shutil.which("PythonSlicer") if hasattr(slicer, "app") else None
         return found or sys.executable
-
-    def cliCommand(self):
-        return list(self.cliPrefix) if self.cliPrefix else [self.python(), "-m", "MedCLIPSAMLib"]
 
     def environment(self):
         """The child's environment: this one, with the shipped MedCLIPSAMLib first on the Python path."""
@@ -173,10 +166,7 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
         """Start a run and return its job (poll() or wait()). Options: preset, axis, device, models,
         computeUncertainty, show3D, trainedModel (a registered model's name), samples, absentIf, and
         progressCallback / logCallback / completedCallback."""
-        # a replaced CLI command (cliPrefix, a test hook) cannot serve: a process per run then
-        service = useService("off" if self.cliPrefix else self.serviceBackend.mode, options.get("trainedModel"))
-        return (self.serviceBackend if service else self.backend).startSegmentation(
-            inputVolume, prompts, segmentationNode, **options)
+        return self.serviceBackend.startSegmentation(inputVolume, prompts, segmentationNode, **options)
 
     def process(self, inputVolume, prompts, segmentationNode=None, timeout=None, **options):
         """Run and wait; returns a SegmentationResult (check .status)."""
@@ -213,32 +203,34 @@ class MedCLIPSAMLogic(ScriptedLoadableModuleLogic):
 
     # ---------------------------------------------------------------- trained models, weak supervision
     def trainedModels(self, presentOnly=True):
-        """The registered trained models (dicts: name, kind, folder, labels, date, present)."""
-        return [m for m in trained.call("list_models") if m["present"] or not presentOnly]
+        """The trained models of the service in use (dicts: name, kind, labels, date, present)."""
+        return [m for m in self.serviceBackend.trainedModels() if m["present"] or not presentOnly]
 
     def trainedModel(self, name):
-        return trained.usable(name)
+        """The service's entry of a usable trained model; ValueError (one sentence) otherwise."""
+        for entry in self.trainedModels(presentOnly=False):
+            if entry["name"] == name and entry["present"]:
+                return entry
+        raise ValueError(_("The trained model '{name}' is not usable at the service in use.").format(name=name))
 
     def registerTrainedModel(self, folder, name=None):
-        """Add a model folder (train-weak or medclipseg train) to the registry; ValueError if it is not one."""
+        """Add a model folder made on this computer (train-weak or medclipseg train) to this user's registry,
+        which a local service uses; ValueError if it is not one."""
         return trained.call("add", folder, name)
 
     def removeTrainedModel(self, name):
         trained.call("remove", name)
 
-    def defaultTrainingFolder(self):
-        return os.fspath(trained.registry().default_output_dir())
-
-    def startWeakSupervision(self, images, prompts, modelName="weak-model", outputFolder="", **options):
-        """Pseudo-label `images` (a folder, or volume nodes), train a network, register it: a
-        WeakSupervisionJob (see MedCLIPSAMModuleLib.weak.start for the options)."""
-        return weak.start(self, images, prompts, modelName, outputFolder, **options)
+    def startWeakSupervision(self, images, prompts, modelName="weak-model", **options):
+        """Train at the service: upload `images` (volume nodes, or each file of a folder), pseudo-label them,
+        train a network, register it there: a TrainingJob (see MedCLIPSAMModuleLib.trainingjob.start)."""
+        return trainingjob.start(self.serviceBackend, images, prompts, modelName, **options)
 
     # ----------------------------------------------------------------------------------- setup
     def startModelsJob(self, action, names, *extra, progressCallback=None, completedCallback=None):
         """`medclipsam models ACTION NAME` for each name, one after another (a ModelsJob; poll it)."""
         def command(name):
-            return commands.models(self.cliCommand(), action, name, *extra)
+            return modeljobs.command(self.cliPrefix or [self.python(), "-m", "MedCLIPSAMLib"], action, name, *extra)
 
         return ModelsJob(names, command, self.environment(), progressCallback, completedCallback).start()
 
@@ -309,9 +301,9 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for button, slot in ((self.ui.applyButton, self.onApplyButton), (self.ui.cancelButton, self.onCancelButton),
                              (self.ui.deviceRefreshButton, self.refreshDeviceInfo),
-                             (self.ui.openSegmentEditorButton, self.onOpenSegmentEditor),
-                             (self.ui.exportLabelmapButton, self.onExportLabelmap),
-                             (self.ui.exportFileButton, self.onExportFile),
+                             (self.ui.openSegmentEditorButton, lambda: resultspanel.openSegmentEditor(self)),
+                             (self.ui.exportLabelmapButton, lambda: resultspanel.exportLabelmap(self)),
+                             (self.ui.exportFileButton, lambda: resultspanel.exportFile(self)),
                              (self.ui.setupCheckButton, self.onSetupCheck),
                              (self.ui.downloadModelsButton, self.onDownloadModels),
                              (self.ui.registerModelsButton, self.onRegisterModels),
@@ -461,30 +453,7 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             node.weakDevice = data(self.ui.weakDeviceComboBox)
 
     def populateMethodCombo(self):
-        """The zero-shot presets, then one entry per usable registered trained model (data 'trained:NAME')."""
-        combo = self.ui.presetComboBox
-        wasUpdating, self._updating = self._updating, True
-        try:
-            combo.clear()
-            for value, label in (("v1", _("v1: gScoreCAM + CRF + SAM (MedCLIP-SAM)")),
-                                 ("v2", _("v2: M2IB + KMeans + SAM (MedCLIP-SAMv2)")),
-                                 ("fast", _("fast: GradCAM + SAM (quick look)"))):
-                combo.addItem(label, value)
-            try:
-                models = self.logic.trainedModels()
-            except Exception as exc:  # an unreadable registry must not break the panel
-                logging.warning(f"MedCLIP-SAM: trained models not listed: {exc}")
-                models = []
-            for entry in models:
-                combo.addItem(trained.label(entry), "trained:" + entry["name"])
-                combo.setItemData(combo.count - 1, entry["folder"], 3)  # 3 = Qt.ToolTipRole
-        finally:
-            self._updating = wasUpdating
-        node = self._parameterNode
-        if node and node.trainedModel and combo.findData("trained:" + node.trainedModel) < 0:
-            node.trainedModel = ""  # removed, or its folder is gone: back to the preset
-        elif node:
-            self.onParameterNodeModified()
+        trainedpanel.populateMethodCombo(self)
 
     # ---------------------------------------------------------------------------------- inputs
     def onSuggestionActivated(self, index):
@@ -614,34 +583,6 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QTimer.singleShot(0, self.updateButtons)
         self.servicePanel.refresh()  # the service's state line (port, cache use, a restart)
 
-    # --------------------------------------------------------------------------------- results
-    def onOpenSegmentEditor(self):
-        segmentation = self.ui.outputSegmentationSelector.currentNode()
-        volume = self._parameterNode.inputVolume if self._parameterNode else None
-        slicer.util.selectModule("SegmentEditor")
-        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-        editor.setSegmentationNode(segmentation)
-        if volume is not None:
-            editor.setSourceVolumeNode(volume)
-
-    def onExportLabelmap(self):
-        with slicer.util.tryWithErrorDisplay(_("Export to a labelmap failed."), waitCursor=True):
-            segmentation = self.ui.outputSegmentationSelector.currentNode()
-            reference = segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
-            labelmap = self.logic.exportToLabelmap(segmentation, reference or self._parameterNode.inputVolume)
-            self.ui.statusLabel.text = _("Exported to labelmap volume '{name}'.").format(name=labelmap.GetName())
-            return labelmap
-
-    def onExportFile(self):
-        labelmap = self.onExportLabelmap()
-        if labelmap is None:
-            return
-        # Slicer's own export dialog (file name, format, compression), as in the Data module's context menu
-        saved = slicer.app.ioManager().openDialog("GenericNodeExport", slicer.qSlicerFileDialog.Write,
-                                                  {"selectedNodeID": labelmap.GetID()})
-        if not saved:
-            self.ui.statusLabel.text = _("Labelmap '{name}' was not saved to a file.").format(name=labelmap.GetName())
-
     # ----------------------------------------------------------------------------------- setup
     # SetupFlow's view of the panel: dialogs, the setup status line and the progress bar.
     def confirm(self, text):
@@ -682,10 +623,11 @@ class MedCLIPSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class MedCLIPSAMTest(ScriptedLoadableModuleTest):
-    """Self-test: the real `medclipsam segment` with random test models on a small phantom (offline).
+    """Self-test: the local segmentation service with random test models on a small phantom (offline).
 
     Random weights make the masks meaningless; the test checks the plumbing: segment names, the reference
-    volume, the exported labelmap's grid, re-running into the same node, Cancel, and weak supervision.
+    volume, the exported labelmap's grid, re-running into the same node, Cancel, click refinement, and
+    training at the service then predicting with the trained model.
     """
 
     def setUp(self):
@@ -767,7 +709,7 @@ class MedCLIPSAMTest(ScriptedLoadableModuleTest):
         box leave the scene's node count as it was (no colour table or labelmap per click)."""
         import numpy as np
 
-        from MedCLIPSAMModuleLib.refine import RefineLogic
+        from MedCLIPSAMModuleLib.clickrefine import RefineLogic
         from MedCLIPSAMModuleLib.servicebackend import serviceCanRun
 
         if not serviceCanRun():
@@ -805,37 +747,36 @@ class MedCLIPSAMTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Refine test passed")
 
     def test_WeakSupervisionPhantom(self):
-        """Pseudo-label two phantoms with the random test models, train a 4-filter network for 2 epochs,
-        check the metrics chart and the registration, segment with the model, then forget it again."""
+        """Train at the local service on two phantoms (pseudo-labels of the random test models without SAM,
+        a 4-filter network, 2 epochs), check the metrics chart and the service's listing, predict with the
+        model through the service, then forget it again."""
         import shutil
-        import tempfile
 
-        self.delayDisplay("Weak supervision on two phantoms with random test models")
+        self.delayDisplay("Weak supervision at the service on two phantoms with random test models")
         logic = MedCLIPSAMLogic()
         volumes = [logic.createPhantomVolume(f"phantom {seed}", seed=seed)[0] for seed in (0, 1)]
-        outputFolder = tempfile.mkdtemp(prefix="MedCLIPSAM-selftest-")
         name = f"self-test {os.getpid()}"
         try:
             job = logic.startWeakSupervision(
-                volumes, ["tumor"], name, outputFolder=outputFolder, epochs=2, dims=2, device="cpu",
-                preset="fast", models="tiny-random", snapshots=2, batchSize=4, baseFilters=4, samplesPerEpoch=8,
-                pseudoLabelArgs=["--sam", "none"])
+                volumes, ["tumor"], name, epochs=2, dims=2, device="cpu", preset="fast", models="tiny-random",
+                sam="none", snapshots=2, batchSize=4, baseFilters=4, samplesPerEpoch=8)
             result = job.wait(timeout=900)
             self.assertEqual(result.status, "succeeded", result.message)
             self.assertEqual(result.tableNode.GetNumberOfRows(), 2)
             self.assertEqual(result.chartNode.GetNumberOfPlotSeriesNodes(), 2)
             self.assertEqual(logic.trainedModel(name)["kind"], "weak")
 
-            self.delayDisplay("Segmenting with the trained model")
-            seg = logic.process(volumes[0], [], trainedModel=name, device="cpu", computeUncertainty=True,
-                                timeout=600)
+            self.delayDisplay("Segmenting with the trained model through the service")
+            seg = logic.process(volumes[0], [], trainedModel=name, device="cpu", models="tiny-random",
+                                computeUncertainty=True, timeout=600)
             self.assertEqual(seg.status, "succeeded", seg.message)
             self.assertEqual(mrml().segment_names(seg.segmentationNode), ["tumor"])
             self.assertIsNotNone(seg.uncertaintyVolumeNode)
         finally:
-            try:
+            try:  # the local service trained into this user's registry: take the model out again
+                folder = trained.call("get", name)["folder"]
                 logic.removeTrainedModel(name)
+                shutil.rmtree(folder, ignore_errors=True)
             except ValueError:
                 pass  # training failed before registration
-            shutil.rmtree(outputFolder, ignore_errors=True)
         self.delayDisplay("Weak-supervision test passed")

@@ -71,8 +71,9 @@ def summary_line(report):
     return f"not found: {report['why']}"
 
 
-def report_document(reports, models, saliency_files=None, source=None, output=None):
-    """The JSON document: the driver's per-prompt reports with the models, files and summary added."""
+def report_document(reports, models, saliency_files=None, source=None, output=None, runtime=None):
+    """The JSON document: the driver's per-prompt reports with the models, files and summary added; runtime:
+    what the segmentation computed with (runtime.runtime_summary: threads, wait policy, precision, reason)."""
     prompts = []
     for i, r in enumerate(reports):
         entry = dict(r)
@@ -80,7 +81,7 @@ def report_document(reports, models, saliency_files=None, source=None, output=No
         entry["saliency_file"] = saliency_files[i] if saliency_files else None
         entry["summary"] = summary_line(r)
         prompts.append(entry)
-    return {"version": REPORT_VERSION, "input": source, "output": output, "prompts": prompts}
+    return {"version": REPORT_VERSION, "input": source, "output": output, "runtime": runtime, "prompts": prompts}
 
 
 def write_report(path, document):

@@ -74,6 +74,32 @@ def autocast(device, enabled=True, dtype=None):
 
 
 THREADS_ENV = "MEDCLIPSAM_THREADS"
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+DEFAULT_WAIT_POLICY = "PASSIVE"
+SPINCOUNT_ENV = "GOMP_SPINCOUNT"   # GNU OpenMP's own knob (how long a waiting thread spins); it wins over the policy
+
+# What prepare_openmp() did; the report's and the log's runtime section read it.
+openmp_setup = {"omp_wait_policy": None, "set_by": None, "before_torch": None}
+
+
+def prepare_openmp(environ=None):
+    """Let OpenMP's idle threads sleep instead of spinning: OMP_WAIT_POLICY=PASSIVE unless the user chose
+    (OMP_WAIT_POLICY or GOMP_SPINCOUNT). torch's OpenMP runtime (libgomp on Linux) reads these once, when
+    torch loads, so this must run before the first `import torch`: `medclipsam` (CLI and service, also as
+    started by 3D Slicer) calls it first thing. A spinning thread keeps its core while the thread it waits
+    for is descheduled; beside another busy process that multiplies the time of kernels with many short
+    parallel regions (benchmarks/contention.py: libgomp's default spins 300000 rounds). Returns openmp_setup."""
+    environ = os.environ if environ is None else environ
+    before = "torch" not in sys.modules
+    if environ.get(WAIT_POLICY_ENV) or environ.get(SPINCOUNT_ENV):   # the user's choice stays
+        policy = environ.get(WAIT_POLICY_ENV) or f"{SPINCOUNT_ENV}={environ[SPINCOUNT_ENV]}"
+        openmp_setup.update(omp_wait_policy=policy, set_by="environment", before_torch=before)
+    elif before:
+        environ[WAIT_POLICY_ENV] = DEFAULT_WAIT_POLICY
+        openmp_setup.update(omp_wait_policy=DEFAULT_WAIT_POLICY, set_by="medclipsam", before_torch=True)
+    else:   # too late: torch's OpenMP already runs with its default (active for a while, then sleep)
+        openmp_setup.update(omp_wait_policy=None, set_by=None, before_torch=False)
+    return openmp_setup
 
 
 def usable_cpus():
@@ -101,6 +127,49 @@ def configure_threads(threads=None):
             raise MedCLIPSAMError(f"the number of threads must be at least 1, got {n}")
     torch.set_num_threads(n)
     return n
+
+
+PRECISION_STAGES = ("gate", "saliency", "sam")   # CLIP image tower over the slices; saliency; SAM2 encoder+decoder
+
+
+def precision_plan(device_type, autocast_setting="auto", native_bf16=False):
+    """({stage: "bf16" | "fp16" | "fp32"}, reason): the precision each stage computes in, and why. Pure (no
+    torch), so the decision itself is testable. "auto" is half precision on CUDA/MPS and on CPUs with
+    native bf16, for every stage: with OMP_WAIT_POLICY=PASSIVE (prepare_openmp) bf16 stayed faster than
+    fp32 in the gate, M2IB and SAM2's encoder beside a 2-thread PyTorch process too, on an AVX512-BF16 CPU
+    (benchmarks/results/contention_stages_cpu.json), so no stage is switched to fp32 under load."""
+    half = "fp16" if device_type == "mps" else "bf16"
+    if autocast_setting != "auto":
+        chosen = half if autocast_setting else "fp32"
+        return dict.fromkeys(PRECISION_STAGES, chosen), f"autocast={str(bool(autocast_setting)).lower()} was asked for"
+    if device_type in ("cuda", "mps"):
+        return dict.fromkeys(PRECISION_STAGES, half), f"auto: {half} on {device_type}"
+    if native_bf16:
+        return dict.fromkeys(PRECISION_STAGES, "bf16"), "auto: this CPU computes bf16 natively (avx512_bf16 or amx_bf16)"
+    return dict.fromkeys(PRECISION_STAGES, "fp32"), "auto: this CPU has no native bf16 (it would be emulated: slower)"
+
+
+def runtime_summary(device, autocast_setting="auto"):
+    """What a segmentation computes with, for the log and the report: device, torch threads, the OpenMP
+    wait policy (and who set it), the precision per stage and the reason."""
+    import torch
+
+    device = torch.device(device)
+    precision, reason = precision_plan(device.type, autocast_setting,
+                                       device.type == "cpu" and cpu_has_native_bf16())
+    return {"device": str(device), "threads": torch.get_num_threads(), "usable_cpus": usable_cpus(),
+            "omp_wait_policy": openmp_setup["omp_wait_policy"] or os.environ.get(WAIT_POLICY_ENV) or "default",
+            "wait_policy_set_by": openmp_setup["set_by"] or ("environment" if os.environ.get(WAIT_POLICY_ENV)
+                                                             else None),
+            "precision": precision, "reason": reason}
+
+
+def runtime_line(summary):
+    """One log line of runtime_summary()."""
+    stages = ", ".join(f"{k} {v}" for k, v in summary["precision"].items())
+    by = f" (set by {summary['wait_policy_set_by']})" if summary["wait_policy_set_by"] else ""
+    return (f"runtime: {summary['device']}, {summary['threads']} threads, OpenMP wait policy "
+            f"{summary['omp_wait_policy']}{by}; {stages} ({summary['reason']})")
 
 
 def seed_everything(seed):

@@ -47,7 +47,7 @@ def memory_over_volumes(python, device, count, shape, cache_mb, folder, models):
     """RSS of a service with a small cache budget after each of `count` different volumes."""
     from MedCLIPSAMLib.io import write_volume
     from MedCLIPSAMLib.phantoms import make_volume
-    from MedCLIPSAMModuleLib.service import LocalService
+    from MedCLIPSAMModuleLib.serviceclient import LocalService
 
     service = LocalService(python, ["--models", models, "--device", device, "--cache-mb", str(cache_mb),
                                     "--max-volumes", "4"])
@@ -72,7 +72,7 @@ def memory_over_volumes(python, device, count, shape, cache_mb, folder, models):
 def main(argv=None):
     from MedCLIPSAMLib.io import write_volume
     from MedCLIPSAMLib.phantoms import make_volume
-    from MedCLIPSAMModuleLib.service import LocalService
+    from MedCLIPSAMModuleLib.serviceclient import LocalService
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, nargs=3, default=(28, 256, 256), metavar=("Z", "Y", "X"))

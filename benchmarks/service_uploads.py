@@ -122,7 +122,7 @@ def send(client, method, path, body, chunked):
 
 
 def run_case(name, case, env):
-    from MedCLIPSAMModuleLib.service import LocalService
+    from MedCLIPSAMModuleLib.serviceclient import LocalService
 
     method, path, body, chunked, what = case
     service = LocalService(sys.executable, ["--models", "tiny-random", "--device", "cpu"], env=env, idle_exit=600)

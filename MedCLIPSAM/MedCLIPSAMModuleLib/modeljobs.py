@@ -2,10 +2,11 @@
 the panel's timer: the GUI never waits for a checksum or a download (verify reads gigabytes)."""
 
 import re
+import signal
 
+from .i18n import tr as _
 from .paths import useShippedLibrary
-from .process import BackgroundProcess
-from .progress import errorMessageFromOutput
+from .setupprocess import BackgroundProcess
 
 
 class ModelsJob:
@@ -83,3 +84,23 @@ def requiredModels(models=""):
     from MedCLIPSAMLib.models import REGISTRY, resolve_model_set
 
     return [n for n in resolve_model_set(text or "default") if n in REGISTRY]
+
+
+def errorMessageFromOutput(lines, returnCode):
+    """The sentence to show when a models command failed: the CLI's 'medclipsam: error: ...' line if any."""
+    for line in reversed(lines):
+        if line.startswith("medclipsam: error:"):
+            return line[len("medclipsam: error:"):].strip()
+    if returnCode is not None and returnCode < 0:
+        if -returnCode == getattr(signal, "SIGKILL", 9):
+            return _("the process was killed (often: the computer ran out of memory)")
+        return _("the process was stopped by signal {signal}").format(signal=-returnCode)
+    lastLines = [line for line in lines if line.strip()]
+    if lastLines:
+        return _("the process failed: {last}").format(last=lastLines[-1].strip())
+    return _("the process stopped with exit code {code}").format(code=returnCode)
+
+
+def command(cli, action, name=None, *extra):
+    """`medclipsam models ACTION [NAME] [flags]` (verify, download; verify --adopt)."""
+    return list(cli) + ["models", action] + ([name] if name else []) + list(extra)

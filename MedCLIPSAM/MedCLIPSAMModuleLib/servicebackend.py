@@ -1,6 +1,7 @@
-"""Segmentation through the segmentation service (`medclipsam serve`): ServiceBackend has the Logic's
-backend seam (LocalProcessBackend.startSegmentation's signature) and returns a ServiceJob with
-SegmentationJob's surface (poll, wait, cancel, isRunning, result, the callbacks, process.wait).
+"""The panel's one backend: the segmentation service (`medclipsam serve`, local by default, remote by URL
+and token). startSegmentation returns a ServiceJob (poll, wait, cancel, isRunning, result, the callbacks,
+process.wait) for a zero-shot preset (POST /jobs) or a registered trained model (POST /jobs/trained: a
+weak-supervision ensemble or MedCLIPSeg); startTraining (training.py) uses the same service.
 
 Threads: everything that waits on the network (start or reach the service, upload, submit, follow the job,
 download) runs on the job's worker thread; the scene is touched only on the thread that calls poll() (the
@@ -16,18 +17,18 @@ starts a new one (LocalService.ensure) and the panel shows its notice.
 import importlib.util
 import logging
 import os
-import queue
 import threading
 import time
 
-from . import commands
+from . import choices
 from .i18n import tr as _
-from .jobs import SegmentationResult, endJob, importRun, waitForJob
 from .paths import mrml
 from .prompts import cleanPrompts
-from .service import LocalService, RemoteService, ServiceClient, ServiceError, ServiceUnavailable, localReport
+from .results import SegmentationResult, WorkerJob, endJob, importRun
+from .serviceclient import (LocalService, RemoteService, ServiceClient, ServiceError, ServiceUnavailable, localReport,
+                            submitTrained, trainedModels)
 
-MODES = ("local", "remote", "off")   # a local service (default), a remote one, or a process per run
+MODES = ("local", "remote")   # a local service (default) or a remote one
 FINAL = ("done", "failed", "cancelled")
 # One local service per Slicer process, whichever Logic asks (the panel's, a script's, the self-test's):
 # (models, device) -> LocalService. A new models/device choice stops the one before (each holds models).
@@ -38,17 +39,6 @@ def serviceCanRun():
     """True when this Python has what `medclipsam serve` needs (fastapi and uvicorn); looked up, not
     imported, so that asking costs nothing."""
     return all(importlib.util.find_spec(name) is not None for name in ("fastapi", "uvicorn"))
-
-
-def useService(mode, trainedModel=None, canRun=serviceCanRun):
-    """The one choice of backend: True for the service, False for a process per run.
-
-    Trained models (weak supervision, MedCLIPSeg) run as processes: the service serves the zero-shot
-    presets only. "off" is the process per run; "remote" needs nothing here; "local" needs fastapi and
-    uvicorn in this Python (else the process per run, as before the service existed)."""
-    if trainedModel or mode == "off":
-        return False
-    return mode == "remote" or bool(canRun())
 
 
 def stopLocalServices():
@@ -94,21 +84,25 @@ class ServiceBackend:
     def startSegmentation(self, inputVolume, prompts, segmentationNode=None, preset="v2", axis="axial",
                           device="auto", models="", computeUncertainty=False, show3D=False, progressCallback=None,
                           logCallback=None, completedCallback=None, trainedModel=None, samples=None, absentIf=""):
-        """Start a run on the service; returns a ServiceJob at once (nothing here waits on the network)."""
-        if trainedModel:
-            raise ValueError(_("Trained models run as a process on this computer, not on the service."))
+        """Start a run on the service; returns a ServiceJob at once (nothing here waits on the network).
+
+        trainedModel: a model registered at the service instead of the zero-shot preset. A weak-supervision
+        model segments its own labels (prompts are not sent); a MedCLIPSeg model one segment per prompt (its
+        first training prompt when none), with `samples` stochastic passes."""
         if inputVolume is None or inputVolume.GetImageData() is None:
             raise ValueError(_("Select an input volume that has image data."))
         prompts = cleanPrompts(prompts)
-        if not prompts:
+        choices.check(preset, axis, device)
+        if trainedModel:
+            options = {"model": trainedModel, "uncertainty": bool(computeUncertainty), "samples": samples}
+        elif not prompts:
             raise ValueError(_("Enter at least one prompt (one target per line)."))
-        commands._check(preset, axis, device)
-        # the options of `medclipsam segment` as commands.segment gives them (absentIf: one --absent-if)
-        options = {"preset": preset, "axis": axis, "uncertainty": bool(computeUncertainty),
-                   "report": bool(self.wantReport), "saliency": bool(self.wantSaliency)}
-        if absentIf and absentIf.strip():
-            options["absent_if"] = [absentIf.strip()]
-        options.update(self.jobOptions)
+        else:   # the options of `medclipsam segment` (absentIf: one --absent-if)
+            options = {"preset": preset, "axis": axis, "uncertainty": bool(computeUncertainty),
+                       "report": bool(self.wantReport), "saliency": bool(self.wantSaliency)}
+            if absentIf and absentIf.strip():
+                options["absent_if"] = [absentIf.strip()]
+            options.update(self.jobOptions)
         retired = self._serviceFor(models, device)
         self._watchScene()
         self._dropRemoved()
@@ -120,6 +114,7 @@ class ServiceBackend:
     # -- the service ------------------------------------------------------------------------------
     def configure(self, mode, url="", token=""):
         """The panel's settings; a change takes effect with the next run (a local service then stops)."""
+        mode = "local" if mode == "off" else mode   # the former "process per run" setting
         if mode not in MODES:
             raise ValueError(f"unknown service mode '{mode}'; choose one of {', '.join(MODES)}")
         self.mode, self.url, self.token = mode, (url or "").strip(), (token or "").strip()
@@ -157,9 +152,6 @@ class ServiceBackend:
         token, models, device), started by the refine worker on its first use; ValueError (one sentence)
         when the settings give none. Called on the GUI thread; a replaced local service is stopped by the
         refine worker (stopRetired)."""
-        if self.mode == "off":
-            raise ValueError(_("Click refinement needs the segmentation service: choose a local or remote service "
-                               "in 'Setup and advanced'."))
         if self.mode == "local" and not serviceCanRun():
             raise ValueError(_("Click refinement needs the local segmentation service, and fastapi and uvicorn are "
                                "not installed in Slicer's Python."))
@@ -194,15 +186,13 @@ class ServiceBackend:
 
     def testConnection(self):
         """(ok, one sentence) for "Test connection" (waits on the network: call it off the GUI thread)."""
-        if self.mode == "off":
-            return True, _("No service is used: each Apply runs its own process.")
         if self.mode == "remote":
             if not self.url:
                 return False, _("Enter the remote service's URL first.")
             return ServiceClient(self.url, self.token, timeout=10.0).test_connection()
         if not serviceCanRun():
-            return False, _("fastapi and uvicorn are not installed in Slicer's Python, so each Apply runs its own "
-                            "process (install them with pip to use the local service).")
+            return False, _("fastapi and uvicorn are not installed in Slicer's Python: install them with pip to "
+                            "use the local service, or use a remote one.")
         service = self.service
         if isinstance(service, LocalService) and service.process is not None and service.process.poll() is None:
             return service.client.test_connection()
@@ -210,8 +200,6 @@ class ServiceBackend:
 
     def describe(self):
         """The panel's state line (may ask the service for /info: call it off the GUI thread)."""
-        if self.mode == "off":
-            return _("Each Apply runs its own process (no service).")
         service = self.service
         if isinstance(service, LocalService) and self.starting:
             return _("Local service: starting (the models load once)...")
@@ -234,6 +222,20 @@ class ServiceBackend:
         if self.notice:
             text += " " + _("(Restarted after it stopped.)")
         return text
+
+    def trainedModels(self):
+        """The trained models of the service in use ({name, kind, labels, date, present}, no server folder):
+        GET /models/trained of a remote or running local service (a short timeout: the panel asks on the GUI
+        thread when it is shown); a local service not started yet would answer from the user's own registry
+        (it runs with this environment's MEDCLIPSAM_HOME), so that is read rather than starting one."""
+        if self.mode == "remote":
+            return trainedModels(ServiceClient(self.url, self.token, timeout=5.0)) if self.url else []
+        service = self.service
+        if isinstance(service, LocalService) and service.process is not None and service.process.poll() is None:
+            return trainedModels(service.client)
+        from . import trained
+
+        return [{k: m[k] for k in ("name", "kind", "labels", "date", "present")} for m in trained.call("list_models")]
 
     # -- uploads ---------------------------------------------------------------------------------
     @staticmethod
@@ -308,22 +310,7 @@ class ServiceBackend:
         return self._forgetThread is not None and self._forgetThread.is_alive()
 
 
-class _Worker:
-    """What Widget.cleanup and the self-test use of a job's `process`: wait and the members still alive."""
-
-    def __init__(self, thread):
-        self.thread = thread
-        self.cancelRequested = False
-
-    def wait(self, timeout=None):
-        self.thread.join(timeout)
-        return not self.thread.is_alive()
-
-    def aliveMembers(self):
-        return [self.thread] if self.thread.is_alive() else []
-
-
-class ServiceJob:
+class ServiceJob(WorkerJob):
     """One segmentation on the service. poll() must be called from the thread that owns the scene."""
 
     def __init__(self, backend, service, retired, inputVolume, prompts, options, segmentationNode,
@@ -338,57 +325,28 @@ class ServiceJob:
         self.segmentationNode = segmentationNode
         self.offerUncertainty = offerUncertainty
         self.show3D = show3D
-        self.progressCallback, self.logCallback, self.completedCallback = \
-            progressCallback, logCallback, completedCallback
+        super().__init__(self._work, "medclipsam-service-job", progressCallback, logCallback, completedCallback)
         self.tempDir = self.logic.temporaryDirectory()
-        self.result = None
-        self.lastProgress = None
         self.jobId = None
         self.uploaded = False       # this run sent the volume (False: the service had it)
-        self.startTime = time.monotonic()
-        self._messages = queue.Queue()
-        self._cancel = threading.Event()
         self._inputReady = threading.Event()
         self._inputPath = None
-        self.process = _Worker(threading.Thread(target=self._work, name="medclipsam-service-job", daemon=True))
 
     def start(self):
         self.process.thread.start()
 
-    @property
-    def isRunning(self):
-        return self.result is None
-
-    def cancel(self):
-        self.process.cancelRequested = True
-        self._cancel.set()
-
     # -- the scene's thread ---------------------------------------------------------------------
-    def poll(self):
-        """Handle what the worker sent; finish once it is done. Returns True while running."""
-        if self.result is not None:
+    def _handle(self, kind, payload):
+        if kind == "log":
+            logging.info(f"MedCLIP-SAM service: {payload}")
+            if self.logCallback:
+                self.logCallback(payload)
+        elif kind == "input":
+            self._writeInput()
+        else:
+            self._finish(kind, payload)
             return False
-        while True:
-            try:
-                kind, payload = self._messages.get_nowait()
-            except queue.Empty:
-                return True
-            if kind == "progress":
-                self.lastProgress = payload
-                if self.progressCallback:
-                    self.progressCallback(payload)
-            elif kind == "log":
-                logging.info(f"MedCLIP-SAM service: {payload}")
-                if self.logCallback:
-                    self.logCallback(payload)
-            elif kind == "input":
-                self._writeInput()
-            else:
-                self._finish(kind, payload)
-                return False
-
-    def wait(self, timeout=None, pollInterval=0.05):
-        return waitForJob(self, timeout, pollInterval)
+        return True
 
     def _writeInput(self):
         """The worker needs the volume's file (first upload, or the service lost it): write it here."""
@@ -415,13 +373,10 @@ class ServiceJob:
         if kind == "failed":
             return SegmentationResult("failed", payload, elapsedSeconds=elapsed)
         return importRun(self.logic, self.inputVolume, self.segmentationNode, payload["output"],
-                         payload.get("uncertainty"), self.show3D, 0, elapsed, payload["message"],
+                         payload.get("uncertainty"), self.show3D, elapsed, payload["message"],
                          payload.get("saliency"), payload.get("report"))
 
     # -- the worker thread ------------------------------------------------------------------------
-    def _post(self, kind, payload=None):
-        self._messages.put((kind, payload))
-
     def _progress(self, stage, message, done=0, total=0):
         fraction = min(1.0, done / total) if total else None
         self._post("progress", {"stage": stage, "done": done, "total": total, "message": message,
@@ -472,14 +427,14 @@ class ServiceJob:
             return ("cancelled", None)
         self.backend.forgetPending()     # changed (as found just now) or removed nodes' uploads
         try:
-            status = client.submit(volumeId, self.prompts, **self.options)
+            status = self._submit(client, volumeId)
         except ServiceError as exc:
             if exc.status != 404 or self.uploaded:
                 raise
             volumeId = self._volumeOn(client, again=True)   # the service let it go (restarted, too many)
             if volumeId is None:
                 return ("cancelled", None)
-            status = client.submit(volumeId, self.prompts, **self.options)
+            status = self._submit(client, volumeId)
         self.jobId = status["job_id"]
         status = self._follow(client, status)
         if status["state"] == "cancelled" or self._cancel.is_set():
@@ -488,6 +443,16 @@ class ServiceJob:
             return ("failed", status.get("error") or _("the service ended the job as {state}").format(
                 state=status["state"]))
         return ("done", self._download(client, status))
+
+    def _submit(self, client, volumeId):
+        if "model" not in self.options:
+            return client.submit(volumeId, self.prompts, **self.options)
+        kinds = {m["name"]: m["kind"] for m in trainedModels(client)}
+        if self.options["model"] not in kinds:
+            raise ServiceError(_("The trained model '{name}' is not registered at this service.").format(
+                name=self.options["model"]))
+        prompts = self.prompts if kinds[self.options["model"]] == "medclipseg" else None  # weak: its own labels
+        return submitTrained(client, volumeId, prompts=prompts, **self.options)
 
     def _volumeOn(self, client, again=False):
         """The service's id of the input volume: the earlier upload while the node is unchanged, else a new
@@ -545,6 +510,9 @@ class ServiceJob:
         if status.get("saliency"):
             files["saliency"] = client.result(self.jobId, os.path.join(self.tempDir, "saliency.nrrd"), "saliency")
         document = None
+        if "model" in self.options:     # a trained model's job: its status has one line per segment
+            files["message"] = "; ".join(f"{e['prompt']}: {e['summary']}" for e in status["report"])
+            return files
         if status.get("report_file"):
             files["report"] = client.result(self.jobId, os.path.join(self.tempDir, "report.json"), "report")
             document = localReport(files["report"], files.get("saliency"), output=files["output"])

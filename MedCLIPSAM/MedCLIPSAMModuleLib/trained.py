@@ -1,5 +1,5 @@
-"""The registry of trained models (MedCLIPSAMLib.trained_models) as the panel uses it: one-sentence
-errors become ValueError, and each entry gets its label for the method combo box."""
+"""This user's registry of trained models (MedCLIPSAMLib.trained_models: the one a local service uses) as
+the panel uses it: one-sentence errors become ValueError; each entry gets its label for the method combo."""
 
 from .i18n import tr as _
 from .paths import useShippedLibrary
@@ -21,15 +21,6 @@ def call(action, *args):
         return getattr(module, action)(*args)
     except MedCLIPSAMError as exc:
         raise ValueError(str(exc)) from None
-
-
-def usable(name):
-    """The registry entry of a usable trained model; ValueError (one sentence) otherwise."""
-    entry = call("get", name)
-    if not entry["present"]:
-        raise ValueError(_("The trained model '{name}' is no longer complete in '{folder}'.").format(
-            name=name, folder=entry["folder"]))
-    return entry
 
 
 def label(entry):

@@ -41,8 +41,9 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from ..runtime import setup_logging
+    from ..runtime import prepare_openmp, setup_logging
 
+    prepare_openmp()   # before anything imports torch
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

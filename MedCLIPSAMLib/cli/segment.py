@@ -182,7 +182,7 @@ def write_evidence(args, session, result, image, staged, saliency_output=None, r
         clip_name, sam_name = session.model_names
         models = {"clip": clip_name, "sam": sam_name, "random": session.random}
         document = evidence.report_document(result.report, models, files, source=source or args.volume,
-                                            output=output or args.output)
+                                            output=output or args.output, runtime=result.runtime)
         evidence.write_report(staged(report_output), document)
 
 

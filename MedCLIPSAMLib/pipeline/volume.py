@@ -64,6 +64,7 @@ class VolumeResult:
     report: list = field(default_factory=list)      # per prompt: the numbers the driver used and its decision
     saliency: list = None                           # per prompt: float32 (z,y,x) in [0, 1], 0 on slices
                                                     # without a map (options.saliency), else None
+    runtime: dict = None                            # runtime.runtime_summary(): threads, wait policy, precision
 
 
 def resolve_mode(mode, device):
@@ -339,7 +340,11 @@ class VolumeSegmenter:
 
     # -- all prompts ------------------------------------------------------------------------------
     def __call__(self, image, prompts):
+        from ..runtime import runtime_line, runtime_summary
+
         self._prepare(image)
+        runtime = runtime_summary(self.clip.device, self.settings.autocast)
+        log.info(runtime_line(runtime))
         prompts = [make_prompt(p, self.settings.ensemble) if isinstance(p, str) else p for p in prompts]
         names = [p.text for p in prompts]
         if len(set(names)) != len(names):
@@ -364,7 +369,7 @@ class VolumeSegmenter:
             reports.append(report)
             segments.append({"name": prompt.text, "mask": labels, "color": prompt.color,
                              "terminology": prompt.terminology})
-        return VolumeResult(segments, uncertainty, reports, saliency)
+        return VolumeResult(segments, uncertainty, reports, saliency, runtime)
 
 
 def clean_volume_mask(mask, axis, spacing, min_size_mm3, keys=(), keep_largest=0, crop=True):

@@ -148,7 +148,8 @@ class Service:
         if report:
             models = {"clip": self.session.clip_name, "sam": self.session.sam_name if settings.sam == "sam" else None,
                       "random": self.session.random}
-            text = json.dumps(evidence.report_document(result.report, models, names), indent=1) + "\n"
+            text = json.dumps(evidence.report_document(result.report, models, names, runtime=result.runtime),
+                              indent=1) + "\n"
             document = text.encode("utf-8")
         return files, document
 

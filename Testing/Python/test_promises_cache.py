@@ -151,7 +151,7 @@ def test_a_moved_turned_or_rescaled_volume_is_uploaded_again(change):
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
-    from MedCLIPSAMModuleLib.refine import RefineLogic
+    from MedCLIPSAMModuleLib.clickrefine import RefineLogic
     from MedCLIPSAMModuleLib.servicebackend import ServiceBackend
 
     from MedCLIPSAMLib import mrml

@@ -135,7 +135,7 @@ class RecordingClient:
 
 @pytest.fixture(scope="module")
 def local_service(tiny_clip, tiny_sam2):
-    from MedCLIPSAMModuleLib.service import LocalService
+    from MedCLIPSAMModuleLib.serviceclient import LocalService
 
     svc = LocalService(sys.executable, ["--models", "tiny-random", "--device", "cpu"], env=dict(os.environ),
                        idle_exit=600)
@@ -146,7 +146,7 @@ def local_service(tiny_clip, tiny_sam2):
 
 def test_an_edit_made_while_a_click_is_computed_is_the_next_clicks_starting_mask(local_service):
     slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-    from MedCLIPSAMModuleLib.refine import RefineLogic, RefineRunner
+    from MedCLIPSAMModuleLib.clickrefine import RefineLogic, RefineRunner
 
     from MedCLIPSAMLib import mrml
 

@@ -1,5 +1,5 @@
 """The segmentation service (`medclipsam serve`) on a real uvicorn server on 127.0.0.1 with tiny-random
-models, driven through the Slicer module's own client and launcher (MedCLIPSAMModuleLib/service.py): the
+models, driven through the Slicer module's own client and launcher (MedCLIPSAMModuleLib/serviceclient.py): the
 token, upload -> job -> progress -> result (equal to the CLI's), cancel, two clients at once, malformed and
 oversize requests, and a service killed mid-job. Plus the session's cache on its own."""
 
@@ -23,7 +23,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
-from MedCLIPSAMModuleLib.service import (  # noqa: E402
+from MedCLIPSAMModuleLib.serviceclient import (  # noqa: E402
     LocalService, ServiceClient, ServiceError, ServiceUnavailable, localReport)
 
 MODELS = ["--models", "tiny-random", "--device", "cpu"]
@@ -218,6 +218,9 @@ def test_the_report_and_saliency_volumes_equal_the_clis(served, volumes, tmp_pat
     assert [p["saliency_file"] for p in theirs["prompts"]] == cli_files
     for entry in theirs["prompts"]:
         entry["saliency_file"] = files[theirs["prompts"].index(entry)]
+    # the runtime section describes the process that computed: the service (a `medclipsam serve` process, OpenMP
+    # policy set before torch loaded) and this in-process CLI call (torch already loaded here) differ there only
+    assert mine.pop("runtime")["omp_wait_policy"] == "PASSIVE" and theirs.pop("runtime")["precision"]
     assert mine == theirs and len(mine["prompts"]) == 2 and mine["prompts"][0]["models"]["sam"] is None
     for ours, cli in zip(files, cli_files):
         a, b = read_volume(ours), read_volume(cli)

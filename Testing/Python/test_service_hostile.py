@@ -30,7 +30,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
-from MedCLIPSAMModuleLib.service import LocalService  # noqa: E402
+from MedCLIPSAMModuleLib.serviceclient import LocalService  # noqa: E402
 
 MODELS = ["--models", "tiny-random", "--device", "cpu"]
 UPLOAD = 2 * 1024**2          # --max-upload-mb 2

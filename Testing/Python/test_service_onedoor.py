@@ -2,7 +2,7 @@
 services (uvicorn, tiny-random models): a "local" one and a "remote" one (another port, token and
 MEDCLIPSAM_HOME; the client knows only its URL and token, and every byte goes over HTTP). Volumes come
 from a slicer-core scene and results go back into it, as the panel does, through the module's Qt-free
-client (MedCLIPSAMModuleLib/service.py + serviceclient_jobs.py).
+client (MedCLIPSAMModuleLib/serviceclient.py).
 
 The random models make meaningless masks: the plumbing is what is checked (ids, progress, metrics,
 registration, grids, cancel, one training at a time, the API's sentences)."""
@@ -24,8 +24,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
-from MedCLIPSAMModuleLib import serviceclient_jobs as jobs  # noqa: E402
-from MedCLIPSAMModuleLib.service import LocalService, RemoteService, ServiceError  # noqa: E402
+from MedCLIPSAMModuleLib import serviceclient as jobs  # noqa: E402
+from MedCLIPSAMModuleLib.serviceclient import LocalService, RemoteService, ServiceError  # noqa: E402
 
 from MedCLIPSAMLib import mrml  # noqa: E402
 from MedCLIPSAMLib.io import geometry_equal, read_segmentation, read_volume  # noqa: E402

@@ -24,7 +24,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("sam2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
-from MedCLIPSAMModuleLib.service import LocalService, ServiceError  # noqa: E402
+from MedCLIPSAMModuleLib.serviceclient import LocalService, ServiceError  # noqa: E402
 
 SHAPE = (5, 40, 36)
 

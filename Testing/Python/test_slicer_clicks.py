@@ -27,8 +27,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("sam2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
-from MedCLIPSAMModuleLib.refine import RefineError, RefineLogic  # noqa: E402
-from MedCLIPSAMModuleLib.service import LocalService  # noqa: E402
+from MedCLIPSAMModuleLib.clickrefine import RefineError, RefineLogic  # noqa: E402
+from MedCLIPSAMModuleLib.serviceclient import LocalService  # noqa: E402
 
 from MedCLIPSAMLib import mrml  # noqa: E402
 from MedCLIPSAMLib.phantoms import make_volume  # noqa: E402
@@ -308,7 +308,7 @@ from test_slicer_panel_defects import GilHoldingMainThread, needs_libc  # noqa: 
 def test_11_a_refine_request_with_its_upload_finishes_while_the_main_thread_holds_the_lock(tmp_path, service):
     """The panel's path: prepare here, RefineRunner's thread uploads and refines, the section's 50 ms timer
     polls (active while busy) and writes the result (RefineSection._poll)."""
-    from MedCLIPSAMModuleLib.refine import RefineRunner
+    from MedCLIPSAMModuleLib.clickrefine import RefineRunner
 
     scene, logic, volume, seg, ph = make_scene(tmp_path, service)
     runner = RefineRunner(logic)

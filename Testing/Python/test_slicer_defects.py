@@ -18,10 +18,10 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 
-from test_slicer_module import MODULE_FILE, REPO, UI_FILE, _alive, load_module_file  # noqa: E402
+from test_slicer_module import MODULE_FILE, REPO, UI_FILE, load_module_file  # noqa: E402
 
 from MedCLIPSAMModuleLib import dependencies, devices, modeljobs, panelstate  # noqa: E402
-from MedCLIPSAMModuleLib.process import BackgroundProcess  # noqa: E402
+from MedCLIPSAMModuleLib.setupprocess import BackgroundProcess  # noqa: E402
 from MedCLIPSAMModuleLib.setupflow import SetupFlow  # noqa: E402
 
 POSIX = pytest.mark.skipif(os.name == "nt", reason="process groups and signals are POSIX")
@@ -155,32 +155,41 @@ REAL = textwrap.dedent('''
 ''')
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 @POSIX
 @pytest.mark.parametrize("launcher", ["dies", "ignores"])
-def test_2_cancel_through_a_launcher_leaves_no_process(mod, tmp_path, launcher):
+def test_2_cancel_through_a_launcher_leaves_no_process(tmp_path, launcher):
+    """The setup's model checks run through PythonSlicer (the panel's only processes since the service
+    took every run): Cancel must reach python-real behind the launcher."""
     (tmp_path / "launcher.py").write_text(LAUNCHER)
     (tmp_path / "real.py").write_text(REAL)
-    logic = mod.MedCLIPSAMLogic(scene=slicer.vtkMRMLScene())
-    logic.cliPrefix = [sys.executable, str(tmp_path / "launcher.py"), launcher, sys.executable, str(tmp_path / "real.py")]
-    logic.extraEnvironment = {"RECORD_PID": str(tmp_path / "real.pid")}
-    from MedCLIPSAMLib import phantoms, mrml
-
-    volume = mrml.volume_node_from_sitk(logic.scene, phantoms.make_volume("mr", shape=(4, 16, 16), seed=0).image, "v")
-    events = []
-    job = logic.startSegmentation(volume, ["brain"], progressCallback=events.append)
+    process = BackgroundProcess([sys.executable, str(tmp_path / "launcher.py"), launcher, sys.executable,
+                                 str(tmp_path / "real.py")], env=dict(os.environ, RECORD_PID=str(tmp_path / "real.pid")))
     # the real grace periods: the defect was the pipe grace (2 s) ending before the kill deadline (3 s)
-    assert job.process.PIPE_GRACE_SECONDS < job.process.KILL_GRACE_SECONDS
-    while job.poll() and not events:
+    assert process.PIPE_GRACE_SECONDS < process.KILL_GRACE_SECONDS
+    process.start()
+    while not any(line.startswith("{") for _s, line in process.lines()):
         time.sleep(0.02)
     real = int((tmp_path / "real.pid").read_text())
-    assert _alive(real) and real != job.process.proc.pid
-    job.cancel()
-    result = job.wait(timeout=60)
-    assert result.status == "cancelled"
-    # reported cancelled only once the real interpreter is gone, not when the launcher exited
-    assert not _alive(real), "python-real outlived Cancel"
-    assert job.process.aliveMembers() == []
-    assert not os.path.exists(job.tempDir)
+    assert _alive(real) and real != process.proc.pid
+    process.cancel()
+    deadline = time.monotonic() + 60
+    while not process.isFinished() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # finished only once the real interpreter is gone, not when the launcher exited
+    assert process.isFinished() and not _alive(real), "python-real outlived Cancel"
+    assert process.aliveMembers() == []
 
 
 # ------------------------------------------------------------------ 3. cancel() re-armed its kill deadline
@@ -322,7 +331,7 @@ BLOCKING = {"sleep", "run", "call", "check_output", "communicate", "wait", "proc
 def test_8_the_widget_never_waits():
     """No call in MedCLIPSAMWidget (nor the weak-supervision section) that blocks or spins the event loop;
     cleanup() is the one exception (Slicer is closing: the process tree must be gone first)."""
-    files = [MODULE_FILE, MODULE_FILE.parent / "MedCLIPSAMModuleLib" / "weakpanel.py",
+    files = [MODULE_FILE, MODULE_FILE.parent / "MedCLIPSAMModuleLib" / "panels" / "trainingpanel.py",
              MODULE_FILE.parent / "MedCLIPSAMModuleLib" / "setupflow.py"]
     found = []
     for path in files:

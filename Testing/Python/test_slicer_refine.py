@@ -1,4 +1,4 @@
-"""The module's RefineLogic (MedCLIPSAM/MedCLIPSAMModuleLib/refine.py) in a slicer-core scene with real
+"""The module's RefineLogic (MedCLIPSAM/MedCLIPSAMModuleLib/clickrefine.py) in a slicer-core scene with real
 Markups nodes (point lists, ROI), against a real `medclipsam serve` on 127.0.0.1 with tiny-random models.
 
 Random weights say nothing about a click's quality; checked: only the slices the service returns are
@@ -20,8 +20,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("sam2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
-from MedCLIPSAMModuleLib.refine import RefineError, RefineLogic, RefineRunner  # noqa: E402
-from MedCLIPSAMModuleLib.service import LocalService  # noqa: E402
+from MedCLIPSAMModuleLib.clickrefine import RefineError, RefineLogic, RefineRunner  # noqa: E402
+from MedCLIPSAMModuleLib.serviceclient import LocalService  # noqa: E402
 
 from MedCLIPSAMLib import mrml  # noqa: E402
 from MedCLIPSAMLib.phantoms import make_volume  # noqa: E402

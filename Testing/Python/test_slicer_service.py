@@ -24,7 +24,7 @@ pytest.importorskip("uvicorn")
 from test_slicer_module import load_module_file  # noqa: E402
 
 from MedCLIPSAMModuleLib import servicebackend  # noqa: E402
-from MedCLIPSAMModuleLib.service import LocalService, ServiceClient  # noqa: E402
+from MedCLIPSAMModuleLib.serviceclient import LocalService, ServiceClient  # noqa: E402
 
 RUN = {"models": "tiny-random", "device": "cpu", "preset": "fast"}
 SLOW = {"mode": "per-slice", "no_gate": True}   # every slice through saliency + SAM2: long enough to catch
@@ -169,34 +169,23 @@ def test_the_service_killed_mid_job_fails_in_one_sentence_and_the_next_run_resta
     assert "(Restarted after it stopped.)" in backend.describe()
 
 
-def test_the_backend_choice(logic, monkeypatch):
-    use = servicebackend.useService
-    assert use("local", canRun=lambda: True) and use("remote", canRun=lambda: False)
-    assert not use("local", canRun=lambda: False)                   # no fastapi / uvicorn: a process per run
-    assert not use("off", canRun=lambda: True)
-    assert not use("local", "my-weak-model", canRun=lambda: True)    # trained models: always a process
-    assert servicebackend.serviceCanRun()                           # this Python has both
-
+def test_one_backend_and_the_former_process_setting_means_local(logic, monkeypatch):
+    """Every run goes to the service (zero-shot and trained models alike); a saved "off" (the process per
+    run that is gone) is read as the local service."""
+    assert servicebackend.serviceCanRun()                           # this Python has fastapi and uvicorn
     calls = []
 
     class Recorder:
-        def __init__(self, name):
-            self.name = name
-
         def startSegmentation(self, *args, **kwargs):
-            calls.append(self.name)
+            calls.append(kwargs.get("trainedModel"))
 
-    monkeypatch.setattr(logic, "backend", Recorder("process"))
-    monkeypatch.setattr(logic, "serviceBackend", Recorder("service"))
-    logic.serviceBackend.mode = "local"
+    monkeypatch.setattr(logic, "serviceBackend", Recorder())
     logic.startSegmentation(None, ["a"])
     logic.startSegmentation(None, ["a"], trainedModel="weak-1")
-    logic.serviceBackend.mode = "off"
-    logic.startSegmentation(None, ["a"])
-    logic.serviceBackend.mode = "local"
-    monkeypatch.setattr(logic, "cliPrefix", [sys.executable, "fake_cli.py"])   # a replaced CLI cannot serve
-    logic.startSegmentation(None, ["a"])
-    assert calls == ["service", "process", "process", "process"]
+    assert calls == [None, "weak-1"]
+    backend = servicebackend.ServiceBackend(logic)
+    backend.configure("off")
+    assert backend.mode == "local" and servicebackend.MODES == ("local", "remote")
 
 
 def test_one_local_service_for_every_logic_of_this_process(mod, logic):
@@ -220,13 +209,14 @@ def test_remote_settings_and_test_connection(logic):
     backend.configure("remote", running.url, running.token)
     ok, sentence = backend.testConnection()
     assert ok and sentence.startswith("Connected: medclipsam") and "RANDOM-WEIGHT" in sentence
-    backend.configure("off")
-    assert backend.testConnection()[0] and "own process" in backend.describe()
+    backend.configure("off")                    # the former "process per run": the local service now
+    assert backend.testConnection() == (True, "The local service can run; the next Apply starts it.")
+    assert backend.describe() == "Local service: not running; the next Apply starts it."
     assert isinstance(running, ServiceClient)
 
 
 def test_the_token_stays_out_of_the_scene_and_in_the_user_settings(mod):
-    from MedCLIPSAMModuleLib import servicepanel
+    from MedCLIPSAMModuleLib.panels import servicepanel
 
     fields = [name.lower() for name in mod.MedCLIPSAMParameterNode.__annotations__]
     assert not [f for f in fields if "token" in f or "service" in f or "url" in f]   # saved in .mrml files

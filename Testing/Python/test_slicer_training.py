@@ -1,10 +1,11 @@
 """The Slicer module's training parts without the Slicer application (slicer-core, real MRML scene):
-the trained-model registry, the command lines the Logic builds for pseudo-label / train-weak / predict /
-medclipseg predict (checked by the real parser), and the Logic driving the REAL CLI with tiny settings:
-weak supervision on phantom volumes (progress, metrics table and chart, registration, segmenting with the
-trained model), Cancel during training, and a tiny MedCLIPSeg model segmenting through the Logic.
+the trained-model registry, the metrics chart, and the Logic driving a REAL local service (tiny-random
+models, its own MEDCLIPSAM_HOME): training from two scene volumes (progress, metrics table and chart,
+the model listed by the service, predicting with it), a training from a folder (uploaded file by file)
+that goes on when the scene is closed and stops on Cancel, and a tiny MedCLIPSeg model predicting
+through the service. The HTTP side of the same is in test_service_onedoor.py.
 
-The real-CLI runs use random-weight models: the masks mean nothing, the plumbing is what is checked.
+Random-weight models: the masks mean nothing, the plumbing is what is checked.
 """
 
 import json
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,10 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
 sitk = pytest.importorskip("SimpleITK")
 
-from test_slicer_module import _alive, load_module_file, register_conversion_rules  # noqa: E402
+from test_slicer_module import load_module_file, register_conversion_rules  # noqa: E402
 
-from MedCLIPSAMModuleLib import commands, progress, trained, weak  # noqa: E402
+from MedCLIPSAMModuleLib import trained  # noqa: E402
+from MedCLIPSAMModuleLib import trainingjob as training  # noqa: E402
 
 PROMPT = "brain tumor"
 # one thread per process: two processes with two OpenMP threads each oversubscribe a 2-core runner
@@ -154,19 +157,24 @@ def test_logic_registry_wrappers_and_method_labels(mod, tmp_path, home):
     seg = logic.registerTrainedModel(str(fake_medclipseg_folder(tmp_path / "s")))
     assert trained.label(weak) == "Trained: my net (weak supervision)"
     assert trained.label(seg) == "MedCLIPSeg (trained): s"
-    assert [m["name"] for m in logic.trainedModels()] == ["my net", "s"]
+    # the local service is not running: the listing it would give (its registry is this user's), no folders
+    assert logic.trainedModels() == [{"name": "my net", "kind": "weak", "labels": ["brain"], "date": weak["date"],
+                                      "present": True},
+                                     {"name": "s", "kind": "medclipseg", "labels": ["liver", "a liver"],
+                                      "date": seg["date"], "present": True}]
+    assert logic.serviceBackend.service is None                  # nothing was started to list them
     with pytest.raises(ValueError, match="not a trained model folder"):
         logic.registerTrainedModel(str(tmp_path))
-    with pytest.raises(ValueError, match="no trained model named"):
+    with pytest.raises(ValueError) as err:
         logic.trainedModel("unknown")
+    assert str(err.value) == "The trained model 'unknown' is not usable at the service in use."
     (tmp_path / "s" / "medclipseg.safetensors").unlink()
     assert [m["name"] for m in logic.trainedModels()] == ["my net"]
-    with pytest.raises(ValueError, match="no longer complete"):
+    with pytest.raises(ValueError, match="'s' is not usable"):
         logic.trainedModel("s")
     logic.removeTrainedModel("s")
     with pytest.raises(ValueError):
         logic.removeTrainedModel("s")
-    assert logic.defaultTrainingFolder() == str(home / "trained")
 
 
 def test_weak_supervision_refuses_bad_input(logic, tmp_path):
@@ -179,65 +187,22 @@ def test_weak_supervision_refuses_bad_input(logic, tmp_path):
             ([], PROMPT, "m", "Load at least one volume"),
             (str(tmp_path / "nope"), PROMPT, "m", "does not exist"),
             ([volume], PROMPT, "  ", "name"),
+            ([volume], PROMPT, "m", "epoch"),
     ):
         with pytest.raises(ValueError, match=match):
-            logic.startWeakSupervision(images, prompts, name, outputFolder=str(tmp_path / "out"))
-    with pytest.raises(ValueError, match="epoch"):
-        logic.startWeakSupervision([volume], PROMPT, "m", outputFolder=str(tmp_path / "out"), epochs=0)
+            logic.startWeakSupervision(images, prompts, name, epochs=0 if match == "epoch" else 50)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no files"):
+        logic.startWeakSupervision(str(tmp_path / "empty"), PROMPT, "m")
     assert set(Path(tempfile.gettempdir()).glob("MedCLIPSAM-*")) == temporary  # no temporary folder left
-    assert not (tmp_path / "out").exists()
-
-
-# --------------------------------------------------------------------------------- command lines
-def test_training_command_lines_are_accepted_by_the_real_parser(mod):
-    from MedCLIPSAMLib.cli import build_parser
-
-    parser = build_parser()
-    cli = mod.MedCLIPSAMLogic().cliCommand()
-
-    args = parser.parse_args(commands.pseudoLabel(cli, ["/d"], "/pl", "a\nb\nA", preset="fast", axis="coronal",
-                                                           device="cpu", models="tiny-random",
-                                                           extraArgs=["--sam", "none"])[3:])
-    assert (args.command, args.data, args.prompt, args.output_dir) == ("pseudo-label", ["/d"], ["a", "b"], "/pl")
-    assert (args.preset, args.axis, args.device, args.models, args.sam, args.progress) == (
-        "fast", "coronal", "cpu", "tiny-random", "none", "json")
-
-    args = parser.parse_args(commands.trainWeak(cli, "/d", "/pl/labels.txt", "/m", ["liver", "spleen"], epochs=3,
-                                                         dims=3, axis="sagittal", device="cuda", batchSize=4,
-                                                         baseFilters=4, samplesPerEpoch=8, patchSize=(16, 16, 8))[3:])
-    assert (args.command, args.images, args.labels, args.output) == ("train-weak", ["/d"], ["/pl/labels.txt"], "/m")
-    assert (args.epochs, args.dims, args.axis, args.device, args.progress) == (3, 3, "sagittal", "cuda", "json")
-    assert args.snapshots == 3  # the CLI's default 5 would exceed 3 epochs
-    assert args.label_name == ["liver", "spleen"] and args.patch_size == [16, 16, 8]
-    assert (args.batch_size, args.base_filters, args.samples_per_epoch) == (4, 4, 8)
-    with pytest.raises(ValueError):
-        commands.trainWeak(cli, "/d", "/l", "/m", ["x"], dims=4)
-
-    args = parser.parse_args(commands.predict(cli, "/m", "in.nrrd", "o.seg.nrrd", "mps", "u.nrrd")[3:])
-    assert (args.command, args.model, args.volume, args.output, args.uncertainty_output) == (
-        "predict", "/m", "in.nrrd", "o.seg.nrrd", "u.nrrd")
-    assert args.device == "mps" and args.progress == "json"
-    assert "--uncertainty-output" not in commands.predict(cli, "/m", "i", "o.seg.nrrd")
-
-    args = parser.parse_args(commands.medclipsegPredict(cli, "/m", "in.nrrd", " liver  tumor ", "o.seg.nrrd",
-                                                                 "cpu", "u.nrrd", samples=4)[3:])
-    assert (args.command, args.medclipseg_command, args.model_dir, args.input) == ("medclipseg", "predict", "/m",
-                                                                                   "in.nrrd")
-    assert (args.prompt, args.output, args.uncertainty_output, args.samples, args.progress) == (
-        "liver tumor", "o.seg.nrrd", "u.nrrd", 4, "json")
-    with pytest.raises(ValueError):
-        commands.medclipsegPredict(cli, "/m", "i", " ", "o.seg.nrrd")
+    assert logic.serviceBackend.service is None                                 # nothing was started
 
 
 def test_metrics_table_and_chart(mod, logic, tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"epoch": 1, "loss": 1.5, "lr": 0.01, "val_dice": null}\nnot json\n'
-                    '{"epoch": 2, "loss": 1.25, "lr": 0.005, "val_dice": 0.4}\n'
-                    '{"epoch": 2, "event": "ensemble", "ensemble_val_dice": 0.5}\n{"epoch": 3, "lo')
-    records = progress.readMetricsFile(str(path))
-    assert [r["epoch"] for r in records] == [1, 2]
-    table, series, chart = weak.createMetricsPlot(logic.scene, "m")
-    weak.updateMetricsTable(table, records)
+    records = [{"epoch": 1, "loss": 1.5, "lr": 0.01, "val_dice": None},
+               {"epoch": 2, "loss": 1.25, "lr": 0.005, "val_dice": 0.4}]
+    table, series, chart = training.createMetricsPlot(logic.scene, "m")
+    training.updateMetricsTable(table, records)
     assert table.GetNumberOfRows() == 2
     assert [table.GetTable().GetValueByName(i, "loss").ToDouble() for i in range(2)] == [1.5, 1.25]
     assert np.isnan(table.GetTable().GetValueByName(0, "val_dice").ToDouble())
@@ -247,120 +212,121 @@ def test_metrics_table_and_chart(mod, logic, tmp_path):
     assert [s.GetYColumnName() for s in series] == ["loss", "val_dice"]
 
 
-# ------------------------------------------------------------------------------------- the real CLI
-def _tiny_training(**overrides):
-    """The smallest real run: random models, no SAM for the pseudo-labels, a 4-filter network."""
-    return dict(dict(epochs=2, dims=2, device="cpu", preset="fast", models="tiny-random", snapshots=2, batchSize=4,
-                     baseFilters=4, samplesPerEpoch=8, pseudoLabelArgs=["--sam", "none"]), **overrides)
+# ---------------------------------------------------------------------------- a real local service
+TINY = dict(device="cpu", preset="fast", models="tiny-random", sam="none", snapshots=1, batchSize=4, baseFilters=4,
+            samplesPerEpoch=4)
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def served(mod, tmp_path_factory, tiny_clip, tiny_sam2):
+    """One Logic on the local service for this file, the service with its own MEDCLIPSAM_HOME (it trains
+    and registers there; nothing relies on this process's home)."""
+    home = tmp_path_factory.mktemp("service-home")
+    # the random test models (made once per run by the tiny_* fixtures) are linked in, not built again
+    os.symlink(Path(os.environ["MEDCLIPSAM_HOME"]) / "models", home / "models")
+    logic = mod.MedCLIPSAMLogic(scene=slicer.vtkMRMLScene())
+    logic.extraEnvironment = dict(ONE_THREAD, MEDCLIPSAM_HOME=str(home))
+    logic.home = home
+    yield logic
+    logic.serviceBackend.stop()
+
+
+def finish(job, until=lambda: False, timeout=TIMEOUT):
+    """Poll `job` (as the panel's timer does) until it ends or until() holds; False once it ended."""
+    deadline = time.monotonic() + timeout
+    while job.poll():
+        if until():
+            return True
+        assert time.monotonic() < deadline, "the job did not get there in time"
+        time.sleep(0.05)
+    return False
 
 
 @pytest.mark.slow
-def test_weak_supervision_with_the_real_cli_then_segment_with_the_model(logic, tmp_path):
-    """Three phantom volumes from the scene -> pseudo-label (tiny-random) -> train-weak (2 epochs) ->
-    registered -> `predict` through the segmentation path, with an uncertainty volume."""
-    register_conversion_rules()
-    scene = logic.scene
-    volumes = [add_volume(scene, phantom(seed).image, f"phantom {seed}") for seed in range(3)]
-    events, logs, metrics, done = [], [], [], []
-    started = time.monotonic()
-    job = logic.startWeakSupervision(volumes, PROMPT, "phantom weak", outputFolder=str(tmp_path / "models"),
-                                     progressCallback=events.append, logCallback=logs.append,
-                                     metricsCallback=lambda t, c: metrics.append((t, c)),
-                                     completedCallback=done.append, **_tiny_training())
-    result = job.wait(timeout=600)
-    trained_s = time.monotonic() - started
-    assert result.succeeded, result.message + "\n" + "\n".join(logs[-20:])
-    assert done == [result] and not os.path.exists(job.tempDir)
-
-    # progress over both steps: the fraction only grows and ends at 1
-    fractions = [e["fraction"] for e in events]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(set(fractions)) >= 4
-    assert {e["step"] for e in events} == {"pseudo-label", "train-weak"}
-    assert any(e["stage"] == "train" for e in events)
-
-    # the table mirrors metrics.jsonl, one row per epoch; the chart shows its two series
-    model_dir = tmp_path / "models" / "phantom_weak"
-    assert result.modelDir == str(model_dir)
-    lines = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in lines if "loss" in r]
-    table, chart = result.tableNode, result.chartNode
-    assert metrics and metrics[-1] == (table, chart) and len(epochs) == 2
-    assert table.GetNumberOfRows() == len(epochs)
-    for row, record in enumerate(epochs):
-        assert table.GetTable().GetValueByName(row, "epoch").ToDouble() == record["epoch"]
-        assert table.GetTable().GetValueByName(row, "loss").ToDouble() == record["loss"]
-    assert chart.GetNumberOfPlotSeriesNodes() == 2
-    for i in range(2):
-        series = scene.GetNodeByID(chart.GetNthPlotSeriesNodeID(i))
-        assert series.GetTableNodeID() == table.GetID()
-
-    # registered, with the kind read from the folder
-    entry = logic.trainedModel("phantom weak")
-    assert (entry["kind"], entry["folder"], entry["labels"]) == ("weak", str(model_dir), [PROMPT])
-    assert result.model["name"] == "phantom weak"
-
-    # segment another volume (another grid) with it: segment named by the model, geometry, uncertainty
-    target_image = phantom(9, shape=(5, 30, 26), direction="ras").image
-    target = add_volume(scene, target_image, "target")
-    started = time.monotonic()
-    seg_events = []
-    seg = logic.process(target, "", trainedModel="phantom weak", device="cpu", computeUncertainty=True,
-                        progressCallback=seg_events.append, timeout=300)
-    predict_s = time.monotonic() - started
-    assert seg.succeeded, seg.message
+def test_the_logic_trains_at_the_service_lists_predicts_and_cancels(mod, served, tmp_path):
+    """Two scene volumes -> a training at the local service (2 epochs) -> the model in the service's
+    listing -> a prediction on a third volume through POST /jobs/trained. Then a folder source (uploaded
+    file by file) trains until File > Close Scene, goes on, its chart comes back, and Cancel stops it:
+    nothing registered, its table and chart gone, the service free for the next one."""
     from MedCLIPSAMLib import mrml
-
-    assert mrml.segment_names(seg.segmentationNode) == [PROMPT]
-    labelmap = logic.exportToLabelmap(seg.segmentationNode, target)
-    geometry_matches(labelmap, target)
-    assert seg.uncertaintyVolumeNode is not None
-    geometry_matches(seg.uncertaintyVolumeNode, target)
-    assert seg_events[-1]["stage"] == "finished"
-    print(f"\nweak supervision via the Logic: {trained_s:.1f} s (pseudo-label + train-weak), predict {predict_s:.1f} s")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.name == "nt", reason="process groups are POSIX")
-def test_cancel_during_training_kills_the_process_tree_and_registers_nothing(logic, tmp_path):
-    """A folder as the image source; Cancel once train-weak runs: the process is gone, the scene (the
-    metrics table and chart included) is as before, nothing is registered, the temporary folder is gone."""
-    folder = tmp_path / "images"
-    folder.mkdir()
     from MedCLIPSAMLib.io import write_volume
 
+    register_conversion_rules()
+    logic, scene = served, served.scene
+    volumes = [add_volume(scene, phantom(seed).image, f"phantom {seed}") for seed in range(2)]
+    events, metrics, done = [], [], []
+    job = logic.startWeakSupervision(volumes, PROMPT, "phantom weak", epochs=2, progressCallback=events.append,
+                                     metricsCallback=lambda t, c: metrics.append((t, c)),
+                                     completedCallback=done.append, **TINY)
+    result = job.wait(timeout=TIMEOUT)
+    assert result.succeeded, result.message
+    assert done == [result] and not os.path.exists(job.tempDir)
+    fractions = [e["fraction"] for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    steps = list(dict.fromkeys(e["step"] for e in events))
+    assert steps[0] == "upload" and {"pseudo-label", "train"} <= set(steps)
+    table, chart = result.tableNode, result.chartNode
+    assert metrics[-1] == (table, chart) and table.GetNumberOfRows() == 2
+    assert [table.GetTable().GetValueByName(r, "epoch").ToDouble() for r in range(2)] == [1.0, 2.0]
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+    # the service's registry, as the service lists it (running now: GET /models/trained), no server folder
+    entry = logic.trainedModel("phantom weak")
+    assert entry == result.model and (entry["kind"], entry["labels"]) == ("weak", [PROMPT])
+    assert "folder" not in entry and logic.serviceBackend.service.process.poll() is None
+    assert [m["name"] for m in trained.call("list_models")] == []     # this process's home: untouched
+
+    target = add_volume(scene, phantom(9, shape=(5, 30, 26), direction="ras").image, "target")
+    seg = logic.process(target, "a prompt the weak model ignores", trainedModel="phantom weak",
+                        computeUncertainty=True, timeout=TIMEOUT, **{k: TINY[k] for k in ("device", "models")})
+    assert seg.succeeded, seg.message
+    assert mrml.segment_names(seg.segmentationNode) == [PROMPT]
+    geometry_matches(logic.exportToLabelmap(seg.segmentationNode, target), target)
+    geometry_matches(seg.uncertaintyVolumeNode, target)
+    assert seg.message.startswith(f"{PROMPT}: ")             # the service's per-segment line
+
+    # a folder source, File > Close Scene while it trains, then Cancel
+    folder = tmp_path / "images"
+    folder.mkdir()
     for seed in range(2):
         write_volume(folder / f"case{seed}.nrrd", phantom(seed).image)
-    before = logic.scene.GetNumberOfNodes()
-    events = []
-    job = logic.startWeakSupervision(str(folder), PROMPT, "cancelled net", outputFolder=str(tmp_path / "models"),
-                                     progressCallback=events.append,
-                                     **_tiny_training(epochs=2000, snapshots=1))
-    deadline = time.monotonic() + 300
-    # wait for a finished epoch (the metrics table exists by then)
-    while job.poll() and time.monotonic() < deadline and not (
-            job.tableNode is not None and any(e["stage"] == "train" and e["done"] >= 1 for e in events)):
-        time.sleep(0.05)
-    assert job.isRunning and job.process.step == 1 and job.tableNode is not None
-    pid = job.process.proc.pid
-    assert _alive(pid)
-    started = time.monotonic()
+    uploads = logic.serviceBackend.uploads
+    panel = types.SimpleNamespace(job=None, evidenceSection=types.SimpleNamespace(clear=lambda: None),
+                                  setParameterNode=lambda node: None)
+    from MedCLIPSAMModuleLib.panels.trainingpanel import WeakSupervisionSection
+
+    panel.weakSection = WeakSupervisionSection(panel)
+    closing = mod.MedCLIPSAMWidget.onSceneStartClose
+    tag = scene.AddObserver(scene.StartCloseEvent, lambda caller, event: closing(panel, caller, event))
+    job = panel.weakSection.job = logic.startWeakSupervision(str(folder), PROMPT, "cancelled net", epochs=2000,
+                                                             **TINY)
+    assert finish(job, lambda: job.tableNode is not None)
+    first, rows = job.tableNode, job.tableNode.GetNumberOfRows()
+    scene.Clear(0)                                            # File > Close Scene
+    scene.RemoveObserver(tag)
+    assert not scene.IsNodePresent(first) and job.isRunning and not job.process.cancelRequested
+    # it goes on: the chart comes back in the new scene with every epoch so far, and grows
+    assert finish(job, lambda: job.tableNode is not None and job.tableNode.GetNumberOfRows() > rows)
+    assert scene.IsNodePresent(job.tableNode) and scene.IsNodePresent(job.chartNode)
+    before = scene.GetNumberOfNodes() - 1 - 2 - 1             # without the table, two series, the chart
     job.cancel()
-    result = job.wait(timeout=60)
-    assert result.status == "cancelled", result.message
-    assert time.monotonic() - started < 15
-    assert job.process.returnCode is not None and not _alive(pid)
-    assert logic.trainedModels(presentOnly=False) == []
-    assert logic.scene.GetNumberOfNodes() == before
-    assert not os.path.exists(job.tempDir)
+    result = job.wait(timeout=TIMEOUT)
+    assert result.status == "cancelled" and result.message == "cancelled; no model was registered"
+    assert scene.GetNumberOfNodes() == before
+    assert [m["name"] for m in logic.trainedModels(presentOnly=False)] == ["phantom weak"]
+    assert logic.serviceBackend.uploads == uploads            # not kept as segmentation uploads
 
 
 @pytest.mark.slow
-def test_medclipseg_model_segments_through_the_logic(logic, tmp_path):
-    """A tiny MedCLIPSeg model trained by the real CLI, registered from its folder, run per prompt (two
-    prompts: two processes) and merged into one segmentation with one uncertainty volume."""
+def test_a_medclipseg_model_predicts_through_the_service(served, tmp_path, monkeypatch):
+    """A tiny MedCLIPSeg model trained by the real CLI, registered in the service's home, run with two
+    prompts through the service into one segmentation with one uncertainty volume; no prompt: the model's
+    first training prompt."""
     register_conversion_rules()
+    from MedCLIPSAMLib import mrml
     from MedCLIPSAMLib.io import write_labelmap, write_volume
 
+    logic = served
     images, labels = [], []
     for seed in range(2):
         ph = phantom(seed, shape=(3, 40, 40))
@@ -369,40 +335,25 @@ def test_medclipseg_model_segments_through_the_logic(logic, tmp_path):
         write_volume(images[-1], ph.image)
         write_labelmap(labels[-1], ph.labels["tumor"], ph.image)
     model_dir = tmp_path / "seg-model"
-    started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "MedCLIPSAMLib", "medclipseg", "train", "--images", *map(str, images),
                            "--labels", *map(str, labels), "--prompts", PROMPT, "--output", str(model_dir), "--model",
                            "tiny-random", "--epochs", "1", "--batch-size", "3", "--device", "cpu", "--no-augment",
                            "--progress", "none"], capture_output=True, text=True, timeout=300,
                           env=dict(logic.environment()))
     assert done.returncode == 0, done.stderr[-2000:]
-    train_s = time.monotonic() - started
-
+    monkeypatch.setenv("MEDCLIPSAM_HOME", str(logic.home))   # `medclipsam models trained --add` at the service
     entry = logic.registerTrainedModel(str(model_dir), "tiny seg")
-    assert entry["kind"] == "medclipseg" and entry["labels"] == [PROMPT]
-    assert trained.label(entry) == "MedCLIPSeg (trained): tiny seg"
+    assert entry["kind"] == "medclipseg" and trained.label(entry) == "MedCLIPSeg (trained): tiny seg"
 
     target = add_volume(logic.scene, phantom(5, shape=(4, 36, 30)).image, "target")
-    events = []
-    started = time.monotonic()
-    result = logic.process(target, f"{PROMPT}\ntumor core", trainedModel="tiny seg", device="cpu", samples=2,
-                           computeUncertainty=True, progressCallback=events.append, timeout=300)
-    predict_s = time.monotonic() - started
+    result = logic.process(target, f"{PROMPT}\ntumor core", trainedModel="tiny seg", samples=2,
+                           computeUncertainty=True, timeout=TIMEOUT, **{k: TINY[k] for k in ("device", "models")})
     assert result.succeeded, result.message
-    from MedCLIPSAMLib import mrml
-
     node = result.segmentationNode
     assert mrml.segment_names(node) == [PROMPT, "tumor core"]
     geometry_matches(logic.exportToLabelmap(node, target), target)
-    assert result.uncertaintyVolumeNode is not None
     geometry_matches(result.uncertaintyVolumeNode, target)
     assert logic.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
-    fractions = [e["fraction"] for e in events if e["fraction"] is not None]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0
-    assert any(e["message"].startswith("2/2: ") for e in events)
-
-    # no prompt: the model's first training prompt
-    again = logic.process(target, "", segmentationNode=node, trainedModel="tiny seg", device="cpu", samples=0,
-                          timeout=300)
+    again = logic.process(target, "", segmentationNode=node, trainedModel="tiny seg", samples=0, timeout=TIMEOUT,
+                          **{k: TINY[k] for k in ("device", "models")})
     assert again.succeeded and mrml.segment_names(node) == [PROMPT, "tumor core"]
-    print(f"\nMedCLIPSeg: train {train_s:.1f} s, predict with 2 prompts via the Logic {predict_s:.1f} s")

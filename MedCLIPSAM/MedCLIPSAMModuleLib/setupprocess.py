@@ -1,4 +1,4 @@
-"""Background processes whose output is read by threads and that Cancel really stops.
+"""Background processes (the model checks and downloads of the setup) whose output is read by threads and that Cancel really stops.
 
 Inside Slicer the command starts with `PythonSlicer`, which is CTK's app launcher: it runs `python-real`
 as a child and forwards no signal (Slicer: CMake/SlicerBlockInstallPython.cmake installs the launcher as
@@ -128,10 +128,6 @@ class BackgroundProcess:
             except queue.Empty:
                 return out
 
-    def taggedLines(self):
-        """(step, stream, line) like ProcessChain's: a single process is step 0."""
-        return [(0, stream, line) for stream, line in self.lines()]
-
     def hasPendingLines(self):
         return not self._queue.empty()
 
@@ -208,74 +204,3 @@ class BackgroundProcess:
         else:
             # the group outlives its leader: this reaches python-real after the launcher has gone
             self._signalGroup(signal.SIGKILL)
-
-
-class ProcessChain:
-    """Several commands run one after another as BackgroundProcesses, with BackgroundProcess's interface.
-
-    The next command starts only when the previous one exited with 0 and no cancel was asked for, so a
-    failure or Cancel ends the chain; returnCode is the last started command's. taggedLines() also says
-    which step (0-based) printed each line, for progress that spans the steps.
-    """
-
-    def __init__(self, commands, env=None, cwd=None):
-        self.commands = [list(c) for c in commands]
-        if not self.commands:
-            raise ValueError("no command to run")
-        self.env = env
-        self.cwd = cwd
-        self.step = -1
-        self.current = None
-        self._buffered = []
-
-    @property
-    def stepCount(self):
-        return len(self.commands)
-
-    @property
-    def proc(self):
-        return None if self.current is None else self.current.proc
-
-    @property
-    def cancelRequested(self):
-        return self.current is not None and self.current.cancelRequested
-
-    @property
-    def returnCode(self):
-        return None if self.current is None else self.current.returnCode
-
-    def aliveMembers(self):
-        return [] if self.current is None else self.current.aliveMembers()
-
-    def start(self):
-        self._startNext()
-
-    def _startNext(self):
-        self.step += 1
-        self.current = BackgroundProcess(self.commands[self.step], env=self.env, cwd=self.cwd)
-        self.current.start()
-
-    def taggedLines(self):
-        out = self._buffered + [(self.step, stream, line) for stream, line in self.current.lines()]
-        self._buffered = []
-        return out
-
-    def hasPendingLines(self):
-        return bool(self._buffered) or self.current.hasPendingLines()
-
-    def isFinished(self):
-        if not self.current.isFinished():
-            return False
-        if self.current.returnCode == 0 and not self.current.cancelRequested and self.step + 1 < self.stepCount:
-            # keep the finished step's last lines, tagged with its own step, before moving on
-            self._buffered += [(self.step, stream, line) for stream, line in self.current.lines()]
-            self._startNext()
-            return False
-        return True
-
-    def cancel(self):
-        self.current.cancel()
-
-    def wait(self, timeout=None):
-        """Block until the current step has finished (used after cancel(), which ends the chain)."""
-        return self.current.wait(timeout)

@@ -17,8 +17,8 @@ vtkMRMLSelectionNode.h:87,94, vtkMRMLInteractionNode.h:31,43,52); qMRMLSegmentSe
 
 import slicer
 
-from .i18n import tr as _
-from .refine import VIEW_NAMES, PlaceMode, RefineLogic, RefineRunner, sentence
+from ..i18n import tr as _
+from ..clickrefine import VIEW_NAMES, PlaceMode, RefineLogic, RefineRunner, sentence
 
 POSITIVE_COLOR = (0.0, 0.85, 0.0)     # SegmentWithSAM / nnInteractive: green includes, red excludes
 NEGATIVE_COLOR = (0.95, 0.1, 0.1)

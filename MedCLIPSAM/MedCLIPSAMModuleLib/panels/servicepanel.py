@@ -1,5 +1,5 @@
-"""The "Service" group of "Setup and advanced", built in code: where segmentation runs (a local service,
-a remote one, or a process per run), the remote URL and token, "Test connection", and a state line.
+"""The "Service" group of "Setup and advanced", built in code: where everything the panel runs goes (a
+local service or a remote one), the remote URL and token, "Test connection", and a state line.
 
 The settings live in the user's settings (QSettings), not in the parameter node: they describe this
 computer, not a scene, and the token must never be saved into a .mrml scene file (those are shared). The
@@ -12,8 +12,8 @@ QTimer brings the one-line answer back to the panel. qt is imported where used.
 
 import threading
 
-from .i18n import tr as _
-from .servicebackend import MODES
+from ..i18n import tr as _
+from ..servicebackend import MODES
 
 SETTINGS_KEYS = {"mode": "MedCLIPSAM/serviceMode", "url": "MedCLIPSAM/serviceUrl", "token": "MedCLIPSAM/serviceToken"}
 
@@ -34,10 +34,9 @@ class ServicePanel:
         form = qt.QFormLayout(self.box)
         self.modeCombo = qt.QComboBox()
         for value, label in (("local", _("a local service (started by Slicer, kept warm)")),
-                             ("remote", _("a remote service (e.g. a GPU machine)")),
-                             ("off", _("a separate process for each Apply"))):
+                             ("remote", _("a remote service (e.g. a GPU machine)"))):
             self.modeCombo.addItem(label, value)
-        self.modeCombo.toolTip = _("Zero-shot segmentation runs here; trained models always run as a process.")
+        self.modeCombo.toolTip = _("Segmentation, trained models, click refinement and training all run here.")
         self.urlEdit = qt.QLineEdit()
         self.urlEdit.placeholderText = "https://gpu-box:8765"
         self.urlEdit.toolTip = _("The URL 'medclipsam serve --host ...' listens on")

@@ -1,12 +1,12 @@
 """The weak-supervision section of the MedCLIPSAM panel: its buttons, progress, log and chart, around a
-WeakSupervisionJob (MedCLIPSAMModuleLib.weak). It works on the panel's widgets; qt is imported where used."""
+TrainingJob at the service (MedCLIPSAMModuleLib.trainingjob). It works on the panel's widgets; qt is imported where used."""
 
 import os
 
 import slicer
 
-from . import panelstate, prompts, weak
-from .i18n import tr as _
+from .. import panelstate, prompts, trainingjob
+from ..i18n import tr as _
 
 
 class WeakSupervisionSection:
@@ -25,10 +25,8 @@ class WeakSupervisionSection:
     def connect(self):
         ui = self.panel.ui
         for button, slot in ((ui.weakFolderBrowseButton, self.onBrowseWeakFolder),
-                             (ui.weakOutputBrowseButton, self.onBrowseWeakOutput),
                              (ui.weakStartButton, self.onWeakStart), (ui.weakCancelButton, self.onWeakCancel)):
             button.connect("clicked(bool)", slot)
-        ui.weakOutputFolderLineEdit.placeholderText = self.panel.logic.defaultTrainingFolder()
         ui.weakLogTextEdit.setMaximumBlockCount(5000)
         ui.weakProgressBar.setRange(0, 100)
         ui.weakProgressBar.hide()
@@ -39,7 +37,7 @@ class WeakSupervisionSection:
         running = self.job is not None and self.job.isRunning
         problems = []
         if node and node.weakImageSource == "scene":
-            count = len(weak.trainingVolumes(slicer.mrmlScene))
+            count = len(trainingjob.trainingVolumes(slicer.mrmlScene))
             self.panel.ui.weakSourceInfoLabel.text = _("{count} volume(s) loaded").format(count=count)
             if not count:
                 problems.append(_("Load the training volumes, or choose a folder."))
@@ -69,11 +67,6 @@ class WeakSupervisionSection:
         if folder:
             self.panel._parameterNode.weakImagesFolder = folder
 
-    def onBrowseWeakOutput(self):
-        folder = self.browseFolder(_("Folder for trained models"), self.panel._parameterNode.weakOutputFolder)
-        if folder:
-            self.panel._parameterNode.weakOutputFolder = folder
-
     def onWeakStart(self):
         self.panel.saveSettings()
         self.panel.setupFlow.ensure(self.startWeakSupervision, self.panel._parameterNode.models, training=True)
@@ -81,13 +74,13 @@ class WeakSupervisionSection:
     def startWeakSupervision(self):
         with panelstate.errorShownOnce(_("Weak supervision could not start.")):
             node = self.panel._parameterNode
-            images = node.weakImagesFolder if node.weakImageSource == "folder" else weak.trainingVolumes(
+            images = node.weakImagesFolder if node.weakImageSource == "folder" else trainingjob.trainingVolumes(
                 slicer.mrmlScene)
             self.panel.ui.weakLogTextEdit.clear()
             self.panel.showProgress(self.panel.ui.weakProgressBar, self.panel.ui.weakStatusLabel, _("Starting..."))
             try:
                 self.job = self.panel.logic.startWeakSupervision(
-                    images, node.weakPrompts, node.weakModelName, node.weakOutputFolder, epochs=node.weakEpochs,
+                    images, node.weakPrompts, node.weakModelName, epochs=node.weakEpochs,
                     dims=node.weakDims, device=node.weakDevice, axis=node.axis, preset=node.preset,
                     models=node.models, progressCallback=self.onWeakProgress, logCallback=self.onWeakLog,
                     metricsCallback=self.onWeakMetrics, completedCallback=self.onWeakCompleted)
@@ -99,7 +92,7 @@ class WeakSupervisionSection:
             self.updateWeakButtons()
 
     def onSceneStartClose(self):
-        """File > Close Scene: training keeps running (its images were copied when it started); its chart
+        """File > Close Scene: training keeps running (its volumes were uploaded when it started); its chart
         comes back in the new scene with the next epoch."""
         if self.job is not None and self.job.isRunning:
             self.job.sceneClosed()

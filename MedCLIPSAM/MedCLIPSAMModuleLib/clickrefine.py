@@ -1,7 +1,7 @@
 """Refine a segment with clicks: Markups point lists (positive / negative) and an ROI box -> the service's
 POST /volumes/{id}/refine -> only the changed slices written into the segment. Qt-free (slicer-core scene).
 
-The segmentation service (`medclipsam serve`, MedCLIPSAMModuleLib/service.py) does the work on its
+The segmentation service (`medclipsam serve`, MedCLIPSAMModuleLib/serviceclient.py) does the work on its
 cached SAM2 encodings; this logic is its client in the scene:
 - the input volume is uploaded once (again when its voxels change or the service forgot it);
 - the segment is sent as it is now (packed bits) only when it differs from what the service last gave
@@ -381,7 +381,7 @@ class RefineLogic:
         """The network part (worker thread): upload when needed, then the request; one upload again when the
         service forgot the volume. Sets request.reply, or request.needsUpload when the volume must be read
         from the scene first (withVolume() on the GUI thread, then send again)."""
-        from .service import ServiceError
+        from .serviceclient import ServiceError
 
         client = self._client()
         for attempt in range(2):

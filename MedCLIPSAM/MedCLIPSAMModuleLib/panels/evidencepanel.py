@@ -9,8 +9,8 @@ imported where used.
 
 import slicer
 
-from .evidenceview import EvidenceCleaner, EvidenceView
-from .i18n import tr as _
+from ..evidenceview import EvidenceCleaner, EvidenceView
+from ..i18n import tr as _
 
 DATA_SELECTED = "dataSelected(vtkStringArray*, vtkCollection*)"  # qMRMLPlotView's signal
 
