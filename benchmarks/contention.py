@@ -26,7 +26,6 @@ meaningless. Timings belong here, never in tests.
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import tempfile
 import time
 
 from benchmarks import write_record
-from benchmarks.cpu_minute import CLIP, NEW_SAM, _load, cpu_description, run_segment
+from benchmarks.cpu_minute import CLIP, NEW_SAM, _load, build_random_models, host_record, run_segment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -272,34 +271,19 @@ def main(argv=None):
         return 0
     if not args.end_to_end:
         return stage_main(args)
-    cases = args.beside.split(",")
-    variants = args.variants.split(",") if args.variants else list(VARIANTS)
-    for name in cases:
-        if name not in COMPETITORS:
-            raise SystemExit(f"unknown --beside case '{name}'; choose from {', '.join(COMPETITORS)}")
-    for name in variants:
-        if name not in VARIANTS:
-            raise SystemExit(f"unknown variant '{name}'; choose from {', '.join(VARIANTS)}")
+    cases, variants = _cases_and_variants(args, VARIANTS)
 
     import SimpleITK as sitk
 
     from MedCLIPSAMLib.phantoms import make_volume
 
-    record = {"benchmark": "contention", "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-              **cpu_description(), "shape_zyx": list(args.shape), "models": f"{CLIP},{NEW_SAM}",
-              "models_random": True, "load_start": _load(), "code": subprocess.run(
-                  ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-              "competitors": COMPETITORS, "variants": {v: VARIANTS[v] for v in variants}, "runs": []}
+    record = _record("contention", VARIANTS, variants, shape_zyx=list(args.shape))
 
     def save():
         if args.json:
             write_record(args.json, record)
 
-    # the random models are built once, outside the timed runs
-    subprocess.run([sys.executable, "-c", "from MedCLIPSAMLib.models import load_clip, load_sam2; "
-                    f"load_clip('{CLIP}'); load_sam2('{NEW_SAM}')"],
-                   cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), check=True, capture_output=True)
+    build_random_models(NEW_SAM)
     work = tempfile.mkdtemp(prefix="contention-")
     try:
         path = os.path.join(work, "mr.nrrd")
@@ -346,23 +330,10 @@ def main(argv=None):
 
 
 def stage_main(args):
-    cases = args.beside.split(",")
-    variants = args.variants.split(",") if args.variants else list(STAGE_VARIANTS)
-    for name in cases:
-        if name not in COMPETITORS:
-            raise SystemExit(f"unknown --beside case '{name}'; choose from {', '.join(COMPETITORS)}")
-    for name in variants:
-        if name not in STAGE_VARIANTS:
-            raise SystemExit(f"unknown variant '{name}'; choose from {', '.join(STAGE_VARIANTS)}")
+    cases, variants = _cases_and_variants(args, STAGE_VARIANTS)
     spec = {"gate_slices": args.gate_slices, "m2ib_steps": args.m2ib_steps, "sam_slices": args.sam_slices,
             "repeats": args.stage_repeats}
-    record = {"benchmark": "contention (stages)", "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-              **cpu_description(), "models": f"{CLIP},{NEW_SAM}", "models_random": True, "load_start": _load(),
-              "code": subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip(),
-              "work": spec, "competitors": COMPETITORS,
-              "variants": {v: STAGE_VARIANTS[v] for v in variants}, "runs": []}
+    record = _record("contention (stages)", STAGE_VARIANTS, variants, work=spec)
     for rep in range(args.repeats):
         for case in cases:
             proc = start_competitor(case)
@@ -390,6 +361,26 @@ def stage_main(args):
     if args.json:
         write_record(args.json, record)
     return 0
+
+
+def _cases_and_variants(args, known_variants):
+    """The --beside cases and --variants asked for (all of known_variants by default), each checked by name."""
+    cases = args.beside.split(",")
+    variants = args.variants.split(",") if args.variants else list(known_variants)
+    for name in cases:
+        if name not in COMPETITORS:
+            raise SystemExit(f"unknown --beside case '{name}'; choose from {', '.join(COMPETITORS)}")
+    for name in variants:
+        if name not in known_variants:
+            raise SystemExit(f"unknown variant '{name}'; choose from {', '.join(known_variants)}")
+    return cases, variants
+
+
+def _record(benchmark, known_variants, variants, **extra):
+    """The JSON record both modes start from: host, models, code, competitors and the variants that run."""
+    code = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return host_record(benchmark, models=f"{CLIP},{NEW_SAM}", models_random=True, code=code, **extra,
+                       competitors=COMPETITORS, variants={v: known_variants[v] for v in variants}, runs=[])
 
 
 def _runtime_of(report_path):
