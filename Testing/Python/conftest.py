@@ -55,6 +55,19 @@ def torchrun():
     return run
 
 
+@pytest.fixture(scope="module")
+def local_service(tiny_clip, tiny_sam2):
+    """A real `medclipsam serve` child with tiny-random models on the CPU, one per test file (the file puts
+    MedCLIPSAM/ on sys.path for the module's serviceclient)."""
+    from MedCLIPSAMModuleLib.serviceclient import LocalService
+
+    svc = LocalService(sys.executable, ["--models", "tiny-random", "--device", "cpu"], env=dict(os.environ),
+                       idle_exit=600)
+    svc.ensure()
+    yield svc
+    svc.stop()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def no_local_service_outlives_its_test_file():
     """A Logic that segments through the service starts a local one shared by the whole process (as in

@@ -7,7 +7,6 @@
   while a click is computed is the starting mask the next click sends.
 Random weights say nothing about a click's quality: geometry and bookkeeping are checked."""
 
-import os
 import sys
 import threading
 from pathlib import Path
@@ -131,17 +130,6 @@ class RecordingClient:
 
     def __getattr__(self, name):
         return getattr(self.client, name)
-
-
-@pytest.fixture(scope="module")
-def local_service(tiny_clip, tiny_sam2):
-    from MedCLIPSAMModuleLib.serviceclient import LocalService
-
-    svc = LocalService(sys.executable, ["--models", "tiny-random", "--device", "cpu"], env=dict(os.environ),
-                       idle_exit=600)
-    svc.ensure()
-    yield svc
-    svc.stop()
 
 
 def test_an_edit_made_while_a_click_is_computed_is_the_next_clicks_starting_mask(local_service):

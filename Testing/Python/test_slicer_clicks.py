@@ -28,7 +28,6 @@ pytest.importorskip("sam2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
 from MedCLIPSAMModuleLib.clickrefine import RefineError, RefineLogic  # noqa: E402
-from MedCLIPSAMModuleLib.serviceclient import LocalService  # noqa: E402
 
 from MedCLIPSAMLib import mrml  # noqa: E402
 from MedCLIPSAMLib.phantoms import make_volume  # noqa: E402
@@ -37,12 +36,8 @@ LABELMAP = "Binary labelmap"
 
 
 @pytest.fixture(scope="module")
-def service(tiny_clip, tiny_sam2):
-    svc = LocalService(sys.executable, ["--models", "tiny-random", "--device", "cpu"], env=dict(os.environ),
-                       idle_exit=600)
-    svc.ensure()
-    yield svc
-    svc.stop()
+def service(local_service):
+    return local_service   # conftest.py: a real `medclipsam serve` with tiny-random models
 
 
 def make_scene(tmp_path, service, oversample=1):

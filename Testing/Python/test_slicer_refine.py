@@ -7,7 +7,6 @@ segments stay, undo restores bit for bit, a new segment comes from an ROI box al
 volume gets one sentence and changes nothing."""
 
 import base64
-import os
 import sys
 import threading
 from pathlib import Path
@@ -21,7 +20,6 @@ pytest.importorskip("sam2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
 from MedCLIPSAMModuleLib.clickrefine import RefineError, RefineLogic, RefineRunner  # noqa: E402
-from MedCLIPSAMModuleLib.serviceclient import LocalService  # noqa: E402
 
 from MedCLIPSAMLib import mrml  # noqa: E402
 from MedCLIPSAMLib.phantoms import make_volume  # noqa: E402
@@ -32,12 +30,8 @@ COLOR = (0.2, 0.4, 0.9)
 
 
 @pytest.fixture(scope="module")
-def service(tiny_clip, tiny_sam2):
-    svc = LocalService(sys.executable, ["--models", "tiny-random", "--device", "cpu"], env=dict(os.environ),
-                       idle_exit=600)
-    svc.ensure()
-    yield svc
-    svc.stop()
+def service(local_service):
+    return local_service   # conftest.py: a real `medclipsam serve` with tiny-random models
 
 
 @pytest.fixture
