@@ -1,11 +1,14 @@
 """Shared test setup: offline, a private model cache per run, few threads (CI has 2 cores)."""
 
 import atexit
+import http.client
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 # set before anything imports torch / huggingface_hub
@@ -76,3 +79,25 @@ def no_local_service_outlives_its_test_file():
     backend = sys.modules.get("MedCLIPSAMModuleLib.servicebackend")
     if backend is not None:
         backend.stopLocalServices()
+
+
+def http_request(client, method, path, body=b"", headers=None, token=True, chunked=False, timeout=120):
+    """One HTTP request to a served client, outside the client (test_service*.py): (status, parsed JSON body
+    or bytes). chunked: the body is sent without a Content-Length, in 64 KB chunks (a client that stops being
+    read gets its answer all the same)."""
+    url = urllib.parse.urlsplit(client.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+    headers = dict(headers or {})
+    if token is True:
+        headers["Authorization"] = f"Bearer {client.token}"
+    elif token:
+        headers["Authorization"] = token
+    if chunked:
+        chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))
+        conn.request(method, path, body=chunks, headers=headers, encode_chunked=True)
+    else:
+        conn.request(method, path, body=body, headers=headers)
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, json.loads(data) if data[:1] == b"{" else data
