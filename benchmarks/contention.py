@@ -291,32 +291,22 @@ def main(argv=None):
         sitk.WriteImage(ph.image, path)
         del ph
         text_dir = os.path.join(work, "text")   # the disk text cache: warm after the first run, as for a user
-        for rep in range(args.repeats):
-            for case in cases:
-                proc = start_competitor(case)
-                try:
-                    # rotate the order per case and repeat so no variant always runs first after a start
-                    shift = (rep + cases.index(case)) % len(variants)
-                    for v in variants[shift:] + variants[:shift]:
-                        env, extra = VARIANTS[v]
-                        for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-                            os.environ.pop(k, None)
-                        others = busiest_others()
-                        run = run_segment(REPO, path, work, f"{CLIP},{NEW_SAM}",
-                                          {"MEDCLIPSAM_TEXT_CACHE": text_dir, **env}, f"r{rep}-{case}-{v}".replace(" ", "_"),
-                                          extra_args=extra)
-                        run.update(variant=v, beside=case, repeat=rep, others_before=others)
-                        run["runtime"] = _runtime_of(os.path.join(work, f"r{rep}-{case}-{v}".replace(" ", "_")
-                                                                  + ".report.json"))
-                        record["runs"].append(run)
-                        print(f"[{case:>6}] {v:<16} {run['total_wall_s']:6.1f} s wall {run['total_cpu_s']:6.1f} s CPU "
-                              f"load {run['load_before'][0]:.1f}->{run['load_after'][0]:.1f}  beside: "
-                              f"{'; '.join(others[:3])}", flush=True)
-                        save()
-                finally:
-                    cpu = stop_competitor(proc)
-                    if cpu is not None:
-                        record.setdefault("competitor_cpu_s", []).append({"case": case, "repeat": rep, "cpu_s": cpu})
+        for rep, case, v in _each_run(args.repeats, cases, variants, record):
+            env, extra = VARIANTS[v]
+            for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+                os.environ.pop(k, None)
+            others = busiest_others()
+            run = run_segment(REPO, path, work, f"{CLIP},{NEW_SAM}",
+                              {"MEDCLIPSAM_TEXT_CACHE": text_dir, **env}, f"r{rep}-{case}-{v}".replace(" ", "_"),
+                              extra_args=extra)
+            run.update(variant=v, beside=case, repeat=rep, others_before=others)
+            run["runtime"] = _runtime_of(os.path.join(work, f"r{rep}-{case}-{v}".replace(" ", "_")
+                                                      + ".report.json"))
+            record["runs"].append(run)
+            print(f"[{case:>6}] {v:<16} {run['total_wall_s']:6.1f} s wall {run['total_cpu_s']:6.1f} s CPU "
+                  f"load {run['load_before'][0]:.1f}->{run['load_after'][0]:.1f}  beside: "
+                  f"{'; '.join(others[:3])}", flush=True)
+            save()
         record["load_end"] = _load()
         print(f"\nv2 preset, {'x'.join(map(str, args.shape))} MR phantom, {CLIP} + {NEW_SAM} (random weights), "
               f"{record['cpu_model']} {' '.join(record['cpu_flags'])}, {os.cpu_count()} CPUs; total wall s, "
@@ -334,26 +324,17 @@ def stage_main(args):
     spec = {"gate_slices": args.gate_slices, "m2ib_steps": args.m2ib_steps, "sam_slices": args.sam_slices,
             "repeats": args.stage_repeats}
     record = _record("contention (stages)", STAGE_VARIANTS, variants, work=spec)
-    for rep in range(args.repeats):
-        for case in cases:
-            proc = start_competitor(case)
-            try:
-                shift = (rep + cases.index(case)) % len(variants)
-                for v in variants[shift:] + variants[:shift]:
-                    others = busiest_others()
-                    res = run_stage_child(v, spec)
-                    res.update(beside=case, repeat=rep, others_before=others)
-                    record["runs"].append(res)
-                    t = res["times"]
-                    print(f"[{case:>6}] {v:<11} " + "  ".join(
-                        f"{p}: " + " ".join(f"{s}={min(t[p][s]):.2f}" for s in STAGES) for p in ("bf16", "fp32"))
-                        + f"  load {res['load_before'][0]:.1f}  beside: {'; '.join(others[:3])}", flush=True)
-                    if args.json:
-                        write_record(args.json, record)
-            finally:
-                cpu = stop_competitor(proc)
-                if cpu is not None:
-                    record.setdefault("competitor_cpu_s", []).append({"case": case, "repeat": rep, "cpu_s": cpu})
+    for rep, case, v in _each_run(args.repeats, cases, variants, record):
+        others = busiest_others()
+        res = run_stage_child(v, spec)
+        res.update(beside=case, repeat=rep, others_before=others)
+        record["runs"].append(res)
+        t = res["times"]
+        print(f"[{case:>6}] {v:<11} " + "  ".join(
+            f"{p}: " + " ".join(f"{s}={min(t[p][s]):.2f}" for s in STAGES) for p in ("bf16", "fp32"))
+            + f"  load {res['load_before'][0]:.1f}  beside: {'; '.join(others[:3])}", flush=True)
+        if args.json:
+            write_record(args.json, record)
     record["load_end"] = _load()
     print(f"\nstages, {CLIP} + {NEW_SAM} (random weights), {record['cpu_model']} "
           f"{' '.join(record['cpu_flags'])}, {os.cpu_count()} CPUs; work per child: {spec}")
@@ -374,6 +355,22 @@ def _cases_and_variants(args, known_variants):
         if name not in known_variants:
             raise SystemExit(f"unknown variant '{name}'; choose from {', '.join(known_variants)}")
     return cases, variants
+
+
+def _each_run(repeats, cases, variants, record):
+    """(repeat, case, variant) in the order they run: each case's competitor runs around its variants (its CPU
+    time goes into record), the order rotated per case and repeat so no variant always runs first after a start."""
+    for rep in range(repeats):
+        for case in cases:
+            proc = start_competitor(case)
+            try:
+                shift = (rep + cases.index(case)) % len(variants)
+                for v in variants[shift:] + variants[:shift]:
+                    yield rep, case, v
+            finally:
+                cpu = stop_competitor(proc)
+                if cpu is not None:
+                    record.setdefault("competitor_cpu_s", []).append({"case": case, "repeat": rep, "cpu_s": cpu})
 
 
 def _record(benchmark, known_variants, variants, **extra):
