@@ -71,6 +71,25 @@ def local_service(tiny_clip, tiny_sam2):
     svc.stop()
 
 
+def phantom_segmentation_scene():
+    """A slicer-core scene (Segmentations logic set) holding the oblique 6x40x36 MR phantom as a volume node and
+    an empty segmentation node on its geometry, binary labelmap as source: (scene, volume, seg, phantom)."""
+    import slicer
+
+    from MedCLIPSAMLib import mrml
+    from MedCLIPSAMLib.phantoms import make_volume
+
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
+    ph = make_volume("mr", shape=(6, 40, 36), spacing=(1.1, 0.9, 3.0), origin=(10.0, -20.0, 5.0),
+                     direction="oblique", seed=0)
+    volume = mrml.volume_node_from_sitk(scene, ph.image, "phantom")
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "phantom segmentation")
+    seg.SetSourceRepresentationToBinaryLabelmap()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    return scene, volume, seg, ph
+
+
 @pytest.fixture(autouse=True, scope="module")
 def no_local_service_outlives_its_test_file():
     """A Logic that segments through the service starts a local one shared by the whole process (as in

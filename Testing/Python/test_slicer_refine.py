@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
 from MedCLIPSAMModuleLib.clickrefine import RefineError, RefineLogic, RefineRunner  # noqa: E402
 
 from MedCLIPSAMLib import mrml  # noqa: E402
-from MedCLIPSAMLib.phantoms import make_volume  # noqa: E402
+from conftest import phantom_segmentation_scene  # noqa: E402
 
 TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically "
                "Altered Structure~SCT^108369006^Neoplasm~^^~Anatomic codes - DICOM master list~^^~^^")
@@ -36,14 +36,7 @@ def service(local_service):
 
 @pytest.fixture
 def scene_parts(service, tmp_path):
-    scene = slicer.vtkMRMLScene()
-    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
-    ph = make_volume("mr", shape=(6, 40, 36), spacing=(1.1, 0.9, 3.0), origin=(10.0, -20.0, 5.0),
-                     direction="oblique", seed=0)
-    volume = mrml.volume_node_from_sitk(scene, ph.image, "phantom")
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "phantom segmentation")
-    seg.SetSourceRepresentationToBinaryLabelmap()
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    scene, volume, seg, ph = phantom_segmentation_scene()
     seg.SetNodeReferenceID(seg.GetReferenceImageGeometryReferenceRole(), volume.GetID())
     logic = RefineLogic(scene, service, temporaryDirectory=str(tmp_path))
     segmentation = seg.GetSegmentation()
