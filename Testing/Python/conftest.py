@@ -71,8 +71,8 @@ def local_service(tiny_clip, tiny_sam2):
     svc.stop()
 
 
-def phantom_segmentation_scene():
-    """A slicer-core scene (Segmentations logic set) holding the oblique 6x40x36 MR phantom as a volume node and
+def phantom_segmentation_scene(shape=(6, 40, 36)):
+    """A slicer-core scene (Segmentations logic set) holding an oblique MR phantom as a volume node and
     an empty segmentation node on its geometry, binary labelmap as source: (scene, volume, seg, phantom)."""
     import slicer
 
@@ -81,7 +81,7 @@ def phantom_segmentation_scene():
 
     scene = slicer.vtkMRMLScene()
     slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
-    ph = make_volume("mr", shape=(6, 40, 36), spacing=(1.1, 0.9, 3.0), origin=(10.0, -20.0, 5.0),
+    ph = make_volume("mr", shape=shape, spacing=(1.1, 0.9, 3.0), origin=(10.0, -20.0, 5.0),
                      direction="oblique", seed=0)
     volume = mrml.volume_node_from_sitk(scene, ph.image, "phantom")
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "phantom segmentation")
