@@ -26,7 +26,6 @@ meaningless. Timings belong here, never in tests.
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import tempfile
 import time
 
 from benchmarks import write_record
-from benchmarks.cpu_minute import CLIP, NEW_SAM, _load, cpu_description, run_segment
+from benchmarks.cpu_minute import CLIP, NEW_SAM, _load, build_random_models, host_record, run_segment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -272,34 +271,19 @@ def main(argv=None):
         return 0
     if not args.end_to_end:
         return stage_main(args)
-    cases = args.beside.split(",")
-    variants = args.variants.split(",") if args.variants else list(VARIANTS)
-    for name in cases:
-        if name not in COMPETITORS:
-            raise SystemExit(f"unknown --beside case '{name}'; choose from {', '.join(COMPETITORS)}")
-    for name in variants:
-        if name not in VARIANTS:
-            raise SystemExit(f"unknown variant '{name}'; choose from {', '.join(VARIANTS)}")
+    cases, variants = _cases_and_variants(args, VARIANTS)
 
     import SimpleITK as sitk
 
     from MedCLIPSAMLib.phantoms import make_volume
 
-    record = {"benchmark": "contention", "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-              **cpu_description(), "shape_zyx": list(args.shape), "models": f"{CLIP},{NEW_SAM}",
-              "models_random": True, "load_start": _load(), "code": subprocess.run(
-                  ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-              "competitors": COMPETITORS, "variants": {v: VARIANTS[v] for v in variants}, "runs": []}
+    record = _record("contention", VARIANTS, variants, shape_zyx=list(args.shape))
 
     def save():
         if args.json:
             write_record(args.json, record)
 
-    # the random models are built once, outside the timed runs
-    subprocess.run([sys.executable, "-c", "from MedCLIPSAMLib.models import load_clip, load_sam2; "
-                    f"load_clip('{CLIP}'); load_sam2('{NEW_SAM}')"],
-                   cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), check=True, capture_output=True)
+    build_random_models(NEW_SAM)
     work = tempfile.mkdtemp(prefix="contention-")
     try:
         path = os.path.join(work, "mr.nrrd")
@@ -307,32 +291,22 @@ def main(argv=None):
         sitk.WriteImage(ph.image, path)
         del ph
         text_dir = os.path.join(work, "text")   # the disk text cache: warm after the first run, as for a user
-        for rep in range(args.repeats):
-            for case in cases:
-                proc = start_competitor(case)
-                try:
-                    # rotate the order per case and repeat so no variant always runs first after a start
-                    shift = (rep + cases.index(case)) % len(variants)
-                    for v in variants[shift:] + variants[:shift]:
-                        env, extra = VARIANTS[v]
-                        for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-                            os.environ.pop(k, None)
-                        others = busiest_others()
-                        run = run_segment(REPO, path, work, f"{CLIP},{NEW_SAM}",
-                                          {"MEDCLIPSAM_TEXT_CACHE": text_dir, **env}, f"r{rep}-{case}-{v}".replace(" ", "_"),
-                                          extra_args=extra)
-                        run.update(variant=v, beside=case, repeat=rep, others_before=others)
-                        run["runtime"] = _runtime_of(os.path.join(work, f"r{rep}-{case}-{v}".replace(" ", "_")
-                                                                  + ".report.json"))
-                        record["runs"].append(run)
-                        print(f"[{case:>6}] {v:<16} {run['total_wall_s']:6.1f} s wall {run['total_cpu_s']:6.1f} s CPU "
-                              f"load {run['load_before'][0]:.1f}->{run['load_after'][0]:.1f}  beside: "
-                              f"{'; '.join(others[:3])}", flush=True)
-                        save()
-                finally:
-                    cpu = stop_competitor(proc)
-                    if cpu is not None:
-                        record.setdefault("competitor_cpu_s", []).append({"case": case, "repeat": rep, "cpu_s": cpu})
+        for rep, case, v in _each_run(args.repeats, cases, variants, record):
+            env, extra = VARIANTS[v]
+            for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+                os.environ.pop(k, None)
+            others = busiest_others()
+            run = run_segment(REPO, path, work, f"{CLIP},{NEW_SAM}",
+                              {"MEDCLIPSAM_TEXT_CACHE": text_dir, **env}, f"r{rep}-{case}-{v}".replace(" ", "_"),
+                              extra_args=extra)
+            run.update(variant=v, beside=case, repeat=rep, others_before=others)
+            run["runtime"] = _runtime_of(os.path.join(work, f"r{rep}-{case}-{v}".replace(" ", "_")
+                                                      + ".report.json"))
+            record["runs"].append(run)
+            print(f"[{case:>6}] {v:<16} {run['total_wall_s']:6.1f} s wall {run['total_cpu_s']:6.1f} s CPU "
+                  f"load {run['load_before'][0]:.1f}->{run['load_after'][0]:.1f}  beside: "
+                  f"{'; '.join(others[:3])}", flush=True)
+            save()
         record["load_end"] = _load()
         print(f"\nv2 preset, {'x'.join(map(str, args.shape))} MR phantom, {CLIP} + {NEW_SAM} (random weights), "
               f"{record['cpu_model']} {' '.join(record['cpu_flags'])}, {os.cpu_count()} CPUs; total wall s, "
@@ -346,43 +320,21 @@ def main(argv=None):
 
 
 def stage_main(args):
-    cases = args.beside.split(",")
-    variants = args.variants.split(",") if args.variants else list(STAGE_VARIANTS)
-    for name in cases:
-        if name not in COMPETITORS:
-            raise SystemExit(f"unknown --beside case '{name}'; choose from {', '.join(COMPETITORS)}")
-    for name in variants:
-        if name not in STAGE_VARIANTS:
-            raise SystemExit(f"unknown variant '{name}'; choose from {', '.join(STAGE_VARIANTS)}")
+    cases, variants = _cases_and_variants(args, STAGE_VARIANTS)
     spec = {"gate_slices": args.gate_slices, "m2ib_steps": args.m2ib_steps, "sam_slices": args.sam_slices,
             "repeats": args.stage_repeats}
-    record = {"benchmark": "contention (stages)", "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-              **cpu_description(), "models": f"{CLIP},{NEW_SAM}", "models_random": True, "load_start": _load(),
-              "code": subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip(),
-              "work": spec, "competitors": COMPETITORS,
-              "variants": {v: STAGE_VARIANTS[v] for v in variants}, "runs": []}
-    for rep in range(args.repeats):
-        for case in cases:
-            proc = start_competitor(case)
-            try:
-                shift = (rep + cases.index(case)) % len(variants)
-                for v in variants[shift:] + variants[:shift]:
-                    others = busiest_others()
-                    res = run_stage_child(v, spec)
-                    res.update(beside=case, repeat=rep, others_before=others)
-                    record["runs"].append(res)
-                    t = res["times"]
-                    print(f"[{case:>6}] {v:<11} " + "  ".join(
-                        f"{p}: " + " ".join(f"{s}={min(t[p][s]):.2f}" for s in STAGES) for p in ("bf16", "fp32"))
-                        + f"  load {res['load_before'][0]:.1f}  beside: {'; '.join(others[:3])}", flush=True)
-                    if args.json:
-                        write_record(args.json, record)
-            finally:
-                cpu = stop_competitor(proc)
-                if cpu is not None:
-                    record.setdefault("competitor_cpu_s", []).append({"case": case, "repeat": rep, "cpu_s": cpu})
+    record = _record("contention (stages)", STAGE_VARIANTS, variants, work=spec)
+    for rep, case, v in _each_run(args.repeats, cases, variants, record):
+        others = busiest_others()
+        res = run_stage_child(v, spec)
+        res.update(beside=case, repeat=rep, others_before=others)
+        record["runs"].append(res)
+        t = res["times"]
+        print(f"[{case:>6}] {v:<11} " + "  ".join(
+            f"{p}: " + " ".join(f"{s}={min(t[p][s]):.2f}" for s in STAGES) for p in ("bf16", "fp32"))
+            + f"  load {res['load_before'][0]:.1f}  beside: {'; '.join(others[:3])}", flush=True)
+        if args.json:
+            write_record(args.json, record)
     record["load_end"] = _load()
     print(f"\nstages, {CLIP} + {NEW_SAM} (random weights), {record['cpu_model']} "
           f"{' '.join(record['cpu_flags'])}, {os.cpu_count()} CPUs; work per child: {spec}")
@@ -390,6 +342,42 @@ def stage_main(args):
     if args.json:
         write_record(args.json, record)
     return 0
+
+
+def _cases_and_variants(args, known_variants):
+    """The --beside cases and --variants asked for (all of known_variants by default), each checked by name."""
+    cases = args.beside.split(",")
+    variants = args.variants.split(",") if args.variants else list(known_variants)
+    for name in cases:
+        if name not in COMPETITORS:
+            raise SystemExit(f"unknown --beside case '{name}'; choose from {', '.join(COMPETITORS)}")
+    for name in variants:
+        if name not in known_variants:
+            raise SystemExit(f"unknown variant '{name}'; choose from {', '.join(known_variants)}")
+    return cases, variants
+
+
+def _each_run(repeats, cases, variants, record):
+    """(repeat, case, variant) in the order they run: each case's competitor runs around its variants (its CPU
+    time goes into record), the order rotated per case and repeat so no variant always runs first after a start."""
+    for rep in range(repeats):
+        for case in cases:
+            proc = start_competitor(case)
+            try:
+                shift = (rep + cases.index(case)) % len(variants)
+                for v in variants[shift:] + variants[:shift]:
+                    yield rep, case, v
+            finally:
+                cpu = stop_competitor(proc)
+                if cpu is not None:
+                    record.setdefault("competitor_cpu_s", []).append({"case": case, "repeat": rep, "cpu_s": cpu})
+
+
+def _record(benchmark, known_variants, variants, **extra):
+    """The JSON record both modes start from: host, models, code, competitors and the variants that run."""
+    code = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return host_record(benchmark, models=f"{CLIP},{NEW_SAM}", models_random=True, code=code, **extra,
+                       competitors=COMPETITORS, variants={v: known_variants[v] for v in variants}, runs=[])
 
 
 def _runtime_of(report_path):

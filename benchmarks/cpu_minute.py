@@ -54,6 +54,20 @@ def cpu_description():
     return describe()
 
 
+def host_record(benchmark, **extra):
+    """The head of a benchmark's JSON record: what ran, where, and how loaded the machine was at the start."""
+    return {"benchmark": benchmark, "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            **cpu_description(), "load_start": _load(), **extra}
+
+
+def build_random_models(*sam_names):
+    """Build the random models once in a child, outside the timed runs (the later runs find them cached)."""
+    loads = "; ".join([f"load_clip('{CLIP}')"] + [f"load_sam2('{n}')" for n in sam_names])
+    subprocess.run([sys.executable, "-c", f"from MedCLIPSAMLib.models import load_clip, load_sam2; {loads}"],
+                   cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), check=True, capture_output=True)
+
+
 def _git(*args):
     return subprocess.run(["git", "-C", REPO, *args], check=True, capture_output=True, text=True).stdout.strip()
 
@@ -323,18 +337,13 @@ def main(argv=None):
 
     from MedCLIPSAMLib.phantoms import make_volume
 
-    record = {"benchmark": "cpu_minute", "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-              **cpu_description(), "load_start": _load(), "models_random": True}
+    record = host_record("cpu_minute", models_random=True)
 
     def save():
         if args.json:
             write_record(args.json, record)
 
-    # the random models are built once, outside the timed runs
-    subprocess.run([sys.executable, "-c", "from MedCLIPSAMLib.models import load_clip, load_sam2; "
-                    f"load_clip('{CLIP}'); load_sam2('{TODAY_SAM}'); load_sam2('{NEW_SAM}')"],
-                   cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), check=True, capture_output=True)
+    build_random_models(TODAY_SAM, NEW_SAM)
     work = tempfile.mkdtemp(prefix="cpu-minute-")
     try:
         if args.ct_memory:

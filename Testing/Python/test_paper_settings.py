@@ -78,11 +78,17 @@ def _run(tiny_clip, preset, overrides=()):
     ImageSegmenter(tiny_clip, None, settings, text=TextEmbeddings(tiny_clip, disk=False))(image, "brain tumor")
 
 
+def _run_recording(tiny_clip, monkeypatch, preset, saliency_owner, saliency_name, postprocessor):
+    """Run `preset` once, recording what its saliency method and postprocessor were called with."""
+    saliency_calls, post_calls = [], []
+    _recording(monkeypatch, saliency_owner, saliency_name, saliency_calls, instead=_blob_maps)
+    _recording(monkeypatch, postprocess_module.POSTPROCESSORS, postprocessor, post_calls, setitem=True)
+    _run(tiny_clip, preset)
+    return saliency_calls, post_calls
+
+
 def test_v1_runs_gscorecam_on_blocks_11_norm2_with_300_channels_and_the_papers_crf(tiny_clip, monkeypatch):
-    saliency_calls, crf_calls = [], []
-    _recording(monkeypatch, gscorecam_module, "run_gscorecam", saliency_calls, instead=_blob_maps)
-    _recording(monkeypatch, postprocess_module.POSTPROCESSORS, "crf", crf_calls, setitem=True)
-    _run(tiny_clip, "v1")
+    saliency_calls, crf_calls = _run_recording(tiny_clip, monkeypatch, "v1", gscorecam_module, "run_gscorecam", "crf")
     assert len(saliency_calls) == 1 and len(crf_calls) == 1
     assert {k: saliency_calls[0][k] for k in V1_GSCORECAM} == V1_GSCORECAM
     assert {k: crf_calls[0][k] for k in V1_CRF} == V1_CRF
@@ -91,10 +97,7 @@ def test_v1_runs_gscorecam_on_blocks_11_norm2_with_300_channels_and_the_papers_c
 
 
 def test_v2_runs_m2ib_on_block_9_with_the_released_optimiser_and_kmeans_k2(tiny_clip, monkeypatch):
-    saliency_calls, kmeans_calls = [], []
-    _recording(monkeypatch, m2ib_module, "run_m2ib", saliency_calls, instead=_blob_maps)
-    _recording(monkeypatch, postprocess_module.POSTPROCESSORS, "kmeans", kmeans_calls, setitem=True)
-    _run(tiny_clip, "v2")
+    saliency_calls, kmeans_calls = _run_recording(tiny_clip, monkeypatch, "v2", m2ib_module, "run_m2ib", "kmeans")
     assert len(saliency_calls) == 1 and len(kmeans_calls) == 1
     assert {k: saliency_calls[0][k] for k in V2_M2IB} == V2_M2IB
     assert {k: kmeans_calls[0][k] for k in V2_KMEANS} == V2_KMEANS

@@ -7,13 +7,13 @@
   while a click is computed is the starting mask the next click sends.
 Random weights say nothing about a click's quality: geometry and bookkeeping are checked."""
 
-import os
 import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import phantom_segmentation_scene
 
 from MedCLIPSAMLib.errors import MedCLIPSAMError
 from MedCLIPSAMLib.io.geometry import slicing_axis
@@ -133,31 +133,13 @@ class RecordingClient:
         return getattr(self.client, name)
 
 
-@pytest.fixture(scope="module")
-def local_service(tiny_clip, tiny_sam2):
-    from MedCLIPSAMModuleLib.serviceclient import LocalService
-
-    svc = LocalService(sys.executable, ["--models", "tiny-random", "--device", "cpu"], env=dict(os.environ),
-                       idle_exit=600)
-    svc.ensure()
-    yield svc
-    svc.stop()
-
-
 def test_an_edit_made_while_a_click_is_computed_is_the_next_clicks_starting_mask(local_service):
-    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
     from MedCLIPSAMModuleLib.clickrefine import RefineLogic, RefineRunner
 
     from MedCLIPSAMLib import mrml
 
-    scene = slicer.vtkMRMLScene()
-    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
-    ph = make_volume("mr", shape=(5, 32, 28), spacing=(1.1, 0.9, 3.0), origin=(10.0, -20.0, 5.0),
-                     direction="oblique", seed=0)
-    volume = mrml.volume_node_from_sitk(scene, ph.image, "phantom")
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "phantom segmentation")
-    seg.SetSourceRepresentationToBinaryLabelmap()
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    scene, volume, seg, ph = phantom_segmentation_scene(shape=(5, 32, 28))
     recording = RecordingService(local_service)
     logic = RefineLogic(scene, recording)
     seg.GetSegmentation().AddEmptySegment("tumor", "brain tumor")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import http_request as raw
 
 from MedCLIPSAMLib.io import geometry_equal, read_segmentation, read_volume, write_volume
 from MedCLIPSAMLib.phantoms import make_volume
@@ -61,22 +62,6 @@ def volumes(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("service-volumes"))
     return {"a": phantom_file(folder, "a.nrrd"), "b": phantom_file(folder, "b.nii.gz", (4, 32, 44), 1, "ras"),
             "long": phantom_file(folder, "long.nrrd", (16, 40, 36), 2, "lps")}
-
-
-def raw(client, method, path, body=b"", headers=None, token=True):
-    """One HTTP request outside the client: (status, parsed JSON body)."""
-    url = urllib.parse.urlsplit(client.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    headers = dict(headers or {})
-    if token is True:
-        headers["Authorization"] = f"Bearer {client.token}"
-    elif token:
-        headers["Authorization"] = token
-    conn.request(method, path, body=body, headers=headers)
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response.status, json.loads(data) if data[:1] == b"{" else data
 
 
 def wait_for(client, job_id, condition):

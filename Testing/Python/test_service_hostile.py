@@ -8,7 +8,6 @@ Every refusal is checked by its exact status and sentence."""
 
 import bz2
 import gzip
-import http.client
 import json
 import os
 import random
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import http_request as request
 
 from MedCLIPSAMLib.io import write_volume
 from MedCLIPSAMLib.phantoms import make_volume
@@ -78,27 +78,6 @@ def nrrd(tmp_path_factory):
     data = Path(path).read_bytes()
     end = data.index(b"\n\n")
     return data[:end], data[end + 2:]
-
-
-def request(client, method, path, body=b"", headers=None, token=True, chunked=False):
-    """One HTTP request: (status, parsed JSON body or bytes). chunked: the body is sent without a
-    Content-Length, in 64 KB chunks (a client that stops being read gets its answer all the same)."""
-    url = urllib.parse.urlsplit(client.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
-    headers = dict(headers or {})
-    if token is True:
-        headers["Authorization"] = f"Bearer {client.token}"
-    elif token:
-        headers["Authorization"] = token
-    if chunked:
-        chunks = (body[i:i + 65536] for i in range(0, len(body), 65536))
-        conn.request(method, path, body=chunks, headers=headers, encode_chunked=True)
-    else:
-        conn.request(method, path, body=body, headers=headers)
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
-    return response.status, json.loads(data) if data[:1] == b"{" else data
 
 
 def refused(client, method, path, body=b"", **kwargs):

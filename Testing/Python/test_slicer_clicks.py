@@ -28,33 +28,21 @@ pytest.importorskip("sam2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
 from MedCLIPSAMModuleLib.clickrefine import RefineError, RefineLogic  # noqa: E402
-from MedCLIPSAMModuleLib.serviceclient import LocalService  # noqa: E402
 
 from MedCLIPSAMLib import mrml  # noqa: E402
-from MedCLIPSAMLib.phantoms import make_volume  # noqa: E402
+from conftest import phantom_segmentation_scene  # noqa: E402
 
 LABELMAP = "Binary labelmap"
 
 
 @pytest.fixture(scope="module")
-def service(tiny_clip, tiny_sam2):
-    svc = LocalService(sys.executable, ["--models", "tiny-random", "--device", "cpu"], env=dict(os.environ),
-                       idle_exit=600)
-    svc.ensure()
-    yield svc
-    svc.stop()
+def service(local_service):
+    return local_service   # conftest.py: a real `medclipsam serve` with tiny-random models
 
 
 def make_scene(tmp_path, service, oversample=1):
-    scene = slicer.vtkMRMLScene()
-    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
-    ph = make_volume("mr", shape=(6, 40, 36), spacing=(1.1, 0.9, 3.0), origin=(10.0, -20.0, 5.0),
-                     direction="oblique", seed=0)
-    volume = mrml.volume_node_from_sitk(scene, ph.image, "phantom")
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "phantom segmentation")
+    scene, volume, seg, ph = phantom_segmentation_scene()
     seg.CreateDefaultDisplayNodes()
-    seg.SetSourceRepresentationToBinaryLabelmap()
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     if oversample > 1:     # as the Segment Editor's "Specify geometry" oversampling does: finer in-plane
         geometry = finer_geometry(volume, oversample)
         seg.GetSegmentation().SetConversionParameter(

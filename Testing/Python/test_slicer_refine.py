@@ -7,7 +7,6 @@ segments stay, undo restores bit for bit, a new segment comes from an ROI box al
 volume gets one sentence and changes nothing."""
 
 import base64
-import os
 import sys
 import threading
 from pathlib import Path
@@ -21,10 +20,9 @@ pytest.importorskip("sam2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedCLIPSAM"))
 from MedCLIPSAMModuleLib.clickrefine import RefineError, RefineLogic, RefineRunner  # noqa: E402
-from MedCLIPSAMModuleLib.serviceclient import LocalService  # noqa: E402
 
 from MedCLIPSAMLib import mrml  # noqa: E402
-from MedCLIPSAMLib.phantoms import make_volume  # noqa: E402
+from conftest import phantom_segmentation_scene  # noqa: E402
 
 TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically "
                "Altered Structure~SCT^108369006^Neoplasm~^^~Anatomic codes - DICOM master list~^^~^^")
@@ -32,24 +30,13 @@ COLOR = (0.2, 0.4, 0.9)
 
 
 @pytest.fixture(scope="module")
-def service(tiny_clip, tiny_sam2):
-    svc = LocalService(sys.executable, ["--models", "tiny-random", "--device", "cpu"], env=dict(os.environ),
-                       idle_exit=600)
-    svc.ensure()
-    yield svc
-    svc.stop()
+def service(local_service):
+    return local_service   # conftest.py: a real `medclipsam serve` with tiny-random models
 
 
 @pytest.fixture
 def scene_parts(service, tmp_path):
-    scene = slicer.vtkMRMLScene()
-    slicer.vtkSlicerSegmentationsModuleLogic().SetMRMLScene(scene)
-    ph = make_volume("mr", shape=(6, 40, 36), spacing=(1.1, 0.9, 3.0), origin=(10.0, -20.0, 5.0),
-                     direction="oblique", seed=0)
-    volume = mrml.volume_node_from_sitk(scene, ph.image, "phantom")
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "phantom segmentation")
-    seg.SetSourceRepresentationToBinaryLabelmap()
-    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    scene, volume, seg, ph = phantom_segmentation_scene()
     seg.SetNodeReferenceID(seg.GetReferenceImageGeometryReferenceRole(), volume.GetID())
     logic = RefineLogic(scene, service, temporaryDirectory=str(tmp_path))
     segmentation = seg.GetSegmentation()
