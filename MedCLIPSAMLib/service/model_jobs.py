@@ -71,6 +71,7 @@ def _config_stamp(folder):
 
 def run(service, job, entry, body):
     """The job's work: segments and uncertainty, then the result bytes (as Service._run returns them)."""
+    from ..evidence import format_ml
     from ..io import image_from_array, write_segmentation, write_volume
 
     session = service.session
@@ -88,6 +89,7 @@ def run(service, job, entry, body):
                     for k, name in enumerate(model.label_names, 1)]
         uncertainty = prediction.uncertainty
     else:
+        from ..pipeline.session import parse_window
         from ..runtime import seed_everything
         from ..training.medclipseg import MedCLIPSegPredictor, predict_volume
 
@@ -95,10 +97,7 @@ def run(service, job, entry, body):
         progress.advance(1)
         prompts = list(body.get("prompts") or entry["labels"][:1])
         samples = 30 if body.get("samples") is None else int(body["samples"])
-        window = body.get("window")
-        if window and "," in window:
-            level, width = (float(v) for v in window.split(","))
-            window = (level, width)
+        window = parse_window(body.get("window"))      # checked at submission: a name or (level, width)
         seed_everything(int(body.get("seed") or 0))
         segments, uncertainty = [], None
         for prompt in prompts:
@@ -114,11 +113,12 @@ def run(service, job, entry, body):
     report = []
     for s in segments:
         voxels = int(np.count_nonzero(s["mask"]))
-        entry_report = {"prompt": s["name"], "voxels": voxels, "volume_ml": round(voxels * spacing / 1000.0, 3),
+        volume_ml = voxels * spacing / 1000.0
+        entry_report = {"prompt": s["name"], "voxels": voxels, "volume_ml": round(volume_ml, 3),
                         "model": entry["name"], "kind": entry["kind"]}
         if uncertainty is not None and voxels:
             entry_report["mean_uncertainty"] = round(float(uncertainty[s["mask"] > 0].mean()), 4)
-        entry_report["summary"] = f"{voxels} voxels ({entry_report['volume_ml']} ml)"
+        entry_report["summary"] = f"{voxels} voxels ({format_ml(volume_ml)} ml)"   # a tiny mask never reads 0.0
         report.append(entry_report)
     progress.advance(1)
     return {"result": seg, "uncertainty": unc, "report": report, "saliency": None, "report_document": None}

@@ -13,16 +13,17 @@ Every field is checked here (types, ranges, finite numbers: allow_inf_nan=False,
 errors are one sentence.
 """
 
-import re
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
+
+from ..errors import MedCLIPSAMError
+from .validation import STRICT
 
 Id = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 # model names: what a user types in the panel (letters, digits, spaces, . _ -), never a path
 ModelName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")]
 Prompt = Annotated[str, Field(min_length=1, max_length=200)]
-WINDOW = re.compile(r"^(soft_tissue|lung|brain|bone|-?\d+(\.\d+)?,\d+(\.\d+)?)$")
 
 
 def _prompts(values):
@@ -38,7 +39,7 @@ def _prompts(values):
 
 class PredictBody(BaseModel):
     """Prediction with a registered model (its kind, weak or medclipseg, is the registry's)."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     volume_id: Id
     model: ModelName
     uncertainty: bool = False
@@ -54,14 +55,18 @@ class PredictBody(BaseModel):
     @field_validator("window")
     @classmethod
     def _window(cls, value):
-        if value is not None and not WINDOW.match(value):
-            raise ValueError("must be soft_tissue, lung, brain, bone or LEVEL,WIDTH")
+        from ..pipeline.session import parse_window   # the rule segmentation jobs and the CLI use
+
+        try:
+            parse_window(value)
+        except MedCLIPSAMError:
+            raise ValueError("must be soft_tissue, lung, brain, bone or LEVEL,WIDTH") from None
         return value
 
 
 class TrainBody(BaseModel):
     """A weak-supervision training: the options the panel gives `pseudo-label` and `train-weak`."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     volume_ids: list[Id] = Field(min_length=1, max_length=64)
     prompts: list[Prompt] = Field(min_length=1, max_length=8)      # the targets, also the label names
     name: ModelName

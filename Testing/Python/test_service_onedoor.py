@@ -323,6 +323,8 @@ def test_prediction_requests_name_ids_and_registered_models_only(services):
              ({"volume_id": "abc", "model": "m", "threshold": 1.5}, 422, "'threshold': input should be less than 1"),
              ({"volume_id": "abc", "model": "m", "window": "1e9"}, 422,
               "'window': value error, must be soft_tissue, lung, brain, bone or LEVEL,WIDTH"),
+             ({"volume_id": "abc", "model": "m", "window": "40,0"}, 422,     # the CLI's rule: a positive width
+              "'window': value error, must be soft_tissue, lung, brain, bone or LEVEL,WIDTH"),
              ({"volume_id": "abc", "model": "m"}, 404,
               "unknown volume 'abc': it was never uploaded here or was forgotten; upload it again")]
     for body, status, sentence in cases:
