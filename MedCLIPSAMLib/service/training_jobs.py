@@ -83,11 +83,20 @@ def folder_name(name):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
 
 
+STAGING_PREFIX = ".training-"     # + "<pid>-<training id>": the model folder until it is registered
+
+
 class Trainings:
     """The service's trainings: one runs at a time, each on its own thread watching its child."""
 
     def __init__(self, service):
+        from .. import trained_models
+        from ..runtime import remove_stale
+
         self.service = service
+        # a training's hidden folder (.training-<pid>-<id>) outlives a SIGKILLed service: reclaim those of
+        # services that are gone, as service_folder() does for the service's own folder
+        remove_stale(trained_models.default_output_dir(), STAGING_PREFIX)
         self._jobs = OrderedDict()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -172,6 +181,7 @@ class Trainings:
     # -- the training's thread ----------------------------------------------------------------------
     def _run(self, job, images):
         from .. import trained_models
+        from ..runtime import owned_prefix
 
         start = time.perf_counter()
         work = os.path.join(self.service.workdir, job.id)
@@ -180,7 +190,7 @@ class Trainings:
         try:
             os.makedirs(work, mode=0o700)
             trained_root.mkdir(parents=True, exist_ok=True)
-            job.staging = str(trained_root / f".training-{os.getpid()}-{job.id}")
+            job.staging = str(trained_root / f"{owned_prefix(STAGING_PREFIX)}{job.id}")
             shutil.rmtree(job.staging, ignore_errors=True)
             spec = self._spec(job, images, work)
             if not job.cancelled.is_set():

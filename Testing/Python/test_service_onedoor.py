@@ -401,3 +401,20 @@ def test_a_training_child_stops_itself_when_the_service_is_gone(tmp_path):
             process.kill()
             process.wait()
         child.stdout.close()
+
+
+def test_a_dead_services_hidden_training_folder_is_reclaimed(tmp_path, monkeypatch):
+    """A SIGKILLed service leaves its training's hidden model folder behind; the next service reclaims it
+    (and leaves a living service's alone)."""
+    import subprocess
+
+    from MedCLIPSAMLib.service.training_jobs import Trainings
+
+    monkeypatch.setenv("MEDCLIPSAM_HOME", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()          # a finished, reaped process
+    trained = tmp_path / "trained"
+    (trained / f".training-{dead}-train-1").mkdir(parents=True)
+    (trained / f".training-{os.getpid()}-train-2").mkdir()
+    Trainings(service=None)
+    assert sorted(p.name for p in trained.iterdir()) == [f".training-{os.getpid()}-train-2"]
