@@ -73,7 +73,8 @@ def _set_ijk_to_ras(node, ijk_to_ras):
 
 
 # ---------------------------------------------------------------------------------------- file checks
-_NRRD_TYPE_BYTES = {
+# NRRD type names (Teem's spellings) -> bytes per voxel; also what the service checks uploads against
+NRRD_TYPE_BYTES = {
     "signed char": 1, "int8": 1, "int8_t": 1, "uchar": 1, "unsigned char": 1, "uint8": 1, "uint8_t": 1,
     "short": 2, "short int": 2, "signed short": 2, "signed short int": 2, "int16": 2, "int16_t": 2,
     "ushort": 2, "unsigned short": 2, "unsigned short int": 2, "uint16": 2, "uint16_t": 2,
@@ -121,7 +122,7 @@ def check_nrrd_file(path):
             sizes = [int(v) for v in fields["sizes"].split()]
         except ValueError:
             raise ValueError(f"'{path}' has invalid sizes: {fields['sizes']!r}") from None
-        item = _NRRD_TYPE_BYTES.get(fields["type"].lower())
+        item = NRRD_TYPE_BYTES.get(fields["type"].lower())
         encoding = fields["encoding"].lower()
         if item is None or encoding not in ("raw", "gzip", "gz"):
             return  # other types and encodings are left to the reader

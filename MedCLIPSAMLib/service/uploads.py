@@ -21,6 +21,7 @@ import tempfile
 import zlib
 
 from ..errors import MedCLIPSAMError
+from ..mrml import NRRD_TYPE_BYTES
 
 HEADER_LIMIT = 1024**2      # a NRRD header (comments and key/value pairs included) longer than this is refused
 CHUNK = 1024**2             # read / decompress step: what refusing an upload holds in memory at most, about
@@ -31,14 +32,6 @@ NIFTI2 = ("the NIfTI-2 header holds a value NIfTI-1 cannot (e.g. a size past 327
 DETACHED = ("the upload's header refers to another file; send one .nrrd, .nii or .nii.gz with the voxels "
             "inside")
 
-NRRD_TYPES = {1: ("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"),
-              2: ("short", "short int", "signed short", "signed short int", "int16", "int16_t", "ushort",
-                  "unsigned short", "unsigned short int", "uint16", "uint16_t"),
-              4: ("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t", "float"),
-              8: ("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64",
-                  "int64_t", "ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t",
-                  "double")}
-NRRD_ITEMSIZE = {name: size for size, names in NRRD_TYPES.items() for name in names}
 NRRD_ENCODINGS = {"raw": None, "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2"}
 # NIfTI datatype code -> bytes per voxel (nifti1.h / nifti2.h)
 NIFTI_ITEMSIZE = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
@@ -155,7 +148,7 @@ def _nrrd_fields(lines):
 def _nrrd_promised(fields):
     """Bytes of voxels a NRRD header promises, and its decompressor kind (None: raw)."""
     try:
-        itemsize = NRRD_ITEMSIZE[fields.get("type", "").lower()]
+        itemsize = NRRD_TYPE_BYTES[fields.get("type", "").lower()]
         sizes = [int(v) for v in fields["sizes"].split()]
         dimension = int(fields.get("dimension", len(sizes)))
     except (KeyError, ValueError):
