@@ -65,6 +65,10 @@ def register(sub):
                         "--max-upload-mb for its mask")
     p.add_argument("--max-queue", type=int, default=16,
                    help="jobs waiting at once; one more is refused with 429 (default 16)")
+    p.add_argument("--no-encode-ahead", action="store_true",
+                   help="do not use the time between requests to encode the rest of the last volume's slices "
+                        "for SAM2 (by default it does, nearest the last result first, within --cache-mb, and "
+                        "stops within one slice when a request comes: the next prompt and clicks then find them)")
     p.add_argument("--idle-exit", type=float, metavar="SECONDS", help="stop after this long without a request")
     p.add_argument("--parent-pid", type=int, help="stop when this process exits (the Slicer that started it)")
     p.add_argument("--ready-file", help="write {url, pid, token_file} as JSON here once listening")
@@ -93,4 +97,4 @@ def run(args):
                       max_volumes=args.max_volumes)
     return serve(session, args.host, args.port, args.token_file, int(args.max_upload_mb * 1024**2),
                  args.parent_pid, args.idle_exit, args.ready_file, args.ssl_keyfile, args.ssl_certfile,
-                 int(args.max_body_kb * 1024), args.max_queue)
+                 int(args.max_body_kb * 1024), args.max_queue, not args.no_encode_ahead)

@@ -365,6 +365,42 @@ class Session:
             self.segments.remember_result(volume_id, result)
             return result
 
+    def encode_ahead(self, volume_id, settings, options, near, should_stop):
+        """Idle time: SAM2-encode the slices of a volume that no prompt has carried yet, nearest to slice
+        `near` first, the way the carry encodes them (the axis and window of `options`), so that the next
+        prompt's carry and a click on any slice find their encodings cached. One slice per hold of the run
+        lock: a segmentation or a click waits at most one encoding. Stops when should_stop() says so, or
+        before the cache would have to evict anything to make room. Returns the number of slices encoded."""
+        import time
+
+        from .volume import VolumeSegmenter
+
+        image = self.volume(volume_id)
+        options = dataclasses.replace(options, axis=pick_axis(image, options.axis))
+        if settings.sam != "sam" or self.sam_model is None:
+            return 0
+        start, encoded, entry_bytes = time.perf_counter(), 0, 0
+        with self._run_lock:
+            segmenter = VolumeSegmenter(self.clip, self.sam_model, settings, options, cache=VolumeCache(self, volume_id))
+            if segmenter.mode != "carry":   # the video predictor encodes its own frames
+                return 0
+            segmenter._prepare(image)
+        for k in sorted(range(segmenter.view.count), key=lambda k: (abs(k - near), k)):
+            if should_stop() or self.cache.used + entry_bytes > self.cache.budget:
+                break
+            with self._run_lock:
+                if volume_id not in self.volume_ids():   # forgotten meanwhile
+                    break
+                before = (self.cache.used, self.cache.misses)
+                self.predictor(volume_id)                 # a click on another volume may have moved it
+                if segmenter.encode_slice(k) and self.cache.misses > before[1]:
+                    encoded += 1
+                    entry_bytes = max(entry_bytes, self.cache.used - before[0])
+        if encoded:
+            log.info("encoded %d more slices of volume %s for SAM2 ahead of the next request (%.1f s)",
+                     encoded, volume_id, time.perf_counter() - start)
+        return encoded
+
     # -- refinement (session_refine.py) ----------------------------------------------------------
     def refine(self, volume_id, segment_id, **request):
         """Clicks / a box on one slice of a segment -> refine.RefineResult (changed slices only); see

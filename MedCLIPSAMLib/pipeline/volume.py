@@ -320,6 +320,20 @@ class VolumeSegmenter:
                     self._store(k, mask, prob, labels, uncertainty)
                     prev, k = mask, k + step
 
+    def encode_slice(self, k):
+        """SAM2-encode slice k exactly as the carry hands it to set_image (same window, padding and
+        precision), so that with a session's cached predictor a later carry or click on it is a cache hit.
+        False for a blank slice (nothing to encode). Needs _prepare(image) first."""
+        import torch
+
+        g = self.gray8(k)
+        if g.max() == g.min():
+            return False
+        square, _ = pad_to_square(g)
+        with torch.inference_mode(), autocast(self.clip.device, self.settings.autocast):
+            self.segmenter.predictor.set_image(to_rgb(square))
+        return True
+
     def _propagate(self, keys, lo, hi, labels, uncertainty):
         """SAM2 video predictor over slices lo..hi, conditioned on the key slices' masks."""
         from .video import propagate_masks

@@ -59,8 +59,9 @@ SERVICE_PREFIX = "serve-"
 
 
 class Service:
-    def __init__(self, session, max_upload_bytes, max_queue=16):
+    def __init__(self, session, max_upload_bytes, max_queue=16, encode_ahead=True):
         self.session = session
+        self.encode_ahead = bool(encode_ahead)   # idle time: SAM2-encode the rest of the last volume
         self.max_upload_bytes = int(max_upload_bytes)
         self.jobs = JobQueue(max_waiting=max_queue)
         self.workdir = service_folder()
@@ -116,6 +117,8 @@ class Service:
 
         prompts, settings, options = job.request.validate()
         result = self.session.segment(job.volume_id, prompts, settings, options, job.progress)
+        if self.encode_ahead:
+            self._leave_encode_ahead(job.volume_id, settings, options, result.report)
         image = self.session.volume(job.volume_id)
         job.progress.stage("write", 1, "writing the segmentation")
         seg = self._bytes_of(lambda path: write_segmentation(path, result.segments, image), ".seg.nrrd")
@@ -127,6 +130,17 @@ class Service:
         job.progress.advance(1)
         return {"result": seg, "uncertainty": uncertainty, "report": result.report, "saliency": saliency,
                 "report_document": document}
+
+    def _leave_encode_ahead(self, volume_id, settings, options, report):
+        """Until the next request: encode the volume's other slices for SAM2, from the middle of the slices
+        this request kept outwards (a next prompt or a click there then costs no encoding)."""
+        kept = [k for entry in report for k in entry.get("kept_slices") or ()]
+        near = (min(kept) + max(kept)) // 2 if kept else 0
+
+        def work(should_stop):
+            if volume_id in self.session.volume_ids():
+                self.session.encode_ahead(volume_id, settings, options, near, should_stop)
+        self.jobs.leave_idle_work(work)
 
     def _evidence(self, result, image, settings, saliency, report):
         """What `segment --saliency-output saliency.nrrd --report-output R.json` writes, as bytes:

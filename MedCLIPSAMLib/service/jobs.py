@@ -1,6 +1,11 @@
 """Segmentation jobs: one runs at a time on one worker thread (the device and models are shared), the
 others wait in order. A job reports its stage and progress, can be cancelled (then it keeps no result),
-and a bounded number of finished jobs are kept for their results."""
+and a bounded number of finished jobs are kept for their results.
+
+Idle work: a finished job may leave work for the time until the next request (the service encodes the
+rest of the volume's slices for SAM2, Service.encode_ahead). It runs on the same worker thread after the
+job is already reported finished, and is handed `should_stop`, true as soon as a job is waiting or the
+service stops: it must return within one small step of that."""
 
 import itertools
 import threading
@@ -72,6 +77,8 @@ class JobQueue:
         self._ids = itertools.count(1)
         self._stop = False
         self.running = None
+        self._idle_work = None            # idle_work(should_stop), left by the last finished job
+        self._idle_running = False
         self._thread = threading.Thread(target=self._loop, name="medclipsam-jobs", daemon=True)
         self._thread.start()
 
@@ -121,6 +128,41 @@ class JobQueue:
             return {"running": self.running.id if self.running else None, "waiting": len(self._waiting),
                     "jobs": len(self._jobs)}
 
+    def leave_idle_work(self, work):
+        """Run work(should_stop) once the queue is empty (replaces any idle work not yet started)."""
+        with self._lock:
+            self._idle_work = work
+
+    def _should_stop_idle(self):
+        with self._lock:
+            return self._stop or bool(self._waiting)
+
+    def _run_idle_work(self):
+        with self._lock:
+            work, self._idle_work = self._idle_work, None
+            if work is None or self._waiting or self._stop:
+                return
+            self._idle_running = True
+        try:
+            work(self._should_stop_idle)
+        except Exception:   # idle work is an optimisation: a failure is logged, the service goes on
+            log.exception("idle work failed")
+        finally:
+            with self._lock:
+                self._idle_running = False
+                self._lock.notify_all()
+
+    def wait_idle(self, timeout):
+        """Wait (bounded) until no job runs or waits and no idle work is left; True if so."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self.running is not None or self._waiting or self._idle_work or self._idle_running:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(left)
+            return True
+
     def busy(self):
         with self._lock:
             return self.running is not None or bool(self._waiting)
@@ -163,6 +205,8 @@ class JobQueue:
                 job.seconds = round(time.perf_counter() - start, 3)
                 self.running = None
                 self._finished(job)
+                self._lock.notify_all()
+            self._run_idle_work()
 
     def _finished(self, job):
         done = [j for j in self._jobs.values() if j.state in FINAL]

@@ -85,7 +85,7 @@ def write_ready_file(path, info):
 
 def serve(session, host="127.0.0.1", port=8765, token_file=None, max_upload_bytes=1024**3, parent_pid=None,
           idle_timeout=None, ready_file=None, ssl_keyfile=None, ssl_certfile=None, max_body_bytes=1024**2,
-          max_queue=16):
+          max_queue=16, encode_ahead=True):
     import uvicorn
 
     from .api import create_app
@@ -102,7 +102,7 @@ def serve(session, host="127.0.0.1", port=8765, token_file=None, max_upload_byte
 
         token_file = home() / "service" / f"token-{port}"
     token = load_or_create_token(token_file)
-    service = Service(session, max_upload_bytes, max_queue)
+    service = Service(session, max_upload_bytes, max_queue, encode_ahead)
     holder = {}
     app = BearerAuth(BodyLimit(create_app(service), max_body_bytes, max_upload_bytes), token,
                      on_request=lambda: holder["watchdog"].touch())
