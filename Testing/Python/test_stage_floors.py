@@ -93,6 +93,9 @@ def test_run_floors_reads_the_run_counts():
               ("propagate", 1, 6, 4.0, 4.0), ("propagate", 2, 6, 5.0, 5.0), ("propagate", 3, 6, 6.0, 6.0),
               ("finished", 1, 1, 7.0, 7.0)]
     assert stage_done(events) == {"gate": 8, "propagate": 3}
+    # a second prompt carries again: its slices add up
+    second = [("key-slices", 0, 1, 7.0, 7.0), ("propagate", 0, 4, 8.0, 8.0), ("propagate", 2, 4, 9.0, 9.0)]
+    assert stage_done(events[:-1] + second) == {"gate": 8, "propagate": 5, "key-slices": 0}
     record = {"precision_plan": {"gate": "fp32", "saliency": "fp32", "sam": "fp32"}, "m2ib": {"steps": 10},
               "per_unit": PER_UNIT, "gflops": GFLOPS}
     run = {"stage_done": stage_done(events), "text_cache": "warm", "runtime": {"precision": PLAN},
