@@ -78,6 +78,43 @@ def bf16_path(flags):
     return "none: bf16 is emulated (converted to fp32)"
 
 
+# FP32 FLOP per cycle and core of the microarchitectures whose vector units we are sure of, by
+# (cpu family, model) from /proc/cpuinfo. Zen 4 (family 25, model 17: EPYC 9004 "Genoa"): two 256-bit FMA
+# pipes, AVX-512 executed as two 256-bit halves: 2 x 8 lanes x 2 = 32. Others: not derived.
+FP32_FLOP_PER_CYCLE = {(25, 17): ("AMD Zen 4 (Genoa)", 32)}
+
+
+def cpu_family_model(path="/proc/cpuinfo"):
+    family = model = None
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "cpu family" and family is None:
+                    family = int(value)
+                elif key.strip() == "model" and model is None:
+                    model = int(value)
+    except (OSError, ValueError):
+        pass
+    return family, model
+
+
+def theoretical_peak(cores, mhz):
+    """({"fp32": GFLOP/s} or None, how it was derived or why not): cores x nominal clock x FLOP per cycle,
+    only for a microarchitecture in FP32_FLOP_PER_CYCLE. bf16 is not derived (the dot-product
+    instruction's throughput per port is not something we could confirm)."""
+    family, model = cpu_family_model()
+    known = FP32_FLOP_PER_CYCLE.get((family, model))
+    if known is None or not mhz:
+        return None, (f"not derived: cpu family {family} model {model} is not one whose FMA units we know, or "
+                      "no clock; measured figures only")
+    name, per_cycle = known
+    return {"fp32": cores * mhz / 1e3 * per_cycle}, (
+        f"fp32 only: {name} (cpu family {family}, model {model}), {per_cycle} FLOP/cycle/core x {cores} cores x "
+        f"{mhz:.0f} MHz (cpuinfo's nominal clock; a VM's boost clock is unknown, so this is not an upper "
+        "bound); bf16 not derived")
+
+
 # -- FLOP counting ---------------------------------------------------------------------------------------
 
 def _cpu_attention_formulas():
@@ -213,7 +250,8 @@ def floors(parts, per_unit, gflops, walls, load=None):
     out = {}
     for stage, spec in (load or {}).items():
         out[stage] = {"gflop": 0.0, "bytes": spec["bytes"], "floor_s": spec["bytes"] / (spec["read_gb_s"] * 1e9),
-                      "parts": [{"part": "read the checkpoint", "bytes": spec["bytes"], "read_gb_s": spec["read_gb_s"]}]}
+                      "parts": [{"part": "read the checkpoint", "bytes": spec["bytes"],
+                                 "read_gb_s": spec["read_gb_s"]}]}
     for stage, items in parts.items():
         total, floor_s, detail = 0.0, 0.0, []
         for part, units, precision in items:
@@ -329,6 +367,7 @@ def measure(repeats=5):
     prepare_openmp()   # before torch loads, as `medclipsam` does
     import torch
 
+    from benchmarks.contention import busiest_others
     from benchmarks.cpu_minute import host_record
     from MedCLIPSAMLib.models import load_clip, load_sam2
     from MedCLIPSAMLib.runtime import configure_threads, cpu_has_native_bf16, precision_plan
@@ -339,11 +378,8 @@ def measure(repeats=5):
                          cpu_flags_all=flags, cpu_mhz_nominal=mhz, bf16_path=bf16_path(flags),
                          threads=torch.get_num_threads(), threads_set=threads, openmp=dict(openmp_setup),
                          precision_plan=precision_plan("cpu", "auto", cpu_has_native_bf16())[0])
-    record["theoretical_peak"] = None
-    record["theoretical_peak_note"] = (
-        "not derived: FLOP/cycle depends on the core's FMA ports and how wide AVX-512 executes (e.g. AMD Zen 4 "
-        "runs 512-bit ops as two 256-bit halves), which the flags do not tell, and a VM's sustained clock is "
-        "unknown; measured figures only")
+    record["beside_start"] = busiest_others()   # what else ran (ps, %CPU): the throughput is the shared CPU's
+    record["theoretical_peak_gflops"], record["theoretical_peak_note"] = theoretical_peak(threads, mhz)
     t0 = time.perf_counter()
     rows, best = matmul_throughput(repeats)
     record["matmul"] = rows
@@ -360,13 +396,17 @@ def measure(repeats=5):
     record["count_s"] = time.perf_counter() - t0
     record["m2ib"] = {"steps": int(saliency.get("steps", 10)), "copies": int(saliency.get("batch_size", 10))}
     record["load_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    record["beside_end"] = busiest_others()
     return record
 
 
 def print_record(record):
     print(f"{record.get('cpu_model')}: flags {' '.join(record.get('cpu_flags_all', []))}; bf16 path: "
           f"{record.get('bf16_path')}; {record.get('threads')} threads, OMP_WAIT_POLICY "
-          f"{record.get('openmp', {}).get('omp_wait_policy')}; load {record.get('load_start')}")
+          f"{record.get('openmp', {}).get('omp_wait_policy')}; load {record.get('load_start')} -> "
+          f"{record.get('load_end')}")
+    for line in record.get("beside_start", [])[:3]:
+        print(f"  beside it at the start: {line}")
     print(f"\nmatmul GFLOP/s (best of the repeats)\n{'M x K x N':<20}" + "".join(f"{m:>15}" for m in MODES))
     by_shape = {}
     for r in record["matmul"]:
@@ -374,6 +414,9 @@ def print_record(record):
     for shape, cells in by_shape.items():
         print(f"{'x'.join(map(str, shape)):<20}" + "".join(f"{cells.get(m, float('nan')):>15.1f}" for m in MODES))
     print("floor throughput: " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in record["gflops"].items()))
+    peak = record.get("theoretical_peak_gflops")
+    print(f"theoretical peak: {', '.join(f'{p} {g:.0f} GFLOP/s' for p, g in peak.items()) + '; ' if peak else ''}"
+          f"{record.get('theoretical_peak_note')}")
     print(f"\n{'FLOPs per unit':<18}{'GFLOP':>10}  unit")
     for part, row in record["per_unit"].items():
         print(f"{part:<18}{row['flops'] / 1e9:>10.3f}  {row['unit']}")
@@ -384,7 +427,8 @@ def print_record(record):
 
 def print_floors(title, rows):
     """One run's floor table: stage, GFLOP, precision(s), floor s, wall s, share of the floor."""
-    print(f"\n{title}\n{'stage':<14}{'GFLOP':>10}{'precision':>12}{'floor s':>10}{'wall s':>10}{'floor/wall':>12}  work")
+    print(f"\n{title}\n{'stage':<14}{'GFLOP':>10}{'precision':>12}{'floor s':>10}{'wall s':>10}"
+          f"{'floor/wall':>12}  work")
     for stage, r in rows.items():
         precisions = "/".join(dict.fromkeys(p["precision"] for p in r["parts"] if "precision" in p)) or "read"
         work = ", ".join(f"{p['units']} x {p['part']}" for p in r["parts"] if "units" in p) or \
