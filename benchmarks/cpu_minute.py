@@ -22,6 +22,10 @@
     of the image encoder; interleaved, the minimum over repeats; against fp32: max relative difference of
     the encoder features and the IoU of the decoded masks (a box on the lesion).
 (3) --ct-memory: the new default on a 512x512x300 CT phantom in a child, its peak RSS and stages.
+(4) Floors (issue 37; --no-floors skips, --floors-from F reuses a record): benchmarks.stage_floors in a child
+    before the timed runs (FLOPs per unit of work, this CPU's matmul throughput), then for each new run a
+    table of its stages' FLOPs, floor seconds and share of the floor (floor / wall), from the run's own
+    counts (record: runs.new[i].floors, and the stage_floors record under "floors").
 Random weights: speed is real, masks are meaningless. Timings belong here, never in tests.
 """
 
