@@ -22,6 +22,10 @@
     of the image encoder; interleaved, the minimum over repeats; against fp32: max relative difference of
     the encoder features and the IoU of the decoded masks (a box on the lesion).
 (3) --ct-memory: the new default on a 512x512x300 CT phantom in a child, its peak RSS and stages.
+(4) Floors (issue 37; --no-floors skips, --floors-from F reuses a record): benchmarks.stage_floors in a child
+    before the timed runs (FLOPs per unit of work, this CPU's matmul throughput), then for each new run a
+    table of its stages' FLOPs, floor seconds and share of the floor (floor / wall), from the run's own
+    counts (record: runs.new[i].floors, and the stage_floors record under "floors").
 Random weights: speed is real, masks are meaningless. Timings belong here, never in tests.
 """
 
@@ -131,11 +135,43 @@ def run_segment(tree, volume, out_dir, models, env_extra, label, extra_args=(), 
     stages["other"] = {"wall_s": max(0.0, total_wall - accounted), "cpu_s": None}
     order.append("other")
     with open(report) as f:
-        summary = [{k: p.get(k) for k in ("prompt", "kept", "key_slices", "voxels", "found", "mode")}
-                   for p in json.load(f)["prompts"]]
+        full = json.load(f)
+    summary = [{**{k: p.get(k) for k in ("prompt", "kept", "key_slices", "voxels", "found", "mode",
+                                          "saliency_slices")},
+                "scored": len(p.get("scored") or []),
+                "sentences": len(set(p.get("sentences") or []) | set(p.get("absent") or []))}
+               for p in full["prompts"]]
     return {"label": label, "command": " ".join(cmd[1:]), "env": env_extra, "stages": stages, "order": order,
+            "stage_done": stage_done(events), "runtime": full.get("runtime"),
             "total_wall_s": total_wall, "total_cpu_s": total_cpu, "peak_rss_gb": usage.ru_maxrss / 2**20,
             "load_before": load_before, "load_after": _load(), "nice": sorted(n for n in nice if n is not None), "report": summary, "log_tail": log_tail[-400:]}
+
+
+def stage_done(events):
+    """{stage: steps done}, from the progress lines' `done` (a stage that stops early, as the carry does
+    where a mask vanishes, does fewer steps than its `total`); repeated stages add up."""
+    done, last = {}, {}
+    for name, d, _total, _wall, _cpu in events:
+        if name in (None, "finished") or d is None:
+            continue
+        if d < last.get(name, 0):   # the stage began again (next prompt)
+            last[name] = 0
+        done[name] = done.get(name, 0) + d - last.get(name, 0)
+        last[name] = d
+    return done
+
+
+def measure_floors(path, work):
+    """The stage_floors record: read from `path`, or measured in a child (threads and OpenMP wait policy set
+    there before torch loads, as in a `medclipsam` process), before the timed runs."""
+    if path is None:
+        path = os.path.join(work, "floors.json")
+        env = dict(os.environ, PYTHONPATH=REPO, MEDCLIPSAM_OFFLINE="1", HF_HUB_OFFLINE="1")
+        env.pop("OMP_NUM_THREADS", None)   # as the timed runs: the threads runtime.configure_threads sets
+        subprocess.run([sys.executable, "-m", "benchmarks.stage_floors", "--json", path], cwd=REPO, env=env,
+                       check=True)
+    with open(path) as f:
+        return json.load(f)
 
 
 def per_stage(events, total_wall, total_cpu):
@@ -288,8 +324,9 @@ def table(columns):
         f"{'%.1f->%.1f' % (r['load_before'][0], r['load_after'][0]):>20}" for _, r in columns))
 
 
-def print_runs(runs):
-    """The side-by-side table of the runs so far, carry per slice, and the ratios of the best totals."""
+def print_runs(runs, floors=None):
+    """The side-by-side table of the runs so far, carry per slice, and the ratios of the best totals; with a
+    stage_floors record, each new run's floor table (stage FLOPs, floor seconds, share of the floor)."""
     columns = [(f"today #{i}", r) for i, r in enumerate(runs.get("today", []))]
     columns += [(f"new #{i} ({r.get('text_cache')} text)", r) for i, r in enumerate(runs.get("new", []))]
     table(columns)
@@ -300,6 +337,14 @@ def print_runs(runs):
             st["cpu_per_slice_s"] = st["cpu_s"] / st["steps"]
             print(f"carry {r['label']}: {st['steps']} slices, {st['wall_per_slice_s']:.2f} s wall, "
                   f"{st['cpu_per_slice_s']:.2f} s CPU per slice")
+    if floors:
+        from benchmarks.stage_floors import print_floors, run_floors
+
+        gf = ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in floors["gflops"].items())
+        for i, r in enumerate(runs.get("new", [])):
+            r["floors"] = run_floors(r, floors)
+            print_floors(f"new #{i} ({r.get('text_cache')} text) against its floor: FLOPs / best matmul "
+                         f"throughput here ({gf}); loading: bytes / read speed", r["floors"])
     if not runs.get("today") or not runs.get("new"):
         return None
     best_today = min(runs["today"], key=lambda r: r["total_cpu_s"])
@@ -325,12 +370,16 @@ def main(argv=None):
     ap.add_argument("--lever-sams", default=f"{NEW_SAM},{TODAY_SAM}", help="the SAMs whose encoder levers are timed")
     ap.add_argument("--ct-memory", action="store_true", help="only the 512x512x300 CT peak memory of the new default")
     ap.add_argument("--sides", default="today,new", help="which sides to run (e.g. 'new' alone)")
+    ap.add_argument("--no-floors", action="store_true",
+                    help="skip the floors (FLOPs and matmul throughput: python -m benchmarks.stage_floors)")
+    ap.add_argument("--floors-from", metavar="STAGE_FLOORS.json", help="use a recorded stage_floors record")
     ap.add_argument("--table-from", metavar="RECORD.json", help="print the tables of a (partial) record; measure nothing")
     ap.add_argument("--ct-shape", type=int, nargs=3, default=(300, 512, 512), metavar=("Z", "Y", "X"))
     args = ap.parse_args(argv)
     if args.table_from:
         with open(args.table_from) as f:
-            print_runs(json.load(f).get("runs", {}))
+            old = json.load(f)
+        print_runs(old.get("runs", {}), old.get("floors"))
         return 0
 
     import SimpleITK as sitk
@@ -376,6 +425,9 @@ def main(argv=None):
             archive = subprocess.run(["git", "-C", REPO, "archive", "HEAD"], check=True, capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", new_tree], input=archive, check=True)
             text_dir = os.path.join(work, "text")
+            if not args.no_floors:
+                record["floors"] = measure_floors(args.floors_from, work)
+                save()
             runs = {"today": [], "new": []}
             for r in range(args.repeats):
                 for who in [w for w in ("today", "new") if w in args.sides.split(",")]:
@@ -393,7 +445,7 @@ def main(argv=None):
                     save()
             print(f"\nv2 preset on a {'x'.join(map(str, args.shape))} MR phantom, interleaved runs "
                   f"(random weights; {os.cpu_count()} CPUs, shared)")
-            record["ratios"] = print_runs(runs)
+            record["ratios"] = print_runs(runs, record.get("floors"))
             save()
         if not args.no_levers:
             record["encoder_levers"] = encoder_levers(args.lever_sams.split(","), args.repeats, args.lever_slices,
