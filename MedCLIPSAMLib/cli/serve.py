@@ -3,6 +3,9 @@
 DESCRIPTION = """\
 Run the segmentation service: models load once, and each volume's CLIP and SAM2 encodings are kept (within
 --cache-mb) so a second prompt on the same volume costs seconds and a repeated one returns the kept result.
+Between requests it encodes the rest of the last volume's slices for SAM2 (nearest the last result first,
+within --cache-mb; it stops within one slice when a request comes; --no-encode-ahead turns it off), so the
+next prompt and clicks anywhere in the volume find their encodings ready.
 
 HTTP API (every request needs 'Authorization: Bearer TOKEN'; errors are {"detail": one sentence}):
   GET    /info                        version, device, models, memory, cache, queue, limits

@@ -126,7 +126,7 @@ class JobQueue:
     def queue_info(self):
         with self._lock:
             return {"running": self.running.id if self.running else None, "waiting": len(self._waiting),
-                    "jobs": len(self._jobs)}
+                    "jobs": len(self._jobs), "idle_work": bool(self._idle_work or self._idle_running)}
 
     def leave_idle_work(self, work):
         """Run work(should_stop) once the queue is empty (replaces any idle work not yet started)."""
