@@ -81,7 +81,8 @@ def today_tree(base, dest):
     archive = subprocess.run(["git", "-C", REPO, "archive", base], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
     commit = _git("log", "--format=%H", "-F", f"--grep={TEXT_STAGE_SUBJECT}", "-n", "1")
-    if commit:
+    already = commit and subprocess.run(["git", "-C", REPO, "merge-base", "--is-ancestor", commit, base]).returncode == 0
+    if commit and not already:   # a base after that commit has it already
         patch = _git("show", "--format=", commit, "--", "MedCLIPSAMLib/pipeline/volume.py") + "\n"
         subprocess.run(["git", "apply", "-p1"], input=patch.encode(), cwd=dest, check=True)
     return {"base": _git("rev-parse", base), "instrumentation": commit}
