@@ -108,6 +108,7 @@ def _convert(encoder, shape, folder):
         with torch.no_grad(), warnings.catch_warnings():
             # sam2's padding checks are Python ifs on the shape: constants for the one shape converted
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", "`torch.jit.trace", FutureWarning)   # OpenVINO's tracer, not ours
             model = ov.convert_model(Features().eval(), example_input=torch.zeros(shape))
         ov.save_model(model, str(tmp / "encoder.xml"), compress_to_fp16=False)
         try:

@@ -128,3 +128,18 @@ def test_the_setting_is_checked_and_a_segmentation_reports_its_choice(tmp_path):
     runtime = json.loads(report.read_text())["runtime"]["cpu_runtime"]
     assert runtime["sam_encoder"] == "openvino f32", runtime
     assert "; SAM2 encoder in openvino f32 (cpu_runtime=openvino; outputs within " in proc.stderr
+
+
+def test_a_session_does_not_hand_pytorch_features_to_openvino_or_back(sam):
+    import numpy as np
+
+    from MedCLIPSAMLib.models.sam import image_predictor
+    from MedCLIPSAMLib.pipeline.session import ByteLRU, CachedPredictor
+
+    predictor = CachedPredictor(image_predictor(sam), ByteLRU(10**9))
+    image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    predictor.set_image(image)
+    torch_features = predictor._features["image_embed"].clone()
+    accelerate_sam_encoder(sam, "cpu", "openvino", "fp32")
+    predictor.set_image(image)   # the same slice: a miss, encoded by OpenVINO (not bit for bit PyTorch's)
+    assert not torch.equal(predictor._features["image_embed"], torch_features)
