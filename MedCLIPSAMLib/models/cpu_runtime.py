@@ -126,6 +126,7 @@ class OpenVinoEncoder:
 
     def __init__(self, encoder, compiled, shape, precision):
         self.encoder, self.compiled, self.shape, self.precision = encoder, compiled, tuple(shape), precision
+        self.threads = compiled.get_property("INFERENCE_NUM_THREADS")
         self.request = compiled.create_infer_request()
         self.levels = len(compiled.outputs) // 2
         self.torch_forward = type(encoder).forward.__get__(encoder)
@@ -144,11 +145,18 @@ class OpenVinoEncoder:
 def accelerate_sam_encoder(sam_model, device, setting="torch", precision="bf16", limit=None):
     """Use OpenVINO for sam_model.image_encoder where the setting asks for it and it passes its check;
     else leave (or put back) PyTorch's. Returns {"sam_encoder": "openvino bf16" | "torch", "reason"} for
-    the runtime log line and the report. limit: a fixed limit on the check's difference instead of the
-    module's rule (tests)."""
+    the runtime log line and the report. An encoder this process already accelerated in the same precision
+    and thread count is kept as it is (its weights are not expected to change in place). limit: a fixed
+    limit on the check's difference instead of the module's rule (tests)."""
     import torch
 
     encoder = sam_model.image_encoder
+    hint = "bf16" if precision == "bf16" else "f32"
+    current = vars(encoder).get("forward")
+    if (setting == "openvino" and limit is None and isinstance(current, OpenVinoEncoder)
+            and current.precision == hint and torch.device(device).type == "cpu"
+            and current.threads == torch.get_num_threads()):
+        return dict(current.status)   # a service's next request: no second hash, compile or check
     vars(encoder).pop("forward", None)   # PyTorch's forward unless this call installs OpenVINO's again
     if setting not in CPU_RUNTIMES:
         from ..errors import MedCLIPSAMError
@@ -169,7 +177,6 @@ def accelerate_sam_encoder(sam_model, device, setting="torch", precision="bf16",
         if not (folder / "encoder.xml").is_file():
             log.info("converting SAM2's image encoder for OpenVINO (once; kept in %s)", folder)
             _convert(encoder, shape, folder)
-        hint = "bf16" if precision == "bf16" else "f32"
         compiled = ov.Core().compile_model(str(folder / "encoder.xml"), "CPU",
                                            {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
                                             "INFERENCE_NUM_THREADS": torch.get_num_threads(),
@@ -182,8 +189,9 @@ def accelerate_sam_encoder(sam_model, device, setting="torch", precision="bf16",
         return _fallback(f"OpenVINO could not convert or compile it ({type(e).__name__}: {e})")
     if not ok:
         return _fallback(why)
+    accelerated.status = {"sam_encoder": f"openvino {hint}", "reason": f"cpu_runtime=openvino; {why}"}
     encoder.forward = accelerated
-    return {"sam_encoder": f"openvino {hint}", "reason": f"cpu_runtime=openvino; {why}"}
+    return dict(accelerated.status)
 
 
 def encoder_runtime(sam_model):

@@ -54,6 +54,9 @@ def test_openvino_encoder_matches_pytorch_within_the_stated_tolerance(sam, preci
     assert status["reason"].startswith("cpu_runtime=openvino; outputs within ")
     assert json.loads((converted(sam) / "verified.json").read_text())[hint]["rule"] == cpu_runtime.RULE
     got = features(sam, x)   # served by OpenVINO now
+    served = vars(sam.image_encoder)["forward"]
+    assert accelerate_sam_encoder(sam, "cpu", "openvino", precision) == status   # a service's next request:
+    assert vars(sam.image_encoder)["forward"] is served                           # kept, not compiled again
     limit = cpu_runtime.FP32_TOLERANCE if hint == "f32" else cpu_runtime.TOLERANCE_FACTOR * rel_diff(half, reference)
     assert rel_diff(got, reference) <= limit
     assert accelerate_sam_encoder(sam, "cpu", "torch") == {"sam_encoder": "torch", "reason": "cpu_runtime=torch"}
