@@ -3,6 +3,12 @@
     python -m benchmarks.cpu_runtime --json benchmarks/results/cpu_runtime_cpu.json
     python -m benchmarks.cpu_runtime --encoders sam --variants "torch bf16,ov default,ov unpinned" --repeats 10
 
+    python -m benchmarks.cpu_runtime --segment --shape 24 256 256 --repeats 2 --json F
+
+`--segment`: whole `segment --preset v2` runs (benchmarks.cpu_minute.run_segment: wall seconds per stage)
+with `--set cpu_runtime=torch` and `=openvino`, interleaved, after one openvino run that converts (its time
+is recorded as the first use), and the Dice between the two variants' masks (random weights: masks are
+meaningless, their difference is not).
 Needs openvino (requirements/lock.txt) and, for the ONNX Runtime variant, `pip install onnxruntime onnx`.
 
 Encoders (full-size random weights: speed is real, outputs meaningless), each at the batch the pipeline uses:
@@ -26,6 +32,7 @@ process, 2 threads, a loop of 512x512 fp32 matmuls: benchmarks.contention's comp
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -147,7 +154,11 @@ def main(argv=None):
     ap.add_argument("--encoders", default="clip,sam")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="which of: " + ", ".join(VARIANTS))
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--segment", action="store_true", help="whole v2 segmentations instead (see above)")
+    ap.add_argument("--shape", type=int, nargs=3, default=(24, 256, 256), metavar=("Z", "Y", "X"))
     args = ap.parse_args(argv)
+    if args.segment:
+        return segment_main(args)
 
     from MedCLIPSAMLib.runtime import prepare_openmp
 
@@ -248,6 +259,63 @@ def main(argv=None):
                 row += f"{best[enc, v, c]:>10.3f}{best[enc, 'torch bf16', c] / best[enc, v, c]:>9.2f}"
             print(row)
     print("bf16/it: today's default (torch bf16) over this variant's time: above 1 is faster than today")
+    if args.json:
+        write_record(args.json, record)
+    return 0
+
+
+def segment_main(args):
+    """`segment --preset v2` with cpu_runtime=torch and =openvino, interleaved (module docstring)."""
+    import shutil
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from benchmarks.cpu_minute import build_random_models, run_segment
+    from MedCLIPSAMLib.phantoms import make_volume
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    models = f"{CLIP},{SAM}"
+    record = host_record("cpu runtime (segment)", models=models, models_random=True, shape_zyx=list(args.shape),
+                         runs=[])
+    build_random_models(SAM)
+    work = tempfile.mkdtemp(prefix="cpu-runtime-seg-")
+    try:
+        path = os.path.join(work, "mr.nrrd")
+        sitk.WriteImage(make_volume("mr", shape=tuple(args.shape), seed=5, lesion={"size": "large"}).image, path)
+        env = {"MEDCLIPSAM_TEXT_CACHE": os.path.join(work, "text")}
+        order = [("first", "openvino")] + [(f"r{r}", v) for r in range(args.repeats)
+                                           for v in (("torch", "openvino") if r % 2 == 0 else ("openvino", "torch"))]
+        for rep, v in order:
+            others = busiest_others()
+            run = run_segment(repo, path, work, models, env, f"{rep}-{v}", extra_args=["--set", f"cpu_runtime={v}"])
+            with open(os.path.join(work, f"{rep}-{v}.report.json")) as f:
+                run["runtime"] = json.load(f)["runtime"]
+            run.update(variant=v, repeat=rep, others_before=others)
+            record["runs"].append(run)
+            print(f"[{rep}] cpu_runtime={v:<8} {run['total_wall_s']:6.1f} s wall, load {run['load_before'][0]:.1f}; "
+                  + ", ".join(f"{k} {st['wall_s']:.1f}" for k, st in run["stages"].items()), flush=True)
+        masks = {v: sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(work, f"r0-{v}.seg.nrrd"))) > 0
+                 for v in ("torch", "openvino")}
+        inter = np.logical_and(masks["torch"], masks["openvino"]).sum()
+        total = masks["torch"].sum() + masks["openvino"].sum()
+        record["mask_dice_torch_vs_openvino"] = float(2 * inter / total) if total else 1.0
+        record["mask_voxels"] = {v: int(m.sum()) for v, m in masks.items()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    record["load_end"] = _load()
+    print(f"\nv2, {'x'.join(map(str, args.shape))} MR phantom, {models} (random weights), {record['cpu_model']} "
+          f"{' '.join(record['cpu_flags'])}; wall s, minimum over {args.repeats}; load "
+          f"{record['load_start'][0]:.1f} -> {record['load_end'][0]:.1f}")
+    stages = [s for s in record["runs"][0]["order"]]
+    best = {v: min((r for r in record["runs"] if r["variant"] == v and r["repeat"] != "first"),
+                   key=lambda r: r["total_wall_s"]) for v in ("torch", "openvino")}
+    print(f"{'stage':<12}{'torch':>10}{'openvino':>10}")
+    for st in stages + ["total"]:
+        vals = [b["total_wall_s"] if st == "total" else b["stages"].get(st, {}).get("wall_s") for b in best.values()]
+        print(f"{st:<12}" + "".join(f"{x:>10.1f}" if isinstance(x, float) else f"{'-':>10}" for x in vals))
+    print(f"first openvino run (converts): {record['runs'][0]['total_wall_s']:.1f} s; masks' Dice torch vs openvino "
+          f"{record['mask_dice_torch_vs_openvino']:.4f} ({record['mask_voxels']})")
     if args.json:
         write_record(args.json, record)
     return 0
