@@ -149,9 +149,10 @@ def precision_plan(device_type, autocast_setting="auto", native_bf16=False):
     return dict.fromkeys(PRECISION_STAGES, "fp32"), "auto: this CPU has no native bf16 (it would be emulated: slower)"
 
 
-def runtime_summary(device, autocast_setting="auto"):
+def runtime_summary(device, autocast_setting="auto", cpu_runtime=None):
     """What a segmentation computes with, for the log and the report: device, torch threads, the OpenMP
-    wait policy (and who set it), the precision per stage and the reason."""
+    wait policy (and who set it), the precision per stage and the reason; cpu_runtime: what
+    models.cpu_runtime.accelerate_sam_encoder chose for SAM2's encoder, and why."""
     import torch
 
     device = torch.device(device)
@@ -161,15 +162,17 @@ def runtime_summary(device, autocast_setting="auto"):
             "omp_wait_policy": openmp_setup["omp_wait_policy"] or os.environ.get(WAIT_POLICY_ENV) or "default",
             "wait_policy_set_by": openmp_setup["set_by"] or ("environment" if os.environ.get(WAIT_POLICY_ENV)
                                                              else None),
-            "precision": precision, "reason": reason}
+            "precision": precision, "reason": reason, "cpu_runtime": cpu_runtime}
 
 
 def runtime_line(summary):
     """One log line of runtime_summary()."""
     stages = ", ".join(f"{k} {v}" for k, v in summary["precision"].items())
     by = f" (set by {summary['wait_policy_set_by']})" if summary["wait_policy_set_by"] else ""
+    cpu = summary.get("cpu_runtime")
+    encoder = f"; SAM2 encoder in {cpu['sam_encoder']} ({cpu['reason']})" if cpu else ""
     return (f"runtime: {summary['device']}, {summary['threads']} threads, OpenMP wait policy "
-            f"{summary['omp_wait_policy']}{by}; {stages} ({summary['reason']})")
+            f"{summary['omp_wait_policy']}{by}; {stages} ({summary['reason']}){encoder}")
 
 
 def seed_everything(seed):

@@ -29,6 +29,7 @@ class PipelineSettings:
     ensemble: bool = True                # expand known targets to their sentence ensembles
     body_only: bool = True               # ignore saliency in the background around the body (postprocess/body.py)
     autocast: object = "auto"            # "auto": bf16 on CUDA and on CPUs with native bf16; true / false
+    cpu_runtime: str = "torch"           # torch | openvino (SAM2's image encoder on a CPU: models/cpu_runtime.py)
     seed: int = 0
 
     def replace(self, **changes):
@@ -48,7 +49,8 @@ PRESETS = {
 }
 
 CHOICES = {"saliency": ("gscorecam", "m2ib", "gradcam"), "postprocess": ("crf", "kmeans", "threshold"),
-           "prompt_mode": ("box", "boxes", "points"), "sam": ("sam", "none"), "autocast": ("auto", True, False)}
+           "prompt_mode": ("box", "boxes", "points"), "sam": ("sam", "none"), "autocast": ("auto", True, False),
+           "cpu_runtime": ("torch", "openvino")}
 # the numbers a setting may take (inclusive); every number must also be finite
 RANGES = {"top_n": (0, 64), "n_points": (1, 1000), "mask_threshold": (0.0, 1.0), "keep_largest": (0, 64),
           "seed": (0, 2**31 - 1)}

@@ -212,7 +212,10 @@ class CachedPredictor:
 
         image = np.ascontiguousarray(image)
         digest = hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest()
-        key = ("sam2", self.volume_id, digest, image.shape, torch.is_autocast_enabled(self._predictor.device.type))
+        from ..models.cpu_runtime import encoder_runtime
+
+        key = ("sam2", self.volume_id, digest, image.shape, torch.is_autocast_enabled(self._predictor.device.type),
+               encoder_runtime(self._predictor.model))   # OpenVINO's features are not PyTorch's to the bit
         entry = self._cache.get(key)
         if entry is None:
             self._predictor.set_image(image)

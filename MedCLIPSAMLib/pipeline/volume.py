@@ -354,10 +354,14 @@ class VolumeSegmenter:
 
     # -- all prompts ------------------------------------------------------------------------------
     def __call__(self, image, prompts):
+        from ..models.cpu_runtime import accelerate_sam_encoder
         from ..runtime import runtime_line, runtime_summary
 
         self._prepare(image)
         runtime = runtime_summary(self.clip.device, self.settings.autocast)
+        if self.settings.sam != "none" and getattr(self.sam_model, "image_encoder", None) is not None:
+            runtime["cpu_runtime"] = accelerate_sam_encoder(self.sam_model, self.clip.device,
+                                                            self.settings.cpu_runtime, runtime["precision"]["sam"])
         log.info(runtime_line(runtime))
         prompts = [make_prompt(p, self.settings.ensemble) if isinstance(p, str) else p for p in prompts]
         names = [p.text for p in prompts]

@@ -61,8 +61,9 @@ def test_segment_sets_passive_before_torch_loads_and_reports_it(tmp_path):
     precision, reason = runtime.precision_plan("cpu", "auto", runtime.cpu_has_native_bf16())
     p = precision["gate"]
     assert (f"runtime: cpu, 1 threads, OpenMP wait policy PASSIVE (set by medclipsam); gate {p}, saliency {p}, "
-            f"sam {p} ({reason})") in proc.stderr
+            f"sam {p} ({reason}); SAM2 encoder in torch (cpu_runtime=torch)") in proc.stderr
     document = json.loads(report.read_text())
     assert document["runtime"] == {"device": "cpu", "threads": 1, "usable_cpus": runtime.usable_cpus(),
                                    "omp_wait_policy": "PASSIVE", "wait_policy_set_by": "medclipsam",
-                                   "precision": precision, "reason": reason}
+                                   "precision": precision, "reason": reason,
+                                   "cpu_runtime": {"sam_encoder": "torch", "reason": "cpu_runtime=torch"}}
