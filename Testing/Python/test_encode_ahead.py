@@ -126,8 +126,10 @@ def test_a_job_submitted_during_idle_work_stops_it_and_runs():
     try:
         queue.submit("v", None, lambda job: queue.leave_idle_work(idle) or {"result": b""})
         assert started.wait(WAIT)
+        assert queue.queue_info()["idle_work"] is True          # what /info's queue says meanwhile
         job = queue.submit("v", None, lambda job: {"result": b"second"})
         assert queue.wait_idle(WAIT)
         assert seen["stopped"] and queue.get(job["job_id"]).output == {"result": b"second"}
+        assert queue.queue_info()["idle_work"] is False
     finally:
         queue.stop()
