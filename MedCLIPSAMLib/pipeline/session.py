@@ -378,10 +378,10 @@ class Session:
 
         from .volume import VolumeSegmenter
 
-        image = self.volume(volume_id)
-        options = dataclasses.replace(options, axis=pick_axis(image, options.axis))
         if settings.sam != "sam" or self.sam_model is None:
             return 0
+        image = self.volume(volume_id)
+        options = dataclasses.replace(options, axis=pick_axis(image, options.axis))
         start, encoded, entry_bytes = time.perf_counter(), 0, 0
         with self._run_lock:
             segmenter = VolumeSegmenter(self.clip, self.sam_model, settings, options, cache=VolumeCache(self, volume_id))

@@ -303,13 +303,11 @@ class VolumeSegmenter:
                 prev, k = keys[start], start + step
                 while lo <= k <= hi and k in todo:
                     box = bounding_box(prev)
-                    g = self.gray8(k)
-                    square, pad = pad_to_square(g)
                     m = self.options.box_margin
-                    box = np.array([box[0] - m + pad.left, box[1] - m + pad.top, box[2] + m + pad.left,
-                                    box[3] + m + pad.top], np.float32)
                     with torch.inference_mode(), autocast(self.clip.device, s.autocast):
-                        predictor.set_image(to_rgb(square))
+                        pad = self._set_sam_image(self.gray8(k))
+                        box = np.array([box[0] - m + pad.left, box[1] - m + pad.top, box[2] + m + pad.left,
+                                        box[3] + m + pad.top], np.float32)
                         mask, prob = predict_mask(predictor, {"boxes": box[None], "points": None, "labels": None},
                                                   s.mask_threshold, s.keep_largest)
                     mask, prob = unpad(mask, pad), unpad(prob, pad)
@@ -329,10 +327,17 @@ class VolumeSegmenter:
         g = self.gray8(k)
         if g.max() == g.min():
             return False
-        square, _ = pad_to_square(g)
         with torch.inference_mode(), autocast(self.clip.device, self.settings.autocast):
-            self.segmenter.predictor.set_image(to_rgb(square))
+            self._set_sam_image(g)
         return True
+
+    def _set_sam_image(self, gray8):
+        """Give a slice to SAM2's image predictor as a padded RGB square; returns the padding. The carry and
+        encode_slice both come here (inside inference mode and the settings' autocast): an encoding made
+        ahead has the key the carry looks up."""
+        square, pad = pad_to_square(gray8)
+        self.segmenter.predictor.set_image(to_rgb(square))
+        return pad
 
     def _propagate(self, keys, lo, hi, labels, uncertainty):
         """SAM2 video predictor over slices lo..hi, conditioned on the key slices' masks."""
